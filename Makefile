@@ -1,0 +1,38 @@
+# hwgen: `make demo` and `make test` work on a fresh machine; each sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hwgen-installed
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+DEMO_DIR := build/demo
+
+.PHONY: setup data demo test bench clean
+
+setup: $(STAMP)
+
+# torch goes in first and pinned: any other spec pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt is available;
+# without it the demo falls back to scikit-learn's bundled digits.
+data:
+	@if [ ! -d $(FASHION_DIR) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+		|| echo "note: could not install dataset-fashion-mnist; the demo will use sklearn digits"; \
+	fi
+
+demo: setup data
+	$(BIN)/hwgen demo --out $(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q tests
+
+bench: setup data
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf build .pytest_cache .hypothesis sim_build

@@ -1,0 +1,93 @@
+"""NumPy golden model of the integer model: every layer's integer output, vectorized.
+
+Bit layers use bit-packed XNOR-popcount on 64-bit words; uint8 layers use a float64 matrix
+product, which is exact because every partial sum is an integer below 2**53.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .ir import DenseLayer, IntegerModel
+
+_CHUNK = 512  # images per block: bounds the (images x channels x words) XOR temporary
+
+
+@dataclass(frozen=True)
+class GoldenResult:
+    """Per-layer integer outputs for a batch of images.
+
+    Attributes
+    ----------
+    outputs : list of numpy.ndarray
+        One ``(images, out_features)`` array per layer: uint8 bits for threshold layers,
+        int64 scores for the output layer.
+    classes : numpy.ndarray
+        The argmax of the scores, ties to the lowest index.
+    """
+
+    outputs: list[np.ndarray]
+    classes: np.ndarray
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.outputs[-1]
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """Pack the last axis of a 0/1 array into little-endian uint64 words (zero padded)."""
+    packed = np.packbits(bits.astype(np.uint8), axis=-1, bitorder="little")
+    pad = (-packed.shape[-1]) % 8
+    if pad:
+        packed = np.concatenate([packed, np.zeros(packed.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    return np.ascontiguousarray(packed).view(np.uint64)
+
+
+def popcount_xnor(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
+    """``popcount(XNOR(x, w))`` for every image and weight row: shape ``(images, rows)``.
+
+    Padding bits are zero in both operands, so they never count as mismatches, and the popcount
+    is ``N - popcount(x XOR w)``.
+    """
+    n = x_bits.shape[1]
+    x_words, w_words = pack_bits(x_bits), pack_bits(w_bits)
+    result = np.empty((len(x_bits), len(w_bits)), dtype=np.int64)
+    for start in range(0, len(x_bits), _CHUNK):
+        block = x_words[start:start + _CHUNK, None, :] ^ w_words[None, :, :]
+        result[start:start + _CHUNK] = n - np.bitwise_count(block).sum(axis=-1, dtype=np.int64)
+    return result
+
+
+def accumulate(layer: DenseLayer, x: np.ndarray) -> np.ndarray:
+    """The layer's integer accumulator for each image: popcount or signed uint8 sum."""
+    if layer.input_kind == "bits":
+        return popcount_xnor(x, layer.weights)
+    bipolar = layer.weights.astype(np.float64) * 2 - 1
+    return np.rint(x.astype(np.float64) @ bipolar.T).astype(np.int64)
+
+
+def argmax_lowest(scores: np.ndarray) -> np.ndarray:
+    """Class index per row; ``np.argmax`` returns the first maximum, i.e. ties go to the lowest index."""
+    return np.argmax(scores, axis=1)
+
+
+def run(model: IntegerModel, images: np.ndarray) -> GoldenResult:
+    """Run uint8 images (``(images, features)`` or ``(images, *input_shape)``) through the model."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise UserError(f"images must be uint8, got {x.dtype}")
+    x = x.reshape(len(x), -1)
+    if x.shape[1] != model.in_features:
+        raise UserError(f"images have {x.shape[1]} pixels, the model expects {model.in_features} "
+                        f"(input shape {list(model.input_shape)})")
+    outputs = []
+    for layer in model.layers:
+        acc = accumulate(layer, x)
+        if layer.output_kind == "threshold":
+            x = (acc >= layer.thresholds[None, :]).astype(np.uint8)
+        else:
+            x = acc
+        outputs.append(x)
+    return GoldenResult(outputs, argmax_lowest(outputs[-1]))

@@ -1,0 +1,1 @@
+"""Amaranth generators: one module per hardware block, and the network top that chains them."""

@@ -1,0 +1,231 @@
+"""Folded binary-weight dense layer: XNOR-popcount (bit inputs) or signed sums (uint8 inputs)."""
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..ir import DenseLayer, signed_width
+from .arith import check_positive_int, divisors, tree_sum
+
+__all__ = ["FoldedDense", "weight_words", "threshold_words"]
+
+#: Registered stages between issuing the last read of an image and its last output being valid:
+#: memory read, partial sums, accumulate-and-compare.
+PIPELINE_STAGES = 3
+
+
+def weight_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
+    """Weight ROM contents: word ``f_out * (N_in/SIMD) + f_in`` holds PE rows of SIMD bits.
+
+    Bit ``p * SIMD + s`` of that word is the weight of output channel ``f_out * PE + p`` and
+    input ``f_in * SIMD + s``.
+    """
+    n_out, n_in = layer.weights.shape
+    tiles = layer.weights.reshape(n_out // pe, pe, n_in // simd, simd).transpose(0, 2, 1, 3)
+    rows = tiles.reshape(-1, pe * simd)
+    packed = np.packbits(rows, axis=1, bitorder="little")
+    return [int.from_bytes(row.tobytes(), "little") for row in packed]
+
+
+def threshold_words(layer: DenseLayer, pe: int, width: int) -> list[int]:
+    """Threshold ROM contents: word ``f_out`` holds PE two's-complement thresholds of ``width`` bits."""
+    mask = (1 << width) - 1
+    words = []
+    for group in layer.thresholds.reshape(-1, pe):
+        words.append(sum((int(t) & mask) << (p * width) for p, t in enumerate(group)))
+    return words
+
+
+class FoldedDense(wiring.Component):
+    """One dense layer with ±1 weights, folded by PE (output channels) and SIMD (inputs per cycle).
+
+    The input vector of an image arrives as ``N_in / SIMD`` beats of SIMD elements and is stored in
+    a double-buffered RAM, so the next image loads while this one computes. The layer then reads
+    each input word ``N_out / PE`` times against the weight ROM; every cycle each of the PE lanes
+    adds ``popcount(XNOR(x, w))`` (bit inputs) or ``sum(±x)`` (uint8 inputs) of SIMD elements to
+    its accumulator. After the last input word a lane's result is compared with its threshold
+    (``acc >= T``, one output bit) or emitted as a raw score.
+
+    Parameters
+    ----------
+    layer : :class:`hwgen.ir.DenseLayer`
+        The integer layer: weights, thresholds, input and output kinds.
+    pe : int
+        Output channels computed in parallel; must divide ``layer.out_features``.
+    simd : int
+        Input elements consumed per cycle; must divide ``layer.in_features``.
+
+    Attributes
+    ----------
+    i : ``In(stream.Signature(SIMD * input_bits))``
+        Input elements, element ``k`` of a beat in bits ``[k * input_bits, (k + 1) * input_bits)``.
+    o : ``Out(stream.Signature(PE * output_bits))``
+        Output elements for channels ``f_out * PE + p``, ``p`` in beat order.
+    """
+
+    def __init__(self, layer: DenseLayer, *, pe: int, simd: int):
+        check_positive_int("pe", pe)
+        check_positive_int("simd", simd)
+        if layer.in_features % simd:
+            raise ValueError(f"layer {layer.name!r}: SIMD={simd} does not divide in_features={layer.in_features}; "
+                             f"valid SIMD values: {divisors(layer.in_features)}")
+        if layer.out_features % pe:
+            raise ValueError(f"layer {layer.name!r}: PE={pe} does not divide out_features={layer.out_features}; "
+                             f"valid PE values: {divisors(layer.out_features)}")
+        self._layer = layer
+        self._pe = pe
+        self._simd = simd
+        super().__init__({
+            "i": In(stream.Signature(unsigned(simd * layer.input_bits))),
+            "o": Out(stream.Signature(unsigned(pe * layer.output_bits))),
+        })
+
+    @property
+    def layer(self) -> DenseLayer:
+        return self._layer
+
+    @property
+    def pe(self) -> int:
+        return self._pe
+
+    @property
+    def simd(self) -> int:
+        return self._simd
+
+    @property
+    def input_beats(self) -> int:
+        """Input beats per image, ``N_in / SIMD``."""
+        return self._layer.in_features // self._simd
+
+    @property
+    def output_beats(self) -> int:
+        """Output beats per image, ``N_out / PE``."""
+        return self._layer.out_features // self._pe
+
+    @property
+    def cycles_per_image(self) -> int:
+        """Initiation interval of the layer: ``(N_in / SIMD) * (N_out / PE)``."""
+        return self.input_beats * self.output_beats
+
+    @property
+    def latency(self) -> int:
+        """Cycles from an image's last input transfer to its last output transfer, idle and unstalled."""
+        return self.cycles_per_image + PIPELINE_STAGES
+
+    def _lane_sum(self, m: Module, x: Signal, w, lane: int):
+        """The SIMD-element partial sum of one PE lane."""
+        simd = self._simd
+        if self._layer.input_kind == "bits":
+            # Iterate the bits of a Signal, never of a wide expression (see TOOLCHAIN.md).
+            agree = Signal(simd, name=f"xnor{lane}")
+            m.d.comb += agree.eq(~(x ^ w))
+            return tree_sum([agree[k] for k in range(simd)])
+        return tree_sum([Mux(w[k], x.word_select(k, 8), -x.word_select(k, 8)) for k in range(simd)])
+
+    def elaborate(self, platform):
+        m = Module()
+        layer, pe, simd = self._layer, self._pe, self._simd
+        beats_in, beats_out = self.input_beats, self.output_beats
+
+        m.submodules.buffer = buffer = memory.Memory(
+            shape=unsigned(simd * layer.input_bits), depth=2 * beats_in, init=[])
+        write, read = buffer.write_port(), buffer.read_port()
+        m.submodules.weights = weights = memory.Memory(
+            shape=unsigned(pe * simd), depth=beats_in * beats_out, init=weight_words(layer, pe, simd))
+        weight_read = weights.read_port()
+
+        # The whole compute pipeline moves only when the output register can take a result;
+        # valid never depends on ready because o.valid is a register.
+        advance = Signal()
+        m.d.comb += advance.eq(~self.o.valid | self.o.ready)
+
+        # Writer: fills one bank while the reader works on the other.
+        full = Signal(2)
+        write_bank = Signal()
+        write_index = Signal(range(beats_in))
+        m.d.comb += [
+            self.i.ready.eq(~full.bit_select(write_bank, 1)),
+            write.addr.eq(Mux(write_bank, beats_in, 0) + write_index),
+            write.data.eq(self.i.payload),
+            write.en.eq(self.i.valid & self.i.ready),
+        ]
+        with m.If(self.i.valid & self.i.ready):
+            with m.If(write_index == beats_in - 1):
+                m.d.sync += [write_index.eq(0), write_bank.eq(~write_bank), full.bit_select(write_bank, 1).eq(1)]
+            with m.Else():
+                m.d.sync += write_index.eq(write_index + 1)
+
+        # Stage 0: address generation over (f_out, f_in); a bank is freed on the edge of its last read.
+        read_bank = Signal()
+        in_index = Signal(range(beats_in))
+        out_index = Signal(range(beats_out))
+        weight_addr = Signal(range(beats_in * beats_out))
+        fire = Signal()
+        m.d.comb += [
+            fire.eq(advance & full.bit_select(read_bank, 1)),
+            read.addr.eq(Mux(read_bank, beats_in, 0) + in_index),
+            read.en.eq(advance),
+            weight_read.addr.eq(weight_addr),
+            weight_read.en.eq(advance),
+        ]
+        with m.If(fire):
+            m.d.sync += weight_addr.eq(Mux(weight_addr == beats_in * beats_out - 1, 0, weight_addr + 1))
+            with m.If(in_index == beats_in - 1):
+                m.d.sync += in_index.eq(0)
+                with m.If(out_index == beats_out - 1):
+                    m.d.sync += [out_index.eq(0), read_bank.eq(~read_bank), full.bit_select(read_bank, 1).eq(0)]
+                with m.Else():
+                    m.d.sync += out_index.eq(out_index + 1)
+            with m.Else():
+                m.d.sync += in_index.eq(in_index + 1)
+
+        s1_valid, s1_first, s1_last = Signal(), Signal(), Signal()
+        s1_out_index = Signal(range(beats_out))
+        with m.If(advance):
+            m.d.sync += [s1_valid.eq(fire), s1_first.eq(in_index == 0),
+                         s1_last.eq(in_index == beats_in - 1), s1_out_index.eq(out_index)]
+
+        # Stage 1: per-lane partial sums of SIMD elements, registered.
+        if layer.input_kind == "bits":
+            partial_shape = unsigned(simd.bit_length())
+            acc_shape = unsigned(layer.in_features.bit_length())
+        else:
+            partial_shape = signed(signed_width(-255 * simd, 255 * simd))
+            acc_shape = signed(signed_width(layer.acc_min, layer.acc_max))
+        s2_valid, s2_first, s2_last = Signal(), Signal(), Signal()
+        s2_partial = [Signal(partial_shape, name=f"partial{p}") for p in range(pe)]
+        with m.If(advance):
+            m.d.sync += [s2_valid.eq(s1_valid), s2_first.eq(s1_first), s2_last.eq(s1_last)]
+            for p in range(pe):
+                m.d.sync += s2_partial[p].eq(self._lane_sum(m, read.data, weight_read.data[p * simd:(p + 1) * simd], p))
+
+        # Stage 2: accumulate; on an image's last input word, compare or emit the scores.
+        sums = []
+        for p in range(pe):
+            acc = Signal(acc_shape, name=f"acc{p}")
+            total = Signal(acc_shape, name=f"total{p}")
+            m.d.comb += total.eq(Mux(s2_first, 0, acc) + s2_partial[p])
+            with m.If(advance & s2_valid):
+                m.d.sync += acc.eq(total)
+            sums.append(total)
+
+        if layer.output_kind == "threshold":
+            width = signed_width(layer.acc_min, layer.acc_max + 1)
+            m.submodules.thresholds = thresholds = memory.Memory(
+                shape=unsigned(pe * width), depth=beats_out, init=threshold_words(layer, pe, width))
+            threshold_read = thresholds.read_port()
+            m.d.comb += [threshold_read.addr.eq(s1_out_index), threshold_read.en.eq(advance)]
+            result = Cat(sums[p] >= threshold_read.data.word_select(p, width).as_signed() for p in range(pe))
+        else:
+            scores = [Signal(signed(layer.output_bits), name=f"score{p}") for p in range(pe)]
+            m.d.comb += [score.eq(total) for score, total in zip(scores, sums)]
+            result = Cat(scores)
+
+        with m.If(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+        with m.If(advance & s2_valid & s2_last):
+            m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(result)]
+        return m
+

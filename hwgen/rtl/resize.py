@@ -1,0 +1,109 @@
+"""Stream width conversion between a layer's PE and the next layer's SIMD."""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Signal, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .arith import check_positive_int
+
+__all__ = ["StreamResizer"]
+
+
+class StreamResizer(wiring.Component):
+    """Regroup a stream of ``in_count`` elements per beat into beats of ``out_count`` elements.
+
+    Element order is kept: element 0 of the stream sits in the lowest bits of the first beat.
+    One count must divide the other (gathering ``k`` beats into one, or splitting one into ``k``).
+    Either direction moves one output beat per cycle when neither end stalls.
+
+    Parameters
+    ----------
+    element_width : int
+        Bits per element.
+    in_count, out_count : int
+        Elements per input and per output beat.
+    elements : int
+        Elements per image; must be a multiple of both counts.
+
+    Attributes
+    ----------
+    i : ``In(stream.Signature(in_count * element_width))``
+    o : ``Out(stream.Signature(out_count * element_width))``
+    """
+
+    def __init__(self, element_width: int, in_count: int, out_count: int, elements: int):
+        for name, value in (("element_width", element_width), ("in_count", in_count),
+                            ("out_count", out_count), ("elements", elements)):
+            check_positive_int(name, value)
+        if in_count % out_count and out_count % in_count:
+            raise ValueError(f"cannot regroup {in_count} elements per beat into {out_count}: "
+                             "one count must divide the other")
+        if elements % in_count or elements % out_count:
+            raise ValueError(f"elements ({elements}) must be a multiple of in_count ({in_count}) "
+                             f"and out_count ({out_count})")
+        self._element_width = element_width
+        self._in_count = in_count
+        self._out_count = out_count
+        self._elements = elements
+        super().__init__({
+            "i": In(stream.Signature(unsigned(in_count * element_width))),
+            "o": Out(stream.Signature(unsigned(out_count * element_width))),
+        })
+
+    @property
+    def cycles_per_image(self) -> int:
+        """One beat moves per cycle on the busier side."""
+        return self._elements // min(self._in_count, self._out_count)
+
+    @property
+    def latency(self) -> int:
+        """Cycles from the last input transfer to the last output transfer, unstalled."""
+        if self._in_count == self._out_count:
+            return 0
+        if self._in_count < self._out_count:
+            return 1
+        return self._in_count // self._out_count
+
+    def elaborate(self, platform):
+        m = Module()
+        in_count, out_count, width = self._in_count, self._out_count, self._element_width
+        if in_count == out_count:
+            m.d.comb += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid),
+                         self.i.ready.eq(self.o.ready)]
+        elif in_count < out_count:
+            self._gather(m, out_count // in_count, in_count * width)
+        else:
+            self._split(m, in_count // out_count, out_count * width)
+        return m
+
+    def _gather(self, m: Module, ratio: int, beat_width: int) -> None:
+        held = Signal((ratio - 1) * beat_width)
+        count = Signal(range(ratio))
+        closing = count == ratio - 1
+        m.d.comb += self.i.ready.eq(~closing | ~self.o.valid | self.o.ready)
+        with m.If(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+        with m.If(self.i.valid & self.i.ready):
+            with m.If(closing):
+                m.d.sync += [self.o.payload.eq(Cat(held, self.i.payload)), self.o.valid.eq(1), count.eq(0)]
+            with m.Else():
+                # New beats enter at the top, so after ratio - 1 beats the first sits lowest.
+                m.d.sync += [held.eq(Cat(held[beat_width:], self.i.payload)), count.eq(count + 1)]
+
+    def _split(self, m: Module, ratio: int, beat_width: int) -> None:
+        held = Signal(ratio * beat_width)
+        have = Signal()
+        piece = Signal(range(ratio))
+        closing = piece == ratio - 1
+        m.d.comb += [
+            self.o.valid.eq(have),
+            self.o.payload.eq(held.word_select(piece, beat_width)),
+            self.i.ready.eq(~have | (self.o.ready & closing)),
+        ]
+        with m.If(self.o.valid & self.o.ready):
+            m.d.sync += piece.eq(piece + 1)
+            with m.If(closing):
+                m.d.sync += [piece.eq(0), have.eq(0)]
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [held.eq(self.i.payload), have.eq(1)]
