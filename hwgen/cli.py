@@ -1,0 +1,213 @@
+"""The ``hwgen`` command: train, export, verilog, sim, and the end-to-end demo."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import UserError
+
+DATASET_CHOICES = click.Choice(["auto", "digits", "fashion-mnist", "idx"])
+
+
+def _parse_widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--hidden {text!r}: write comma-separated layer widths, e.g. 256,256") from None
+    if any(width < 1 for width in widths):
+        raise UserError(f"--hidden {text!r}: widths must be positive")
+    return widths
+
+
+def _dataset_for(info: dict, dataset: str | None, data_dir: str | None):
+    from .data import load_dataset
+    return load_dataset(dataset or info.get("dataset", "auto"), data_dir or info.get("data_dir"))
+
+
+def _test_images(model, dataset: str | None, data_dir: str | None, count: str):
+    ds = _dataset_for(model.info, dataset, data_dir)
+    if ds.features != model.in_features:
+        raise UserError(f"dataset {ds.name} has {ds.features} pixels per image; the model expects "
+                        f"{model.in_features}; pass the --dataset it was trained on")
+    n = len(ds.test_x) if count == "all" else int(count)
+    if n < 1:
+        raise UserError("--images must be at least 1 or 'all'")
+    return ds.test_x[:n], ds.test_y[:n], ds.name
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hwgen")
+def cli() -> None:
+    """hwgen: trained PyTorch networks to bit-exact, verified hardware with open tools.
+
+    The flow: `train` (quantization-aware, binary weights and activations), `export` (the integer
+    model; checks torch against the NumPy golden model), `verilog` (Amaranth RTL), `sim` (cocotb +
+    Verilator against golden, bit for bit, with cycle counts). `demo` runs all of them.
+    """
+
+
+@cli.command()
+@click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True,
+              help="auto: Fashion-MNIST if its IDX files are present, else sklearn digits.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of MNIST-style IDX files (default: /usr/share/datasets/fashion-mnist).")
+@click.option("--hidden", default="256,256", show_default=True, help="Hidden layer widths.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--float-baseline/--no-float-baseline", default=True, show_default=True,
+              help="Also train a float MLP of the same shape and record its accuracy.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.pt).")
+def train(dataset, data_dir, hidden, epochs, seed, lr, float_baseline, output) -> None:
+    """Quantization-aware training of a binary MLP (uint8 input, ±1 weights and activations)."""
+    from . import quant
+    from .data import load_dataset
+
+    ds = load_dataset(dataset, data_dir)
+    arch = quant.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes)
+    click.echo(f"dataset {ds.name}: {len(ds.train_x)} train / {len(ds.test_x)} test images of {ds.image_shape}")
+    info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs}
+    if float_baseline:
+        reference = quant.build_model(quant.Architecture(arch.input_shape, arch.hidden, arch.classes, binary=False))
+        info["float_accuracy"] = quant.train(reference, ds, epochs=epochs, seed=seed, lr=1e-3)
+        click.echo(f"float accuracy ({'-'.join(map(str, arch.widths))} MLP): {info['float_accuracy']:.4f}")
+    model = quant.build_model(arch)
+    info["binary_accuracy"] = quant.train(model, ds, epochs=epochs, seed=seed, lr=lr)
+    click.echo(f"binary (W1A1) accuracy: {info['binary_accuracy']:.4f}")
+    quant.save_checkpoint(output, model, info)
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="Integer model to write (.npz, format hwgen-ir v1).")
+@click.option("--dataset", type=DATASET_CHOICES, default=None, help="Test set for the check (default: training's).")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+def export(checkpoint, output, dataset, data_dir) -> None:
+    """Export a checkpoint to the integer model and check torch == golden on the whole test set."""
+    from . import golden, quant
+
+    model, info = quant.load_checkpoint(checkpoint)
+    ds = _dataset_for(info, dataset, data_dir)
+    torch_outputs = quant.integer_forward(model, ds.test_x)
+    integer_model = quant.export(model, info)
+    result = golden.run(integer_model, ds.test_x)
+    agree = np.ones(len(ds.test_x), dtype=bool)
+    for layer, a, b in zip(integer_model.layers, torch_outputs, result.outputs):
+        differ = np.any(a != b, axis=1)
+        if differ.any():
+            image = int(np.argmax(differ))
+            index = int(np.argmax(a[image] != b[image]))
+            click.echo(f"MISMATCH image {image}, layer {layer.name}, index {index}: "
+                       f"torch {a[image, index]}, golden {b[image, index]}", err=True)
+        agree &= ~differ
+    accuracy = float((result.classes == ds.test_y).mean())
+    integer_model.info["quantized_accuracy"] = accuracy
+    outputs = sum(o.shape[1] for o in result.outputs)
+    click.echo(f"quantized (integer) accuracy on {ds.name} test set: {accuracy:.4f}")
+    click.echo(f"torch fake-quant vs golden: {int(agree.sum())}/{len(agree)} images agree on all "
+               f"{outputs} integer outputs of all {len(integer_model.layers)} layers")
+    if not agree.all():
+        raise UserError("torch and golden disagree; the model was not written")
+    integer_model.save(output)
+    click.echo(f"wrote {output}")
+
+
+def _fold_option(function):
+    return click.option("--fold", default="default", show_default=True,
+                        help="PExSIMD per layer, comma separated (e.g. 16x28,16x32,10x32), or 'default'.")(function)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@_fold_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Verilog file to write.")
+def verilog(model_path, fold, output) -> None:
+    """Generate the network's Verilog (byte-identical for the same model and folds)."""
+    from .ir import IntegerModel, write_atomically
+    from .rtl.network import build_top, generate_verilog, parse_folds
+
+    model = IntegerModel.load(model_path)
+    top = build_top(model, parse_folds(fold, model))
+    write_atomically(Path(output), generate_verilog(top))
+    click.echo(f"wrote {output}: folds {', '.join(map(str, top.folds))}; "
+               f"{top.cycles_per_image} cycles per image, latency {top.latency} cycles; "
+               f"s_axis {len(top.s_axis_tdata)} bits x {top.input_beats} beats per image")
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@_fold_option
+@click.option("--images", default="200", show_default=True, help="Test images to stream, or 'all'.")
+@click.option("--stall", type=click.FloatRange(0, 0.95), default=0.25, show_default=True,
+              help="Probability of a stall cycle on each stream end.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dataset", type=DATASET_CHOICES, default=None)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--build-dir", type=click.Path(file_okay=False), default="build/sim", show_default=True)
+def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> None:
+    """Verify the RTL against the golden model with cocotb + Verilator, bit for bit."""
+    from .ir import IntegerModel
+    from .rtl.network import parse_folds
+    from sim.verify import NetworkSimulator
+
+    model = IntegerModel.load(model_path)
+    folds = parse_folds(fold, model)
+    x, _, name = _test_images(model, dataset, data_dir, images)
+    click.echo(f"building the simulator (Verilator) in {build_dir} ...")
+    simulator = NetworkSimulator(model, folds, build_dir)
+    click.echo(f"streaming {len(x)} {name} test images ...")
+    report = simulator.verify(x, stall=stall, seed=seed)
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="build/demo", show_default=True)
+@click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 20 (Fashion-MNIST), 40 (digits).")
+@click.option("--images", default="200", show_default=True, help="Test images through the RTL.")
+@click.pass_context
+def demo(ctx, out_dir, dataset, data_dir, epochs, images) -> None:
+    """End to end: train, export, Verilog, RTL simulation against golden."""
+    from .data import FASHION_MNIST_DIR, load_dataset
+
+    out = Path(out_dir)
+    ds_name = load_dataset(dataset, data_dir).name if dataset == "auto" else dataset
+    hidden = "256,256" if ds_name != "digits" else "128,128"
+    epochs = epochs or (20 if ds_name != "digits" else 40)
+    click.echo(f"== hwgen demo on {ds_name} ({'IDX files in ' + str(data_dir or FASHION_MNIST_DIR) if ds_name != 'digits' else 'sklearn bundled'})")
+    start = time.perf_counter()
+    ctx.invoke(train, dataset=ds_name, data_dir=data_dir, hidden=hidden, epochs=epochs, seed=0, lr=1e-2,
+               float_baseline=True, output=str(out / "model.pt"))
+    ctx.invoke(export, checkpoint=str(out / "model.pt"), output=str(out / "model.npz"), dataset=None, data_dir=None)
+    ctx.invoke(verilog, model_path=str(out / "model.npz"), fold="default", output=str(out / "hwgen_network.v"))
+    ctx.invoke(sim, model_path=str(out / "model.npz"), fold="default", images=images, stall=0.25, seed=0,
+               dataset=None, data_dir=None, build_dir=str(out / "sim"))
+    click.echo(f"== demo finished in {time.perf_counter() - start:.0f} s; artefacts in {out}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2, without a traceback."""
+    try:
+        cli(standalone_mode=False)
+    except UserError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()
