@@ -268,7 +268,10 @@ def _model_from_meta(meta: dict, archive, names: set[str], fail) -> IntegerModel
 def _array(archive, names: set[str], key: str, shape: tuple[int, ...], fail) -> np.ndarray:
     if key not in names:
         raise fail(f"array '{key}' is missing")
-    array = archive[key]
+    try:
+        array = archive[key]
+    except ValueError as error:  # e.g. an object array, which would need unpickling
+        raise fail(f"array '{key}' cannot be read without pickle ({error})") from None
     if array.shape != shape:
         raise fail(f"array '{key}' has shape {array.shape}, expected {shape}")
     return array

@@ -58,6 +58,7 @@ async def stream_images(dut):
     words: list[list[int]] = [[]]
     errors: list[str] = []
     next_beat, presenting, cycle = 0, False, 0
+    held = None  # (tdata, tlast) offered on m_axis but not taken: must stay until taken
     max_cycles = int(config["max_cycles"])
     while len(words) <= images and cycle <= max_cycles:
         await FallingEdge(dut.clk)
@@ -75,7 +76,16 @@ async def stream_images(dut):
             in_cycles[next_beat // beats_per_image].append(cycle)
             next_beat += 1
             presenting = False
-        if ready and dut.m_axis_tvalid.value:
+        valid = bool(dut.m_axis_tvalid.value)
+        if held is not None:
+            now = (int(dut.m_axis_tdata.value), int(dut.m_axis_tlast.value) if has_tlast else 0)
+            if not valid or now != held:
+                errors.append(f"cycle {cycle}: m_axis dropped or changed a beat before it was taken "
+                              f"(valid={int(valid)}, was {held}, now {now})")
+        held = None
+        if valid and not ready:
+            held = (int(dut.m_axis_tdata.value), int(dut.m_axis_tlast.value) if has_tlast else 0)
+        if ready and valid:
             image = len(words) - 1
             words[-1].append(int(dut.m_axis_tdata.value))
             out_cycles[image].append(cycle)

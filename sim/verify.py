@@ -56,6 +56,7 @@ class VerifyReport:
     timing: SimRun
     ii_formula: int
     latency_formula: int
+    latency_exact: bool
     folds: list[Fold] = field(default_factory=list)
 
     @property
@@ -74,7 +75,8 @@ class VerifyReport:
             f"(every score and class word; random stalls on both stream ends)",
             f"cycles per image (II): measured {self.ii_measured}, formula {self.ii_formula} "
             f"(folds {', '.join(map(str, self.folds))})",
-            f"latency (first input to last output): measured {self.timing.latency}, formula {self.latency_formula}",
+            f"latency (first input to last output): measured {self.timing.latency}, formula "
+            f"{self.latency_formula}{'' if self.latency_exact else ' (a lower bound for these folds)'}",
             f"simulated {c.cycles} cycles in {c.wall_seconds:.1f} s "
             f"({c.cycles / max(c.wall_seconds, 1e-9):,.0f} cycles/s)",
         ]
@@ -166,4 +168,5 @@ class NetworkSimulator:
         """A stalled run over all ``images`` and an unstalled timing run over the first few."""
         checked = self.run(images, stall_in=stall, stall_out=stall, seed=seed)
         timing = self.run(images[:max(2, min(timing_images, len(images)))])
-        return VerifyReport(checked, timing, self.top.cycles_per_image, self.top.latency, self.top.folds)
+        return VerifyReport(checked, timing, self.top.cycles_per_image, self.top.latency,
+                            self.top.latency_is_exact, self.top.folds)

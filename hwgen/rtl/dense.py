@@ -110,6 +110,11 @@ class FoldedDense(wiring.Component):
         return self.input_beats * self.output_beats
 
     @property
+    def accept_interval(self) -> int:
+        """Cycles between accepted input beats at full rate."""
+        return 1
+
+    @property
     def latency(self) -> int:
         """Cycles from an image's last input transfer to its last output transfer, idle and unstalled."""
         return self.cycles_per_image + PIPELINE_STAGES

@@ -139,8 +139,24 @@ class NetworkTop(wiring.Component):
 
     @property
     def latency(self) -> int:
-        """Cycles from an image's first input transfer to its last output transfer, idle and unstalled."""
+        """Cycles from an image's first input transfer to its last output transfer, idle and unstalled.
+
+        The sum of the stages' own latencies; exact when :attr:`latency_is_exact`, otherwise a
+        lower bound (a stage then waits on its successor).
+        """
         return self.input_beats - 1 + sum(stage.latency for stage in self._stages)
+
+    @property
+    def latency_is_exact(self) -> bool:
+        """Whether no stage ever waits on its successor for the first image.
+
+        A layer emits one output beat every ``N_in / SIMD`` cycles; only a splitting resizer or
+        the serializer accepts more slowly than one beat per cycle, so each of those must not be
+        fed several beats faster than it accepts them.
+        """
+        return all(producer.output_beats == 1 or producer.input_beats >= consumer.accept_interval
+                   for producer, consumer in zip(self._stages, self._stages[1:])
+                   if isinstance(producer, FoldedDense))
 
     def elaborate(self, platform):
         m = Module()

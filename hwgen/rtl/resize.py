@@ -57,6 +57,11 @@ class StreamResizer(wiring.Component):
         return self._elements // min(self._in_count, self._out_count)
 
     @property
+    def accept_interval(self) -> int:
+        """Cycles between accepted input beats at full rate: a split beat leaves in ``k`` pieces."""
+        return max(1, self._in_count // self._out_count)
+
+    @property
     def latency(self) -> int:
         """Cycles from the last input transfer to the last output transfer, unstalled."""
         if self._in_count == self._out_count:

@@ -56,6 +56,11 @@ class ScoreSerializer(wiring.Component):
         return self._classes + 1
 
     @property
+    def accept_interval(self) -> int:
+        """Cycles between accepted score beats at full rate: one per score in the beat."""
+        return self._pe
+
+    @property
     def latency(self) -> int:
         """Cycles from the last input transfer to the class word's transfer, unstalled."""
         return self._pe + 1

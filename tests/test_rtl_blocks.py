@@ -1,0 +1,112 @@
+"""Each hardware block against its cycle formula and a plain model, in Amaranth's simulator."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hwgen import golden
+from hwgen.ir import DenseLayer
+from hwgen.rtl.dense import FoldedDense
+from hwgen.rtl.resize import StreamResizer
+from hwgen.rtl.scores import ScoreSerializer
+from helpers import random_images, random_layer
+from streams import run_streams
+
+
+def pack(elements, width):
+    return sum(int(e) << (k * width) for k, e in enumerate(elements))
+
+
+def unpack(word, width, count, signed=False):
+    values = [(word >> (k * width)) & ((1 << width) - 1) for k in range(count)]
+    return [v - (1 << width) if signed and v >> (width - 1) else v for v in values]
+
+
+def layer_beats(layer, simd, images):
+    return [pack(image[k:k + simd], layer.input_bits) for image in images for k in range(0, layer.in_features, simd)]
+
+
+@pytest.mark.parametrize("input_kind, output_kind, n_in, n_out, pe, simd", [
+    ("bits", "threshold", 12, 6, 2, 3),
+    ("bits", "scores", 8, 4, 4, 8),
+    ("uint8", "threshold", 10, 4, 1, 5),
+    ("uint8", "scores", 6, 3, 3, 1),
+    ("bits", "threshold", 5, 1, 1, 1),
+])
+def test_folded_dense_outputs_and_cycle_formulas(input_kind, output_kind, n_in, n_out, pe, simd):
+    rng = np.random.default_rng(n_in * 7 + n_out)
+    layer = random_layer(rng, "d", input_kind, output_kind, n_in, n_out)
+    images = random_images(rng, 4, n_in) if input_kind == "uint8" else rng.integers(0, 2, (4, n_in)).astype(np.uint8)
+    acc = golden.accumulate(layer, images)
+    want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
+    dut = FoldedDense(layer, pe=pe, simd=simd)
+    outputs, in_cycles, out_cycles = run_streams(dut, layer_beats(layer, simd, images), 4 * dut.output_beats)
+    got = [v for word in outputs for v in unpack(word, layer.output_bits, pe, signed=output_kind == "scores")]
+    assert got == want.reshape(-1).tolist()
+    # The first image enters an idle layer: latency formula from its last input to its last output.
+    assert out_cycles[dut.output_beats - 1] - in_cycles[dut.input_beats - 1] == dut.latency
+    # Inputs arrive faster than the layer computes, so consecutive images finish II cycles apart.
+    finish = out_cycles[dut.output_beats - 1::dut.output_beats]
+    assert [b - a for a, b in zip(finish, finish[1:])] == [dut.cycles_per_image] * 3
+
+
+def test_folded_dense_under_stalls():
+    rng = np.random.default_rng(5)
+    layer = random_layer(rng, "d", "bits", "threshold", 16, 8)
+    images = rng.integers(0, 2, (6, 16)).astype(np.uint8)
+    want = (golden.accumulate(layer, images) >= layer.thresholds).astype(np.int64)
+    dut = FoldedDense(layer, pe=4, simd=4)
+    outputs, _, _ = run_streams(dut, layer_beats(layer, 4, images), 6 * 2, stall_in=0.5, stall_out=0.5, seed=3)
+    assert [v for w in outputs for v in unpack(w, 1, 4)] == want.reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("in_count, out_count", [(2, 6), (6, 2), (4, 4), (1, 8), (8, 1)])
+@pytest.mark.parametrize("stall", [0.0, 0.4])
+def test_resizer_keeps_order_and_rate(in_count, out_count, stall):
+    elements = 24
+    dut = StreamResizer(3, in_count, out_count, elements)
+    values = [(7 * k + 3) % 8 for k in range(2 * elements)]
+    beats = [pack(values[k:k + in_count], 3) for k in range(0, len(values), in_count)]
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, len(values) // out_count,
+                                                 stall_in=stall, stall_out=stall, seed=in_count)
+    assert [v for word in outputs for v in unpack(word, 3, out_count)] == values
+    if stall == 0.0:
+        assert out_cycles[-1] - in_cycles[-1] == dut.latency
+        assert out_cycles[-1] - out_cycles[len(outputs) // 2 - 1] == dut.cycles_per_image
+
+
+@pytest.mark.parametrize("pe", [1, 2, 5])
+def test_score_serializer_words_ties_and_rate(pe):
+    classes, width = 10, 6
+    images = [[3, -5, 7, 7, 0, -32, 31, 31, 2, 1], [-4] * 10, [-32, -31, 0, 0, 0, 0, 0, 0, 0, -1]]
+    beats = [pack([s & 63 for s in image[k:k + pe]], width) for image in images for k in range(0, classes, pe)]
+    dut = ScoreSerializer(classes, width, pe)
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, 3 * (classes + 1))
+    words = [(o & 0xFFFFFFFF, o >> 32) for o in outputs]
+    for n, image in enumerate(images):
+        chunk = words[n * 11:(n + 1) * 11]
+        assert [d - (1 << 32) if d >> 31 else d for d, _ in chunk[:10]] == image
+        assert chunk[10] == (int(np.argmax(image)), 1) and all(last == 0 for _, last in chunk[:10])
+    assert out_cycles[10] - in_cycles[classes // pe - 1] == dut.latency
+    assert out_cycles[-1] - out_cycles[-12] == dut.cycles_per_image
+
+
+@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+def test_parameter_validation_messages():
+    layer = DenseLayer("dense1", "bits", "scores", np.zeros((10, 12), np.uint8))
+    with pytest.raises(ValueError, match=r"^layer 'dense1': SIMD=5 does not divide in_features=12; "
+                                         r"valid SIMD values: \[1, 2, 3, 4, 6, 12\]$"):
+        FoldedDense(layer, pe=1, simd=5)
+    with pytest.raises(ValueError, match=r"^layer 'dense1': PE=4 does not divide out_features=10; "
+                                         r"valid PE values: \[1, 2, 5, 10\]$"):
+        FoldedDense(layer, pe=4, simd=1)
+    with pytest.raises(TypeError, match=r"^pe must be a positive integer, not 0$"):
+        FoldedDense(layer, pe=0, simd=1)
+    with pytest.raises(TypeError, match=r"^simd must be a positive integer, not True$"):
+        FoldedDense(layer, pe=1, simd=True)
+    with pytest.raises(ValueError, match=r"^cannot regroup 4 elements per beat into 6: one count must divide the other$"):
+        StreamResizer(1, 4, 6, 12)
+    with pytest.raises(ValueError, match=r"^scores of 33 bits do not fit the 32-bit output word$"):
+        ScoreSerializer(10, 33, 1)
+    with pytest.raises(ValueError, match=r"^pe \(3\) must divide classes \(10\)$"):
+        ScoreSerializer(10, 8, 3)
