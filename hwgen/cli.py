@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -196,6 +197,10 @@ def demo(ctx, out_dir, dataset, data_dir, epochs, images) -> None:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2, without a traceback."""
+    from amaranth.hdl import UnusedElaboratable
+
+    # A component refused by its parameter checks is never elaborated; the refusal is the message.
+    warnings.filterwarnings("ignore", category=UnusedElaboratable)
     try:
         cli(standalone_mode=False)
     except UserError as error:

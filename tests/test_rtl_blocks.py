@@ -91,7 +91,6 @@ def test_score_serializer_words_ties_and_rate(pe):
     assert out_cycles[-1] - out_cycles[-12] == dut.cycles_per_image
 
 
-@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 def test_parameter_validation_messages():
     layer = DenseLayer("dense1", "bits", "scores", np.zeros((10, 12), np.uint8))
     with pytest.raises(ValueError, match=r"^layer 'dense1': SIMD=5 does not divide in_features=12; "

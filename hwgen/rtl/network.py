@@ -86,6 +86,7 @@ class NetworkTop(wiring.Component):
         self._folds = [Fold(*fold) for fold in folds]
         stages: list[wiring.Component] = []
         for index, (layer, fold) in enumerate(zip(model.layers, self._folds)):
+            compute = FoldedDense(layer, pe=fold.pe, simd=fold.simd)
             if index:
                 prev = self._folds[index - 1]
                 if prev.pe % fold.simd and fold.simd % prev.pe:
@@ -94,7 +95,7 @@ class NetworkTop(wiring.Component):
                         f"layer's PE={prev.pe}; valid SIMD values: "
                         f"{[d for d in divisors(layer.in_features) if d % prev.pe == 0 or prev.pe % d == 0]}")
                 stages.append(StreamResizer(layer.input_bits, prev.pe, fold.simd, layer.in_features))
-            stages.append(FoldedDense(layer, pe=fold.pe, simd=fold.simd))
+            stages.append(compute)
         last = model.layers[-1]
         stages.append(ScoreSerializer(last.out_features, last.output_bits, self._folds[-1].pe))
         self._stages = stages

@@ -1,0 +1,95 @@
+"""The hwgen command as a user runs it: real processes, exit codes, messages, files."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import random_model
+
+HWGEN = [sys.executable, "-m", "hwgen.cli"]
+
+
+def hwgen(*args, cwd=None):
+    return subprocess.run([*HWGEN, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_help_lists_the_commands():
+    result = hwgen("--help")
+    assert result.returncode == 0
+    for command in ("train", "export", "verilog", "sim", "demo"):
+        assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.M), command
+        sub = hwgen(command, "--help")
+        assert sub.returncode == 0 and "Usage:" in sub.stdout and len(sub.stdout.splitlines()) > 4
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.npz"
+    random_model(np.random.default_rng(0), [64, 32, 10]).save(path)
+    return path
+
+
+def test_verilog_is_deterministic_and_atomic(tmp_path, model_file):
+    for name in ("a.v", "b.v"):
+        result = hwgen("verilog", model_file, "--fold", "8x16,5x8", "-o", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert "folds 8x16, 5x8; 16 cycles per image" in result.stdout
+    assert (tmp_path / "a.v").read_bytes() == (tmp_path / "b.v").read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_fold_names_layer_and_choices(tmp_path, model_file):
+    result = hwgen("verilog", model_file, "--fold", "8x16,4x8", "-o", tmp_path / "x.v")
+    assert_user_error(result, "layer 'dense1': PE=4 does not divide out_features=10; valid PE values: [1, 2, 5, 10]")
+    result = hwgen("verilog", model_file, "--fold", "8x16,5x3", "-o", tmp_path / "x.v")
+    assert_user_error(result, "layer 'dense1': SIMD=3 does not divide in_features=32")
+    result = hwgen("verilog", model_file, "--fold", "8x16", "-o", tmp_path / "x.v")
+    assert_user_error(result, "--fold gives 1 folds, the model has 2 layers (dense0, dense1)")
+    result = hwgen("verilog", model_file, "--fold", "8by16,5x8", "-o", tmp_path / "x.v")
+    assert_user_error(result, "--fold item 1 is '8by16'; write PExSIMD")
+    assert not (tmp_path / "x.v").exists()
+
+
+def test_corrupt_model_is_one_clean_error(tmp_path, model_file):
+    data = model_file.read_bytes()
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(data[: len(data) // 3])
+    result = hwgen("verilog", bad, "-o", tmp_path / "x.v")
+    assert_user_error(result, str(bad))
+    assert not (tmp_path / "x.v").exists()
+
+
+def test_missing_inputs_are_clean_errors(tmp_path):
+    assert_user_error(hwgen("export", tmp_path / "none.pt", "-o", tmp_path / "m.npz"), "checkpoint not found")
+    assert_user_error(hwgen("train", "--dataset", "fashion-mnist", "--data", tmp_path / "nowhere",
+                            "-o", tmp_path / "m.pt"), "dataset folder not found")
+    assert_user_error(hwgen("train", "--dataset", "digits", "--hidden", "12,x", "-o", tmp_path / "m.pt"),
+                      "--hidden '12,x'")
+
+
+def test_train_export_verilog_sim_on_digits(tmp_path):
+    """The whole flow through the CLI: every step succeeds and reports exact agreement."""
+    train = hwgen("train", "--dataset", "digits", "--hidden", "32", "--epochs", "3", "--no-float-baseline",
+                  "-o", tmp_path / "m.pt")
+    assert train.returncode == 0, train.stderr
+    export = hwgen("export", tmp_path / "m.pt", "-o", tmp_path / "m.npz")
+    assert export.returncode == 0, export.stderr
+    assert "torch fake-quant vs golden: 449/449 images agree on all 42 integer outputs of all 2 layers" in export.stdout
+    sim = hwgen("sim", tmp_path / "m.npz", "--images", "40", "--fold", "4x16,5x8", "--build-dir", tmp_path / "sim")
+    assert sim.returncode == 0, sim.stdout + sim.stderr
+    assert "RTL vs golden: 40/40 images bit-exact" in sim.stdout
+    measured, formula = re.search(r"cycles per image \(II\): measured (\d+), formula (\d+)", sim.stdout).groups()
+    assert measured == formula == "32"
