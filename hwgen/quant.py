@@ -146,7 +146,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, seed: int = 0, lr:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-    bar = tqdm(total=steps, desc=f"train {type(model).__name__}", disable=not progress, unit="step")
+    bar = tqdm(total=steps, desc=f"train {type(model).__name__}", disable=not progress, unit="step",
+                mininterval=0.5)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x), generator=generator)

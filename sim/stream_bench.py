@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import cocotb
 import numpy as np
@@ -34,7 +35,7 @@ from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
 
 @cocotb.test()
 async def stream_images(dut):
-    config = json.loads(open(os.environ["HWGEN_SIM_CONFIG"]).read())
+    config = json.loads(Path(os.environ["HWGEN_SIM_CONFIG"]).read_text())
     beats = np.load(config["beats"], allow_pickle=False)
     images, beats_per_image = beats.shape[:2]
     values = [int.from_bytes(beat.tobytes(), "little") for beat in beats.reshape(-1, beats.shape[2])]

@@ -130,7 +130,7 @@ class NetworkSimulator:
     def __init__(self, model: IntegerModel, folds: list[Fold], build_dir: Path | str, *, waves: bool = False):
         self.model = model
         self.top = build_top(model, folds)
-        self.build_dir = Path(build_dir)
+        self.build_dir = Path(build_dir).resolve()
         self.design = VerilatorDesign(generate_verilog(self.top), TOP_NAME, self.build_dir / "verilator",
                                       waves=waves).build()
         self._runs = 0

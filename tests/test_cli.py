@@ -81,14 +81,14 @@ def test_missing_inputs_are_clean_errors(tmp_path):
 
 
 def test_train_export_verilog_sim_on_digits(tmp_path):
-    """The whole flow through the CLI: every step succeeds and reports exact agreement."""
+    """The whole flow through the CLI with relative paths: every step reports exact agreement."""
     train = hwgen("train", "--dataset", "digits", "--hidden", "32", "--epochs", "3", "--no-float-baseline",
-                  "-o", tmp_path / "m.pt")
+                  "-o", "m.pt", cwd=tmp_path)
     assert train.returncode == 0, train.stderr
-    export = hwgen("export", tmp_path / "m.pt", "-o", tmp_path / "m.npz")
+    export = hwgen("export", "m.pt", "-o", "m.npz", cwd=tmp_path)
     assert export.returncode == 0, export.stderr
     assert "torch fake-quant vs golden: 449/449 images agree on all 42 integer outputs of all 2 layers" in export.stdout
-    sim = hwgen("sim", tmp_path / "m.npz", "--images", "40", "--fold", "4x16,5x8", "--build-dir", tmp_path / "sim")
+    sim = hwgen("sim", "m.npz", "--images", "40", "--fold", "4x16,5x8", "--build-dir", "sim", cwd=tmp_path)
     assert sim.returncode == 0, sim.stdout + sim.stderr
     assert "RTL vs golden: 40/40 images bit-exact" in sim.stdout
     measured, formula = re.search(r"cycles per image \(II\): measured (\d+), formula (\d+)", sim.stdout).groups()
