@@ -70,3 +70,22 @@ def test_verilog_is_byte_identical_across_runs():
     for port in ("s_axis_tdata", "s_axis_tvalid", "s_axis_tready", "s_axis_tlast",
                  "m_axis_tdata", "m_axis_tvalid", "m_axis_tready", "m_axis_tlast"):
         assert port in first
+
+
+def test_mismatch_report_names_image_layer_index_and_values(tmp_path):
+    """Real RTL of one model checked against the golden model of a slightly different one."""
+    from hwgen.ir import DenseLayer, IntegerModel
+
+    model, folds, rng = random_configuration(5)
+    simulator = NetworkSimulator(model, folds, tmp_path)
+    last = model.layers[-1]
+    weights = last.weights.copy()
+    weights[1] ^= 1                      # class 1's popcount p becomes N - p
+    simulator.model = IntegerModel(model.input_shape, model.layers[:-1] + (
+        DenseLayer(last.name, last.input_kind, last.output_kind, weights),))
+    run = simulator.run(random_images(rng, 4, model.in_features))
+    named = [m for m in run.mismatches if m.layer == last.name]
+    assert {m.image for m in named} == {0, 1, 2, 3} and {m.index for m in named} == {1}
+    first = named[0]
+    assert str(first) == (f"image 0, layer {last.name}, index 1: golden {first.expected}, RTL {first.got}")
+    assert last.input_kind == "bits" and first.expected + first.got == last.in_features
