@@ -73,10 +73,11 @@ def train(dataset, data_dir, hidden, epochs, seed, lr, float_baseline, output) -
     click.echo(f"dataset {ds.name}: {len(ds.train_x)} train / {len(ds.test_x)} test images of {ds.image_shape}")
     info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs}
     if float_baseline:
-        reference = quant.build_model(quant.Architecture(arch.input_shape, arch.hidden, arch.classes, binary=False))
+        reference = quant.build_model(quant.Architecture(arch.input_shape, arch.hidden, arch.classes, binary=False),
+                                      seed)
         info["float_accuracy"] = quant.train(reference, ds, epochs=epochs, seed=seed, lr=1e-3)
         click.echo(f"float accuracy ({'-'.join(map(str, arch.widths))} MLP): {info['float_accuracy']:.4f}")
-    model = quant.build_model(arch)
+    model = quant.build_model(arch, seed)
     info["binary_accuracy"] = quant.train(model, ds, epochs=epochs, seed=seed, lr=lr)
     click.echo(f"binary (W1A1) accuracy: {info['binary_accuracy']:.4f}")
     quant.save_checkpoint(output, model, info)

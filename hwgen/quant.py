@@ -132,7 +132,9 @@ class FloatMLP(nn.Module):
         """Float weights are not clipped."""
 
 
-def build_model(arch: Architecture) -> nn.Module:
+def build_model(arch: Architecture, seed: int = 0) -> nn.Module:
+    """A freshly initialized model; the initialization is seeded so training runs repeat exactly."""
+    torch.manual_seed(seed)
     return BinaryMLP(arch) if arch.binary else FloatMLP(arch)
 
 

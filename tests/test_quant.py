@@ -39,10 +39,7 @@ def test_latent_weights_stay_clipped(trained):
 
 def test_training_is_seeded(digits):
     arch = quant.Architecture(digits.image_shape, (16,), digits.classes)
-    first, second = quant.build_model(arch), quant.build_model(arch)
-    for model in (first, second):
-        torch.manual_seed(123)  # the init is outside train(): seed it the same for both
-        model.load_state_dict(quant.build_model(arch).state_dict())
+    first, second = quant.build_model(arch, seed=5), quant.build_model(arch, seed=5)
     a = quant.train(first, digits, epochs=2, seed=5, progress=False)
     b = quant.train(second, digits, epochs=2, seed=5, progress=False)
     assert a == b
