@@ -1,7 +1,8 @@
 """NumPy golden model of the integer model: every layer's integer output, vectorized.
 
-Bit layers use bit-packed XNOR-popcount on 64-bit words; uint8 layers use a float64 matrix
-product, which is exact because every partial sum is an integer below 2**53.
+XNOR-popcount layers use bit-packed words (64 bits each); every other layer uses a float64 matrix
+product, which is exact because every partial sum is an integer below 2**53 (accumulators fit
+int32). Requantization is done in int64 exactly as the contract writes it.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ class GoldenResult:
     Attributes
     ----------
     outputs : list of numpy.ndarray
-        One ``(images, out_features)`` array per layer: uint8 bits for threshold layers,
-        int64 scores for the output layer.
+        One ``(images, out_features)`` array per layer: uint8 bits for threshold layers, int64
+        values for requantized layers, int64 scores for the output layer.
     classes : numpy.ndarray
         The argmax of the scores, ties to the lowest index.
     """
@@ -61,11 +62,34 @@ def popcount_xnor(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
 
 
 def accumulate(layer: DenseLayer, x: np.ndarray) -> np.ndarray:
-    """The layer's integer accumulator for each image: popcount or signed uint8 sum."""
-    if layer.input_kind == "bits":
+    """The layer's integer accumulator for each image: popcount, or ``sum(x * w) + bias``."""
+    if layer.is_popcount:
         return popcount_xnor(x, layer.weights)
-    bipolar = layer.weights.astype(np.float64) * 2 - 1
-    return np.rint(x.astype(np.float64) @ bipolar.T).astype(np.int64)
+    values = x.astype(np.float64) * 2 - 1 if layer.input_kind == "bits" else x.astype(np.float64)
+    return np.rint(values @ layer.weight_values.T.astype(np.float64)).astype(np.int64) + layer.bias_values
+
+
+def requantize(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, zero_point: int,
+               lo: int, hi: int) -> np.ndarray:
+    """``clamp(((acc * M0) + 2**(30 - s)) >> (31 - s) + z_out, lo, hi)`` in int64, per channel.
+
+    ``acc`` fits int32 and ``M0 < 2**31``, so ``acc * M0`` and the rounding term fit int64;
+    ``>>`` on int64 is an arithmetic (floor) shift, so the whole is one round-half-up.
+    """
+    right = (31 - np.asarray(shift, dtype=np.int64))
+    product = np.asarray(acc, dtype=np.int64) * np.asarray(multiplier, dtype=np.int64)
+    scaled = (product + (np.int64(1) << (right - 1))) >> right
+    return np.clip(scaled + zero_point, lo, hi)
+
+
+def layer_output(layer: DenseLayer, acc: np.ndarray) -> np.ndarray:
+    """What a layer passes on, given its accumulators: bits, requantized bytes, or the scores."""
+    if layer.output_kind == "threshold":
+        return (acc >= layer.thresholds[None, :]).astype(np.uint8)
+    if layer.output_kind == "requant":
+        q = layer.requant
+        return requantize(acc, q.multiplier[None, :], q.shift[None, :], q.zero_point, q.lo, q.hi)
+    return acc
 
 
 def argmax_lowest(scores: np.ndarray) -> np.ndarray:
@@ -84,10 +108,6 @@ def run(model: IntegerModel, images: np.ndarray) -> GoldenResult:
                         f"(input shape {list(model.input_shape)})")
     outputs = []
     for layer in model.layers:
-        acc = accumulate(layer, x)
-        if layer.output_kind == "threshold":
-            x = (acc >= layer.thresholds[None, :]).astype(np.uint8)
-        else:
-            x = acc
+        x = layer_output(layer, accumulate(layer, x))
         outputs.append(x)
     return GoldenResult(outputs, argmax_lowest(outputs[-1]))

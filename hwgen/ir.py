@@ -3,39 +3,50 @@
 Everything downstream (golden model, RTL, simulation, board builds) reads this and
 nothing else; nothing here imports torch.
 
-File format ``hwgen-ir`` version 1
-----------------------------------
+File format ``hwgen-ir`` version 2 (version 1 files, binary layers only, still load)
+------------------------------------------------------------------------------------
 A NumPy ``.npz`` archive, loaded with ``allow_pickle=False``:
 
 ``meta``
     uint8 array holding UTF-8 JSON::
 
-        {"format": "hwgen-ir", "version": 1,
+        {"format": "hwgen-ir", "version": 2,
          "input": {"shape": [28, 28], "dtype": "uint8"},
-         "layers": [{"name": "dense0", "kind": "dense", "input": "uint8",
-                     "output": "threshold", "in_features": 784, "out_features": 256,
-                     "acc_min": -199920, "acc_max": 199920}, ...],
+         "layers": [{"name": "dense0", "kind": "dense", "weights": "int8", "input": "uint8",
+                     "output": "requant", "in_features": 784, "out_features": 256,
+                     "acc_min": -3178496, "acc_max": 3229127,
+                     "requant": {"zero_point": 0, "out": "uint8", "lo": 0, "hi": 255}}, ...],
          "info": {...free-form provenance: dataset, accuracies...}}
 
 ``<layer>.weights``
-    uint8, shape ``(out_features, in_features)``, one bit per weight: 1 is +1, 0 is -1.
+    shape ``(out_features, in_features)``: uint8 bits (1 is +1, 0 is -1) for ``"weights": "binary"``,
+    int8 in ``[-127, 127]`` for ``"weights": "int8"``.
+``<layer>.bias``
+    int64 per output channel (int8 layers; absent means zero). Input zero points are folded in.
 ``<layer>.thresholds``
-    int64, shape ``(out_features,)``; only for ``output == "threshold"``.
+    int64 per output channel; only for ``output == "threshold"``.
+``<layer>.multiplier``, ``<layer>.shift``
+    int64 per output channel; only for ``output == "requant"``: ``M0`` in ``[2**30, 2**31)``,
+    ``s`` in ``[-31, 30]``.
 
 Layer semantics (the integer contract of DESIGN.md):
 
-* ``input == "bits"``: the accumulator is the popcount ``p = popcount(XNOR(x, w))`` in ``[0, N]``.
-* ``input == "uint8"``: the accumulator is ``acc = sum(x_i * w_i)`` with ``w_i`` in ``{-1, +1}``.
-* ``output == "threshold"``: output bit ``acc >= T_c``; ``output == "scores"``: the raw
-  accumulator per class, and the class is the argmax with ties to the lowest index.
+* input ``"bits"`` are bipolar values (bit 1 is +1, bit 0 is -1); ``"uint8"``/``"int8"`` are plain
+  integers (zero points live in the bias).
+* binary weights on bit inputs accumulate ``p = popcount(XNOR(x, w))`` in ``[0, N]``; every other
+  combination accumulates ``acc = sum(x_i * w_i) + bias`` in a signed accumulator.
+* output ``"threshold"``: bit ``acc >= T_c``. ``"requant"``: TFLite's single rounding,
+  ``clamp(((acc * M0) + 2**(30 - s)) >> (31 - s) + z_out, lo, hi)``, ReLU being ``lo = z_out``.
+  ``"scores"``: the raw accumulator per class; the class is the argmax, ties to the lowest index.
 
 ``acc_min``/``acc_max`` are the accumulator's bounds over every possible input, computed from the
-weights; they size the hardware accumulators and are checked on load.
+weights and bias; they size the hardware accumulators, must fit int32, and are checked on load.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -47,28 +58,87 @@ import numpy as np
 from .errors import UserError
 
 FORMAT_NAME = "hwgen-ir"
-FORMAT_VERSION = 1
-INPUT_KINDS = ("uint8", "bits")
-OUTPUT_KINDS = ("threshold", "scores")
-UINT8_MAX = 255
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+INPUT_KINDS = ("uint8", "int8", "bits")
+WEIGHT_KINDS = ("binary", "int8")
+OUTPUT_KINDS = ("threshold", "requant", "scores")
+#: Value range of each input kind; bits are the bipolar values they stand for.
+INPUT_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "bits": (-1, 1)}
+QUANT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+INT8_WEIGHT_LIMIT = 127
+SHIFT_RANGE = (-31, 30)
+MULTIPLIER_RANGE = (1 << 30, 1 << 31)
+ACC_LIMIT = 1 << 31
+
+
+@dataclass(frozen=True, eq=False)
+class Requant:
+    """Per-channel requantization to int8/uint8 (TFLite single rounding).
+
+    Parameters
+    ----------
+    multiplier : numpy.ndarray
+        int64 ``M0`` per channel in ``[2**30, 2**31)``.
+    shift : numpy.ndarray
+        int64 ``s`` per channel in ``[-31, 30]``; the right shift is ``31 - s``.
+    zero_point : int
+        Output zero point ``z_out``.
+    out_kind : str
+        ``"uint8"`` or ``"int8"``.
+    lo, hi : int
+        Clamp bounds inside the output type's range; ReLU is ``lo = zero_point``.
+    """
+
+    multiplier: np.ndarray
+    shift: np.ndarray
+    zero_point: int
+    out_kind: str
+    lo: int
+    hi: int
+
+    def header(self) -> dict:
+        return {"zero_point": int(self.zero_point), "out": self.out_kind, "lo": int(self.lo), "hi": int(self.hi)}
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """Split a positive real multiplier into ``(M0, s)`` with ``real ≈ M0 * 2**(s - 31)``.
+
+    ``M0`` lies in ``[2**30, 2**31)``; raises ``ValueError`` when ``s`` would leave ``[-31, 30]``.
+    """
+    if not real > 0 or not math.isfinite(real):
+        raise ValueError(f"requantization multiplier must be positive and finite, not {real!r}")
+    mantissa, exponent = math.frexp(real)          # real = mantissa * 2**exponent, mantissa in [0.5, 1)
+    multiplier = round(mantissa * (1 << 31))
+    if multiplier == 1 << 31:
+        multiplier, exponent = 1 << 30, exponent + 1
+    if not SHIFT_RANGE[0] <= exponent <= SHIFT_RANGE[1]:
+        raise ValueError(f"requantization multiplier {real!r} needs shift {exponent}, outside {list(SHIFT_RANGE)}")
+    return multiplier, exponent
 
 
 @dataclass(frozen=True, eq=False)
 class DenseLayer:
-    """A fully connected layer with binary (±1) weights.
+    """A fully connected layer: binary (±1) or int8 weights, threshold/requant/scores output.
 
     Parameters
     ----------
     name : str
         Unique layer name; used in file keys, error messages and mismatch reports.
     input_kind : str
-        ``"uint8"`` (pixels) or ``"bits"`` (bipolar activations stored as bits).
+        ``"uint8"``, ``"int8"`` or ``"bits"`` (bipolar activations stored as bits).
     output_kind : str
-        ``"threshold"`` (one output bit per channel) or ``"scores"`` (raw accumulators).
+        ``"threshold"`` (one bit per channel), ``"requant"`` (int8/uint8) or ``"scores"``.
     weights : numpy.ndarray
-        uint8 bits, shape ``(out_features, in_features)``; 1 is +1.
+        Shape ``(out_features, in_features)``: uint8 bits (binary) or int8 values.
     thresholds : numpy.ndarray or None
         int64 per output channel, for ``output_kind == "threshold"``.
+    weight_kind : str
+        ``"binary"`` or ``"int8"``.
+    bias : numpy.ndarray or None
+        int64 per output channel, added to the accumulator (non-popcount layers).
+    requant : Requant or None
+        For ``output_kind == "requant"``.
     """
 
     name: str
@@ -76,6 +146,9 @@ class DenseLayer:
     output_kind: str
     weights: np.ndarray
     thresholds: np.ndarray | None = None
+    weight_kind: str = "binary"
+    bias: np.ndarray | None = None
+    requant: Requant | None = None
 
     @property
     def in_features(self) -> int:
@@ -86,18 +159,42 @@ class DenseLayer:
         return int(self.weights.shape[0])
 
     @property
+    def is_popcount(self) -> bool:
+        """Binary weights on bit inputs: the XNOR-popcount datapath."""
+        return self.weight_kind == "binary" and self.input_kind == "bits"
+
+    @property
     def input_bits(self) -> int:
         """Width of one input element in hardware."""
-        return 8 if self.input_kind == "uint8" else 1
+        return 1 if self.input_kind == "bits" else 8
+
+    @property
+    def weight_bits(self) -> int:
+        """Width of one weight in hardware."""
+        return 1 if self.weight_kind == "binary" else 8
+
+    @property
+    def weight_values(self) -> np.ndarray:
+        """The weights as int64 values: ±1 for binary, the int8 values otherwise."""
+        if self.weight_kind == "binary":
+            return self.weights.astype(np.int64) * 2 - 1
+        return self.weights.astype(np.int64)
+
+    @property
+    def bias_values(self) -> np.ndarray:
+        return np.zeros(self.out_features, np.int64) if self.bias is None else self.bias.astype(np.int64)
 
     @property
     def channel_acc_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per output channel, the smallest and largest accumulator any input can produce."""
-        if self.input_kind == "bits":
+        if self.is_popcount:
             n = np.full(self.out_features, self.in_features, dtype=np.int64)
             return np.zeros_like(n), n
-        plus = self.weights.astype(np.int64).sum(axis=1)
-        return -UINT8_MAX * (self.in_features - plus), UINT8_MAX * plus
+        x_lo, x_hi = INPUT_RANGES[self.input_kind]
+        w = self.weight_values
+        lo = np.minimum(x_lo * w, x_hi * w).sum(axis=1) + self.bias_values
+        hi = np.maximum(x_lo * w, x_hi * w).sum(axis=1) + self.bias_values
+        return lo, hi
 
     @property
     def acc_min(self) -> int:
@@ -108,16 +205,42 @@ class DenseLayer:
         return int(self.channel_acc_bounds[1].max())
 
     @property
+    def output_type(self) -> str | None:
+        """What the next layer receives: ``"bits"``, ``"uint8"``, ``"int8"``, or ``None`` for scores."""
+        if self.output_kind == "threshold":
+            return "bits"
+        if self.output_kind == "requant":
+            return self.requant.out_kind
+        return None
+
+    @property
     def output_bits(self) -> int:
-        """Width of one output element in hardware: a bit, or a two's-complement score."""
+        """Width of one output element in hardware: a bit, a byte, or a two's-complement score."""
         if self.output_kind == "threshold":
             return 1
+        if self.output_kind == "requant":
+            return 8
         return signed_width(self.acc_min, self.acc_max)
 
     def header(self) -> dict:
-        return {"name": self.name, "kind": "dense", "input": self.input_kind, "output": self.output_kind,
-                "in_features": self.in_features, "out_features": self.out_features,
-                "acc_min": self.acc_min, "acc_max": self.acc_max}
+        header = {"name": self.name, "kind": "dense", "weights": self.weight_kind, "input": self.input_kind,
+                  "output": self.output_kind, "in_features": self.in_features, "out_features": self.out_features,
+                  "acc_min": self.acc_min, "acc_max": self.acc_max}
+        if self.requant is not None:
+            header["requant"] = self.requant.header()
+        return header
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The layer's arrays as stored in the file."""
+        arrays = {"weights": self.weights.astype(np.uint8 if self.weight_kind == "binary" else np.int8)}
+        if self.bias is not None:
+            arrays["bias"] = self.bias.astype(np.int64)
+        if self.thresholds is not None:
+            arrays["thresholds"] = self.thresholds.astype(np.int64)
+        if self.requant is not None:
+            arrays["multiplier"] = self.requant.multiplier.astype(np.int64)
+            arrays["shift"] = self.requant.shift.astype(np.int64)
+        return arrays
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,9 +269,7 @@ class IntegerModel:
         path = Path(path)
         arrays = {"meta": np.frombuffer(json.dumps(self.header(), sort_keys=True).encode(), dtype=np.uint8)}
         for layer in self.layers:
-            arrays[f"{layer.name}.weights"] = layer.weights.astype(np.uint8)
-            if layer.thresholds is not None:
-                arrays[f"{layer.name}.thresholds"] = layer.thresholds.astype(np.int64)
+            arrays.update({f"{layer.name}.{key}": value for key, value in layer.arrays().items()})
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         write_atomically(path, buffer.getvalue())
@@ -201,8 +322,9 @@ def _load(path: Path) -> IntegerModel:
                 raise fail(f"field 'meta' is not JSON ({error})") from None
             if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
                 raise fail(f"field 'meta.format' is not {FORMAT_NAME!r}")
-            if meta.get("version") != FORMAT_VERSION:
-                raise fail(f"field 'meta.version' is {meta.get('version')!r}; this hwgen reads version {FORMAT_VERSION}")
+            if meta.get("version") not in READABLE_VERSIONS:
+                raise fail(f"field 'meta.version' is {meta.get('version')!r}; this hwgen reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
             model = _model_from_meta(meta, archive, names, fail)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
             if isinstance(error, UserError):
@@ -219,53 +341,83 @@ def _model_from_meta(meta: dict, archive, names: set[str], fail) -> IntegerModel
         raise fail("field 'meta.input.shape' or 'meta.layers' is missing or malformed") from None
     if not headers:
         raise fail("field 'meta.layers' is empty")
-    layers = []
-    expected_in = int(np.prod(shape))
+    layers: list[DenseLayer] = []
+    expected_in, expected_kind = int(np.prod(shape)), "uint8"
     for index, header in enumerate(headers):
         where = f"meta.layers[{index}]"
-        try:
-            name, kind = str(header["name"]), header["kind"]
-            input_kind, output_kind = header["input"], header["output"]
-            n_in, n_out = int(header["in_features"]), int(header["out_features"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise fail(f"field '{where}' lacks {error}") from None
-        if kind != "dense":
-            raise fail(f"field '{where}.kind' is {kind!r}; this hwgen supports 'dense'")
-        if input_kind not in INPUT_KINDS or output_kind not in OUTPUT_KINDS:
-            raise fail(f"field '{where}' has input {input_kind!r}/output {output_kind!r}; "
-                       f"expected one of {INPUT_KINDS}/{OUTPUT_KINDS}")
-        if n_in != expected_in:
-            raise fail(f"field '{where}.in_features' is {n_in}, but the previous stage gives {expected_in}")
-        weights = _array(archive, names, f"{name}.weights", (n_out, n_in), fail)
-        if weights.dtype != np.uint8 or weights.size and weights.max() > 1:
-            raise fail(f"array '{name}.weights' must be uint8 bits (0 or 1)")
-        thresholds = None
-        if output_kind == "threshold":
-            thresholds = _array(archive, names, f"{name}.thresholds", (n_out,), fail)
-            if thresholds.dtype != np.int64:
-                raise fail(f"array '{name}.thresholds' must be int64")
-        layer = DenseLayer(name, input_kind, output_kind, weights, thresholds)
-        if (header.get("acc_min"), header.get("acc_max")) != (layer.acc_min, layer.acc_max):
-            raise fail(f"field '{where}.acc_min/acc_max' disagree with the weights "
-                       f"({layer.acc_min}, {layer.acc_max})")
-        if thresholds is not None:
-            lo, hi = layer.channel_acc_bounds
-            if np.any(thresholds < lo) or np.any(thresholds > hi + 1):
-                raise fail(f"array '{name}.thresholds' lies outside the accumulator range [acc_min, acc_max + 1]")
-        if index < len(headers) - 1 and output_kind != "threshold":
-            raise fail(f"field '{where}.output' must be 'threshold' for a hidden layer")
-        if index == len(headers) - 1 and output_kind != "scores":
-            raise fail(f"field '{where}.output' must be 'scores' for the output layer")
-        if index > 0 and input_kind != "bits":
-            raise fail(f"field '{where}.input' must be 'bits' after a threshold layer")
+        declared = header.get("in_features") if isinstance(header, dict) else None
+        if declared != expected_in:
+            raise fail(f"field '{where}.in_features' is {declared!r}, but the previous stage gives {expected_in}")
+        layer = _layer_from_header(where, header, archive, names, fail)
+        if layer.input_kind != expected_kind:
+            raise fail(f"field '{where}.input' is {layer.input_kind!r}, but the previous stage gives {expected_kind!r}")
+        last = index == len(headers) - 1
+        if last != (layer.output_kind == "scores"):
+            raise fail(f"field '{where}.output' is {layer.output_kind!r}; the output layer, and only it, "
+                       "gives 'scores'")
         layers.append(layer)
-        expected_in = n_out
+        expected_in, expected_kind = layer.out_features, layer.output_type
     if len({layer.name for layer in layers}) != len(layers):
         raise fail("layer names in 'meta.layers' are not unique")
     return IntegerModel(shape, tuple(layers), dict(meta.get("info", {})))
 
 
-def _array(archive, names: set[str], key: str, shape: tuple[int, ...], fail) -> np.ndarray:
+def _layer_from_header(where: str, header: dict, archive, names: set[str], fail) -> DenseLayer:
+    try:
+        name, kind = str(header["name"]), header["kind"]
+        weight_kind = header.get("weights", "binary")   # version 1 had binary weights only
+        input_kind, output_kind = header["input"], header["output"]
+        n_in, n_out = int(header["in_features"]), int(header["out_features"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise fail(f"field '{where}' lacks {error}") from None
+    if kind != "dense":
+        raise fail(f"field '{where}.kind' is {kind!r}; this hwgen supports 'dense'")
+    for field_name, value, allowed in (("weights", weight_kind, WEIGHT_KINDS), ("input", input_kind, INPUT_KINDS),
+                                       ("output", output_kind, OUTPUT_KINDS)):
+        if value not in allowed:
+            raise fail(f"field '{where}.{field_name}' is {value!r}; expected one of {', '.join(allowed)}")
+    weights = _array(archive, names, f"{name}.weights", (n_out, n_in), fail)
+    if weight_kind == "binary" and (weights.dtype != np.uint8 or weights.size and weights.max() > 1):
+        raise fail(f"array '{name}.weights' must be uint8 bits (0 or 1)")
+    if weight_kind == "int8" and (weights.dtype != np.int8 or weights.size and weights.min() < -INT8_WEIGHT_LIMIT):
+        raise fail(f"array '{name}.weights' must be int8 in [-127, 127]")
+    bias = _array(archive, names, f"{name}.bias", (n_out,), fail, np.int64) if f"{name}.bias" in names else None
+    if bias is not None and weight_kind == "binary" and input_kind == "bits":
+        raise fail(f"array '{name}.bias' is not allowed on an XNOR-popcount layer (fold it into thresholds)")
+    thresholds = requant = None
+    if output_kind == "threshold":
+        thresholds = _array(archive, names, f"{name}.thresholds", (n_out,), fail, np.int64)
+    if output_kind == "requant":
+        try:
+            fields = header["requant"]
+            zero_point, out_kind, lo, hi = (int(fields["zero_point"]), fields["out"], int(fields["lo"]), int(fields["hi"]))
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"field '{where}.requant' is missing or malformed (zero_point, out, lo, hi)") from None
+        if out_kind not in QUANT_RANGES:
+            raise fail(f"field '{where}.requant.out' is {out_kind!r}; expected uint8 or int8")
+        q_lo, q_hi = QUANT_RANGES[out_kind]
+        if not q_lo <= lo <= hi <= q_hi or not q_lo <= zero_point <= q_hi:
+            raise fail(f"field '{where}.requant' needs {q_lo} <= lo <= hi <= {q_hi} and zero_point in range")
+        multiplier = _array(archive, names, f"{name}.multiplier", (n_out,), fail, np.int64)
+        shift = _array(archive, names, f"{name}.shift", (n_out,), fail, np.int64)
+        if np.any(multiplier < MULTIPLIER_RANGE[0]) or np.any(multiplier >= MULTIPLIER_RANGE[1]):
+            raise fail(f"array '{name}.multiplier' must lie in [2**30, 2**31)")
+        if np.any(shift < SHIFT_RANGE[0]) or np.any(shift > SHIFT_RANGE[1]):
+            raise fail(f"array '{name}.shift' must lie in {list(SHIFT_RANGE)}")
+        requant = Requant(multiplier, shift, zero_point, out_kind, lo, hi)
+    layer = DenseLayer(name, input_kind, output_kind, weights, thresholds, weight_kind, bias, requant)
+    if (header.get("acc_min"), header.get("acc_max")) != (layer.acc_min, layer.acc_max):
+        raise fail(f"field '{where}.acc_min/acc_max' disagree with the weights ({layer.acc_min}, {layer.acc_max})")
+    if not (-ACC_LIMIT <= layer.acc_min and layer.acc_max < ACC_LIMIT):
+        raise fail(f"field '{where}': the accumulator range [{layer.acc_min}, {layer.acc_max}] exceeds int32")
+    if thresholds is not None:
+        lo_c, hi_c = layer.channel_acc_bounds
+        if np.any(thresholds < lo_c) or np.any(thresholds > hi_c + 1):
+            raise fail(f"array '{name}.thresholds' lies outside the accumulator range [acc_min, acc_max + 1]")
+    return layer
+
+
+def _array(archive, names: set[str], key: str, shape: tuple[int, ...], fail, dtype=None) -> np.ndarray:
     if key not in names:
         raise fail(f"array '{key}' is missing")
     try:
@@ -274,6 +426,8 @@ def _array(archive, names: set[str], key: str, shape: tuple[int, ...], fail) -> 
         raise fail(f"array '{key}' cannot be read without pickle ({error})") from None
     if array.shape != shape:
         raise fail(f"array '{key}' has shape {array.shape}, expected {shape}")
+    if dtype is not None and array.dtype != dtype:
+        raise fail(f"array '{key}' must be {np.dtype(dtype).name}, not {array.dtype}")
     return array
 
 
@@ -287,34 +441,30 @@ def batchnorm_reference(z: np.ndarray, mean, var, eps: float, gamma, beta) -> np
     return ((z - mean) / np.sqrt(var + eps)) * gamma + beta
 
 
-def fold_batchnorm_sign(weights: np.ndarray, input_kind: str, mean, var, eps: float, gamma, beta
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def fold_batchnorm_sign(layer: DenseLayer, mean, var, eps: float, gamma, beta, z_scale=None) -> DenseLayer:
     """Fold ``sign(BN(z))`` (``sign(0) = +1``) into per-channel ``acc >= T`` thresholds.
 
-    ``z`` is the bipolar dot product the torch layer computes: ``2p - N`` for bit inputs,
-    ``acc`` for uint8 inputs. BN is evaluated in float64 (:func:`batchnorm_reference`), and ``T``
-    is the exact integer boundary of that evaluation, found by bisection over the accumulator's
-    range. Channels with ``gamma < 0`` get their weight row inverted so the hardware only compares
-    ``>=``; ``gamma == 0`` makes BN constant, so the search ends at ``T = acc_min`` (always 1) or
-    ``acc_max + 1`` (always 0).
+    ``z`` is the pre-BN value the torch layer computes from the integer accumulator: ``2p - N``
+    for XNOR-popcount layers, ``acc * z_scale[c]`` otherwise (``z_scale`` defaults to 1; int8
+    layers pass their per-channel weight scale). BN is evaluated in float64
+    (:func:`batchnorm_reference`), and ``T`` is the exact integer boundary of that evaluation,
+    found by bisection over the accumulator's range. Channels with ``gamma < 0`` get their weight
+    row (and bias) negated so the hardware only compares ``>=``; ``gamma == 0`` makes BN constant,
+    so the search ends at ``T = acc_min`` (always 1) or ``acc_max + 1`` (always 0).
 
     Returns
     -------
-    (weights, thresholds)
-        The (possibly row-inverted) uint8 weight bits and the int64 thresholds.
+    DenseLayer
+        ``layer`` with ``output_kind == "threshold"``, thresholds set, and rows negated where needed.
     """
-    weights = np.asarray(weights, dtype=np.uint8)
-    params = [np.asarray(p, dtype=np.float64) for p in (mean, var, gamma, beta)]
-    mean, var, gamma, beta = params
-    n_in = weights.shape[1]
-    layer = DenseLayer("fold", input_kind, "threshold", weights)
+    mean, var, gamma, beta = (np.asarray(p, dtype=np.float64) for p in (mean, var, gamma, beta))
+    scale = np.ones(layer.out_features) if z_scale is None else np.asarray(z_scale, dtype=np.float64)
+    n_in = layer.in_features
     lo, hi = layer.channel_acc_bounds
 
-    def to_z(acc: np.ndarray) -> np.ndarray:
-        return (2 * acc - n_in if input_kind == "bits" else acc).astype(np.float64)
-
     def positive(acc: np.ndarray) -> np.ndarray:
-        return batchnorm_reference(to_z(acc), mean, var, eps, gamma, beta) >= 0
+        z = (2 * acc - n_in).astype(np.float64) if layer.is_popcount else acc.astype(np.float64) * scale
+        return batchnorm_reference(z, mean, var, eps, gamma, beta) >= 0
 
     # Monotone per channel: for gamma > 0 find the first acc with BN >= 0, for gamma < 0 the
     # first acc with BN < 0; rounding is monotone, so bisection finds the exact boundary.
@@ -325,13 +475,17 @@ def fold_batchnorm_sign(weights: np.ndarray, input_kind: str, mean, var, eps: fl
         hit = positive(mid) != decreasing
         right = np.where(hit & (left < right), mid, right)
         left = np.where(~hit & (left < right), mid + 1, left)
-    first = left
-    inverted = 1 - weights
-    if input_kind == "bits":
-        inverted_t = n_in - (first - 1)
+    last_positive = left - 1
+    # Negated row: the accumulator becomes N - p (popcount) or -acc, and "acc <= last_positive"
+    # becomes "acc' >= N - last_positive" (or "-last_positive").
+    negated_t = (n_in if layer.is_popcount else 0) - last_positive
+    thresholds = np.where(decreasing, negated_t, left)
+    if layer.weight_kind == "binary":
+        weights = np.where(decreasing[:, None], 1 - layer.weights, layer.weights).astype(np.uint8)
     else:
-        inverted_t = -(first - 1)
-    thresholds = np.where(decreasing, inverted_t, first)
-    out_weights = np.where(decreasing[:, None], inverted, weights).astype(np.uint8)
-    out_lo, out_hi = DenseLayer("fold", input_kind, "threshold", out_weights).channel_acc_bounds
-    return out_weights, np.clip(thresholds, out_lo, out_hi + 1).astype(np.int64)
+        weights = np.where(decreasing[:, None], -layer.weights.astype(np.int16), layer.weights).astype(np.int8)
+    bias = None if layer.bias is None else np.where(decreasing, -layer.bias, layer.bias).astype(np.int64)
+    folded = DenseLayer(layer.name, layer.input_kind, "threshold", weights, None, layer.weight_kind, bias)
+    out_lo, out_hi = folded.channel_acc_bounds
+    return DenseLayer(layer.name, layer.input_kind, "threshold", weights,
+                      np.clip(thresholds, out_lo, out_hi + 1).astype(np.int64), layer.weight_kind, bias)

@@ -201,6 +201,12 @@ def integer_forward(model: BinaryMLP, images: np.ndarray) -> list[np.ndarray]:
     return outputs
 
 
+def _bn_parameters(norm: nn.BatchNorm1d) -> tuple:
+    """``(mean, var, eps, gamma, beta)`` as float64 arrays (exact copies of the float32 values)."""
+    return (norm.running_mean.detach().double().numpy(), norm.running_var.detach().double().numpy(), norm.eps,
+            norm.weight.detach().double().numpy(), norm.bias.detach().double().numpy())
+
+
 def export(model: BinaryMLP, info: dict | None = None) -> IntegerModel:
     """Export the trained binary MLP to the integer model (BN + sign folded into thresholds)."""
     if not isinstance(model, BinaryMLP):
@@ -212,11 +218,8 @@ def export(model: BinaryMLP, info: dict | None = None) -> IntegerModel:
         name = f"dense{index}"
         if index < len(model.norms):
             norm = model.norms[index]
-            weights, thresholds = fold_batchnorm_sign(
-                linear.weight_bits(), input_kind, *(t.detach().double().numpy() for t in (
-                    norm.running_mean, norm.running_var)), norm.eps,
-                norm.weight.detach().double().numpy(), norm.bias.detach().double().numpy())
-            layers.append(DenseLayer(name, input_kind, "threshold", weights, thresholds))
+            layers.append(fold_batchnorm_sign(
+                DenseLayer(name, input_kind, "threshold", linear.weight_bits()), *_bn_parameters(norm)))
         else:
             layers.append(DenseLayer(name, input_kind, "scores", linear.weight_bits()))
     return IntegerModel(tuple(model.arch.input_shape), tuple(layers), dict(info or {}))

@@ -9,10 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hwgen.errors import UserError
-from hwgen.ir import (DenseLayer, IntegerModel, batchnorm_reference, fold_batchnorm_sign, signed_width)
+from hwgen.ir import DenseLayer, IntegerModel, batchnorm_reference, signed_width
+from hwgen.ir import fold_batchnorm_sign as fold_layer
 from helpers import random_model
 
 EPS = 1e-5
+
+
+def fold_batchnorm_sign(weights, input_kind, mean, var, eps, gamma, beta):
+    folded = fold_layer(DenseLayer("t", input_kind, "threshold", np.asarray(weights, np.uint8)),
+                        mean, var, eps, gamma, beta)
+    return folded.weights, folded.thresholds
 
 
 def direct_bits(weights, input_kind, x, mean, var, gamma, beta):
@@ -180,7 +187,7 @@ def _meta_edit(edit):
     (lambda a: a.__setitem__("dense0.weights", a["dense0.weights"] * 2), "array 'dense0.weights' must be uint8 bits"),
     (lambda a: a.__setitem__("dense1.thresholds", a["dense1.thresholds"] + 100), "array 'dense1.thresholds' lies outside"),
     (lambda a: a.__setitem__("meta", np.frombuffer(b"{not json", np.uint8)), "field 'meta' is not JSON"),
-    (_meta_edit(lambda m: m.__setitem__("version", 99)), "field 'meta.version' is 99; this hwgen reads version 1"),
+    (_meta_edit(lambda m: m.__setitem__("version", 99)), "field 'meta.version' is 99; this hwgen reads versions 1, 2"),
     (_meta_edit(lambda m: m.__setitem__("format", "onnx")), "field 'meta.format' is not 'hwgen-ir'"),
     (_meta_edit(lambda m: m["layers"][1].__setitem__("kind", "conv2d")), "field 'meta.layers[1].kind' is 'conv2d'"),
     (_meta_edit(lambda m: m["layers"][1].__setitem__("acc_max", 3)), "field 'meta.layers[1].acc_min/acc_max' disagree"),
@@ -192,6 +199,18 @@ def test_bad_fields_are_named(tmp_path, model, mutate, message):
     with pytest.raises(UserError) as info:
         IntegerModel.load(path)
     assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_version_1_files_still_load(tmp_path, model):
+    """Version 1 (binary layers only) had no 'weights' field; such files keep loading."""
+    def downgrade(meta):
+        meta["version"] = 1
+        for layer in meta["layers"]:
+            del layer["weights"]
+    path = tmp_path / "m.npz"
+    _rewrite(path, model, _meta_edit(downgrade))
+    loaded = IntegerModel.load(path)
+    assert [layer.weight_kind for layer in loaded.layers] == ["binary"] * 3
 
 
 def test_corrupt_and_truncated_files(tmp_path, model):
