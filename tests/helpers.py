@@ -3,36 +3,60 @@ from __future__ import annotations
 
 import numpy as np
 
-from hwgen.ir import DenseLayer, IntegerModel
+from hwgen.ir import DenseLayer, IntegerModel, Requant
 
 
 def random_layer(rng: np.random.Generator, name: str, input_kind: str, output_kind: str,
-                 n_in: int, n_out: int) -> DenseLayer:
-    """Random ±1 weights; thresholds drawn over the whole legal range, both ends included."""
-    weights = rng.integers(0, 2, (n_out, n_in)).astype(np.uint8)
-    layer = DenseLayer(name, input_kind, output_kind, weights)
+                 n_in: int, n_out: int, weight_kind: str = "binary") -> DenseLayer:
+    """Random weights; thresholds over the whole legal range (both ends included); requantization
+    with random per-channel M0 and shifts scaled so outputs spread over the range and saturate."""
+    if weight_kind == "binary":
+        weights, bias = rng.integers(0, 2, (n_out, n_in)).astype(np.uint8), None
+    else:
+        weights = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
+        weights[0, :] = 127 * (1 if n_out % 2 else -1)        # an extreme row
+        bias = rng.integers(-5000, 5000, n_out).astype(np.int64)
+    layer = DenseLayer(name, input_kind, output_kind, weights, None, weight_kind, bias)
     if output_kind == "scores":
         return layer
+    if output_kind == "requant":
+        lo, hi = layer.channel_acc_bounds
+        spread = np.maximum(hi - lo, 1).astype(np.float64)
+        # Map roughly a quarter of the accumulator range onto the output range: values saturate too.
+        real = 255.0 * 4 / spread * rng.uniform(0.5, 2.0, n_out)
+        frac, exp = np.frexp(real)
+        multiplier = np.minimum(np.round(frac * 2.0**31), 2**31 - 1).astype(np.int64)
+        out_kind = "uint8" if rng.random() < 0.5 else "int8"
+        zero_point = int(rng.integers(-20, 21)) + (128 if out_kind == "uint8" else 0)
+        q_lo, q_hi = (0, 255) if out_kind == "uint8" else (-128, 127)
+        lo_clamp = zero_point if rng.random() < 0.5 else q_lo     # ReLU half the time
+        requant = Requant(multiplier, exp.astype(np.int64), zero_point, out_kind, lo_clamp, q_hi)
+        return DenseLayer(name, input_kind, output_kind, weights, None, weight_kind, bias, requant)
     lo, hi = layer.channel_acc_bounds
     # Most thresholds sit where random inputs land, so outputs vary; some sit at the clip ends.
-    if input_kind == "bits":
+    if layer.is_popcount:
         centre, spread = np.full(n_out, n_in // 2), max(1, n_in // 4)
     else:
-        centre = 127 * (2 * weights.sum(axis=1).astype(np.int64) - n_in)
-        spread = int(256 * np.sqrt(n_in))
+        centre, spread = (lo + hi) // 2, np.maximum((hi - lo) // 8, 1)
     thresholds = np.clip(centre + rng.integers(-spread, spread + 1, n_out), lo, hi + 1)
     ends = rng.random(n_out)
     thresholds = np.where(ends < 0.08, lo, np.where(ends > 0.92, hi + 1, thresholds))
-    return DenseLayer(name, input_kind, output_kind, weights, thresholds.astype(np.int64))
+    return DenseLayer(name, input_kind, output_kind, weights, thresholds.astype(np.int64), weight_kind, bias)
 
 
-def random_model(rng: np.random.Generator, widths: list[int], input_kind: str = "uint8") -> IntegerModel:
-    """A model with the given widths (input first): threshold layers, then a scores layer."""
-    layers = []
-    for index, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-        last = index == len(widths) - 2
-        layers.append(random_layer(rng, f"dense{index}", input_kind if index == 0 else "bits",
-                                   "scores" if last else "threshold", n_in, n_out))
+def random_model(rng: np.random.Generator, widths: list[int], input_kind: str = "uint8",
+                 kinds: list[tuple[str, str]] | None = None) -> IntegerModel:
+    """A model with the given widths (input first).
+
+    ``kinds`` gives ``(weight_kind, output_kind)`` per layer; by default binary threshold layers
+    and a binary scores layer. Each layer's input kind follows from the previous layer's output.
+    """
+    count = len(widths) - 1
+    kinds = kinds or [("binary", "threshold")] * (count - 1) + [("binary", "scores")]
+    layers: list[DenseLayer] = []
+    for index, ((n_in, n_out), (weight_kind, output_kind)) in enumerate(zip(zip(widths[:-1], widths[1:]), kinds)):
+        kind_in = input_kind if index == 0 else layers[-1].output_type
+        layers.append(random_layer(rng, f"dense{index}", kind_in, output_kind, n_in, n_out, weight_kind))
     return IntegerModel((widths[0],), tuple(layers))
 
 

@@ -7,6 +7,7 @@ import pytest
 from hwgen import golden
 from hwgen.ir import DenseLayer
 from hwgen.rtl.dense import FoldedDense
+from hwgen.rtl.requant import Requantizer
 from hwgen.rtl.resize import StreamResizer
 from hwgen.rtl.scores import ScoreSerializer
 from helpers import random_images, random_layer
@@ -26,22 +27,36 @@ def layer_beats(layer, simd, images):
     return [pack(image[k:k + simd], layer.input_bits) for image in images for k in range(0, layer.in_features, simd)]
 
 
-@pytest.mark.parametrize("input_kind, output_kind, n_in, n_out, pe, simd", [
-    ("bits", "threshold", 12, 6, 2, 3),
-    ("bits", "scores", 8, 4, 4, 8),
-    ("uint8", "threshold", 10, 4, 1, 5),
-    ("uint8", "scores", 6, 3, 3, 1),
-    ("bits", "threshold", 5, 1, 1, 1),
+def layer_inputs(rng, layer, count):
+    if layer.input_kind == "bits":
+        return rng.integers(0, 2, (count, layer.in_features)).astype(np.uint8)
+    images = random_images(rng, count, layer.in_features)
+    return images.view(np.int8) if layer.input_kind == "int8" else images
+
+
+@pytest.mark.parametrize("weight_kind, input_kind, output_kind, n_in, n_out, pe, simd", [
+    ("binary", "bits", "threshold", 12, 6, 2, 3),
+    ("binary", "bits", "scores", 8, 4, 4, 8),
+    ("binary", "uint8", "threshold", 10, 4, 1, 5),
+    ("binary", "uint8", "scores", 6, 3, 3, 1),
+    ("binary", "bits", "threshold", 5, 1, 1, 1),
+    ("int8", "uint8", "scores", 12, 4, 2, 3),
+    ("int8", "int8", "threshold", 9, 6, 3, 9),
+    ("int8", "bits", "scores", 10, 5, 5, 2),
+    ("int8", "uint8", "requant", 8, 4, 4, 4),
 ])
-def test_folded_dense_outputs_and_cycle_formulas(input_kind, output_kind, n_in, n_out, pe, simd):
+def test_folded_dense_outputs_and_cycle_formulas(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd):
     rng = np.random.default_rng(n_in * 7 + n_out)
-    layer = random_layer(rng, "d", input_kind, output_kind, n_in, n_out)
-    images = random_images(rng, 4, n_in) if input_kind == "uint8" else rng.integers(0, 2, (4, n_in)).astype(np.uint8)
+    layer = random_layer(rng, "d", input_kind, output_kind, n_in, n_out, weight_kind)
+    images = layer_inputs(rng, layer, 4)
     acc = golden.accumulate(layer, images)
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
     dut = FoldedDense(layer, pe=pe, simd=simd)
-    outputs, in_cycles, out_cycles = run_streams(dut, layer_beats(layer, simd, images), 4 * dut.output_beats)
-    got = [v for word in outputs for v in unpack(word, layer.output_bits, pe, signed=output_kind == "scores")]
+    assert dut.pipeline_stages == (4 if weight_kind == "int8" and input_kind != "bits" else 3)
+    beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, layer.input_bits)
+             for image in images for k in range(0, n_in, simd)]
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, 4 * dut.output_beats)
+    got = [v for word in outputs for v in unpack(word, dut.output_element_bits, pe, signed=output_kind != "threshold")]
     assert got == want.reshape(-1).tolist()
     # The first image enters an idle layer: latency formula from its last input to its last output.
     assert out_cycles[dut.output_beats - 1] - in_cycles[dut.input_beats - 1] == dut.latency
@@ -91,6 +106,24 @@ def test_score_serializer_words_ties_and_rate(pe):
     assert out_cycles[-1] - out_cycles[-12] == dut.cycles_per_image
 
 
+@pytest.mark.parametrize("pe, stall", [(1, 0.0), (4, 0.0), (4, 0.5)])
+def test_requantizer_equals_golden_and_formulas(pe, stall):
+    rng = np.random.default_rng(pe)
+    layer = random_layer(rng, "r", "uint8", "requant", 16, 8, "int8")
+    lo, hi = layer.channel_acc_bounds
+    accs = np.concatenate([rng.integers(lo, hi + 1, (5, 8)), lo[None, :], hi[None, :]])  # extremes too
+    width = Requantizer(layer, pe)._acc_bits
+    beats = [pack(row[k:k + pe] & ((1 << width) - 1), width) for row in accs for k in range(0, 8, pe)]
+    dut = Requantizer(layer, pe)
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, accs.size, stall_in=stall, stall_out=stall, seed=pe)
+    want = golden.layer_output(layer, accs).reshape(-1)
+    signed = layer.requant.out_kind == "int8"
+    assert [v - 256 if signed and v > 127 else v for v in outputs] == want.tolist()
+    if stall == 0.0:
+        assert out_cycles[7] - in_cycles[8 // pe - 1] == dut.latency
+        assert out_cycles[-1] - out_cycles[-9] == dut.cycles_per_image
+
+
 def test_parameter_validation_messages():
     layer = DenseLayer("dense1", "bits", "scores", np.zeros((10, 12), np.uint8))
     with pytest.raises(ValueError, match=r"^layer 'dense1': SIMD=5 does not divide in_features=12; "
@@ -109,3 +142,5 @@ def test_parameter_validation_messages():
         ScoreSerializer(10, 33, 1)
     with pytest.raises(ValueError, match=r"^pe \(3\) must divide classes \(10\)$"):
         ScoreSerializer(10, 8, 3)
+    with pytest.raises(ValueError, match=r"^layer 'dense1' has output 'scores'; a Requantizer needs 'requant'$"):
+        Requantizer(layer, 1)

@@ -14,34 +14,47 @@ from sim.verify import NetworkSimulator
 from helpers import random_images, random_model
 
 
-def random_configuration(seed: int):
-    """Random widths (odd ones included), 1-3 layers, and random legal folds."""
+HIDDEN_KINDS = [("binary", "threshold"), ("int8", "threshold"), ("int8", "requant")]
+
+
+def random_configuration(seed: int, mixed: bool = False):
+    """Random widths (odd ones included), 1-3 layers, and random legal folds.
+
+    ``mixed`` draws each layer's weights (binary or int8) and each hidden layer's output
+    (threshold or requantized) at random; otherwise every layer is binary.
+    """
     rng = np.random.default_rng(seed)
-    depth = int(rng.integers(1, 4))
+    depth = int(rng.integers(1, 4)) if not mixed else int(rng.integers(2, 4))
     widths = [int(rng.choice([9, 16, 25, 36, 49, 64, 100]))]
     widths += [int(rng.choice([3, 6, 7, 8, 12, 15, 16, 24, 32, 33])) for _ in range(depth - 1)]
     widths += [int(rng.choice([2, 3, 5, 10]))]
+    kinds = None
+    if mixed:
+        kinds = [HIDDEN_KINDS[int(rng.integers(len(HIDDEN_KINDS)))] for _ in range(depth - 1)]
+        kinds.append((str(rng.choice(["binary", "int8"])), "scores"))
+    model = random_model(rng, widths, kinds=kinds)
     folds = []
-    for n_in, n_out in zip(widths[:-1], widths[1:]):
-        simd_choices = divisors(n_in)
-        if folds:
+    for layer in model.layers:
+        simd_choices = divisors(layer.in_features)
+        if folds and model.layers[len(folds) - 1].output_kind != "requant":
             prev = folds[-1].pe
             simd_choices = [d for d in simd_choices if d % prev == 0 or prev % d == 0]
-        folds.append(Fold(int(rng.choice(divisors(n_out))), int(rng.choice(simd_choices))))
-    return random_model(rng, widths), folds, rng
+        folds.append(Fold(int(rng.choice(divisors(layer.out_features))), int(rng.choice(simd_choices))))
+    return model, folds, rng
 
 
-SEEDS = list(range(12))
+CONFIGURATIONS = [(seed, False) for seed in range(12)] + [(seed, True) for seed in range(20, 28)]
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_network_rtl_equals_golden(seed, tmp_path):
-    model, folds, rng = random_configuration(seed)
+@pytest.mark.parametrize("seed, mixed", CONFIGURATIONS)
+def test_random_network_rtl_equals_golden(seed, mixed, tmp_path):
+    model, folds, rng = random_configuration(seed, mixed)
     simulator = NetworkSimulator(model, folds, tmp_path)
     images = random_images(rng, 24, model.in_features)
     report = simulator.verify(images, stall=0.3, seed=seed, timing_images=6)
-    widths = [model.in_features] + [layer.out_features for layer in model.layers]
-    where = f"widths {widths}, folds {folds}"
+    layers = [f"{layer.in_features}->{layer.out_features} {layer.weight_kind}/{layer.input_kind}/{layer.output_kind}"
+              for layer in model.layers]
+    where = f"layers {layers}, folds {folds}"
     assert report.checked.mismatches == [], where
     assert report.checked.protocol_errors == [] and report.timing.protocol_errors == [], where
     assert report.timing.mismatches == [], where

@@ -2,38 +2,39 @@
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
 from .arith import check_positive_int, divisors, tree_sum
 
-__all__ = ["FoldedDense", "weight_words", "threshold_words"]
+__all__ = ["FoldedDense", "weight_words", "channel_words"]
 
 #: Registered stages between issuing the last read of an image and its last output being valid:
-#: memory read, partial sums, accumulate-and-compare.
+#: memory read, partial sums, accumulate-and-compare (int8 multiplies add a product stage).
 PIPELINE_STAGES = 3
 
 
 def weight_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
-    """Weight ROM contents: word ``f_out * (N_in/SIMD) + f_in`` holds PE rows of SIMD bits.
+    """Weight ROM contents: word ``f_out * (N_in/SIMD) + f_in`` holds PE rows of SIMD weights.
 
-    Bit ``p * SIMD + s`` of that word is the weight of output channel ``f_out * PE + p`` and
-    input ``f_in * SIMD + s``.
+    Weight ``p * SIMD + s`` of that word (a bit, or a two's-complement byte) belongs to output
+    channel ``f_out * PE + p`` and input ``f_in * SIMD + s``.
     """
     n_out, n_in = layer.weights.shape
     tiles = layer.weights.reshape(n_out // pe, pe, n_in // simd, simd).transpose(0, 2, 1, 3)
-    rows = tiles.reshape(-1, pe * simd)
-    packed = np.packbits(rows, axis=1, bitorder="little")
-    return [int.from_bytes(row.tobytes(), "little") for row in packed]
+    rows = np.ascontiguousarray(tiles.reshape(-1, pe * simd))
+    if layer.weight_kind == "binary":
+        rows = np.packbits(rows, axis=1, bitorder="little")
+    return [int.from_bytes(row.tobytes(), "little") for row in rows.view(np.uint8)]
 
 
-def threshold_words(layer: DenseLayer, pe: int, width: int) -> list[int]:
-    """Threshold ROM contents: word ``f_out`` holds PE two's-complement thresholds of ``width`` bits."""
+def channel_words(values, pe: int, width: int) -> list[int]:
+    """Per-channel constant ROM contents: word ``f_out`` holds PE two's-complement values of ``width`` bits."""
     mask = (1 << width) - 1
     words = []
-    for group in layer.thresholds.reshape(-1, pe):
+    for group in np.asarray(values).reshape(-1, pe):
         words.append(sum((int(t) & mask) << (p * width) for p, t in enumerate(group)))
     return words
 
@@ -79,7 +80,8 @@ class FoldedDense(wiring.Component):
         self._simd = simd
         super().__init__({
             "i": In(stream.Signature(unsigned(simd * layer.input_bits))),
-            "o": Out(stream.Signature(unsigned(pe * layer.output_bits))),
+            "o": Out(stream.Signature(unsigned(pe * (1 if layer.output_kind == "threshold"
+                                                     else signed_width(layer.acc_min, layer.acc_max))))),
         })
 
     @property
@@ -117,17 +119,52 @@ class FoldedDense(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from an image's last input transfer to its last output transfer, idle and unstalled."""
-        return self.cycles_per_image + PIPELINE_STAGES
+        return self.cycles_per_image + self.pipeline_stages
 
-    def _lane_sum(self, m: Module, x: Signal, w, lane: int):
-        """The SIMD-element partial sum of one PE lane."""
-        simd = self._simd
-        if self._layer.input_kind == "bits":
+    @property
+    def multiplies(self) -> bool:
+        """Whether lanes multiply (int8 weights on byte inputs): products get their own register
+        stage so that yosys maps them onto DSP blocks (SB_MAC16, MULT18X18D) without limiting Fmax."""
+        return self._layer.weight_kind == "int8" and self._layer.input_kind != "bits"
+
+    @property
+    def pipeline_stages(self) -> int:
+        """Registered stages from issuing an image's last read to its last output being valid:
+        memory read, [products,] lane sums, accumulate-and-output."""
+        return PIPELINE_STAGES + int(self.multiplies)
+
+    @property
+    def output_element_bits(self) -> int:
+        """One output element: a bit (threshold) or the two's-complement accumulator."""
+        layer = self._layer
+        return 1 if layer.output_kind == "threshold" else signed_width(layer.acc_min, layer.acc_max)
+
+    def _inputs(self, data: Signal) -> list:
+        kind = self._layer.input_kind
+        if kind == "bits":
+            return [data[k] for k in range(self._simd)]
+        return [data.word_select(k, 8).as_signed() if kind == "int8" else data.word_select(k, 8)
+                for k in range(self._simd)]
+
+    def _weights(self, data: Signal, lane: int) -> list:
+        simd, bits = self._simd, self._layer.weight_bits
+        word = data[lane * simd * bits:(lane + 1) * simd * bits]
+        return [word[k] for k in range(simd)] if bits == 1 else [word.word_select(k, 8).as_signed() for k in range(simd)]
+
+    def _terms(self, m: Module, x: Signal, w: Signal, lane: int) -> list:
+        """The SIMD terms a lane adds: XNOR bits, ±x, ±w, or products (registered by the caller)."""
+        layer = self._layer
+        if layer.is_popcount:
             # Iterate the bits of a Signal, never of a wide expression (see TOOLCHAIN.md).
-            agree = Signal(simd, name=f"xnor{lane}")
-            m.d.comb += agree.eq(~(x ^ w))
-            return tree_sum([agree[k] for k in range(simd)])
-        return tree_sum([Mux(w[k], x.word_select(k, 8), -x.word_select(k, 8)) for k in range(simd)])
+            agree = Signal(self._simd, name=f"xnor{lane}")
+            m.d.comb += agree.eq(~(x ^ w[lane * self._simd:(lane + 1) * self._simd]))
+            return [agree[k] for k in range(self._simd)]
+        xs, ws = self._inputs(x), self._weights(w, lane)
+        if layer.weight_kind == "binary":
+            return [Mux(wk, xk, -xk) for xk, wk in zip(xs, ws)]
+        if layer.input_kind == "bits":
+            return [Mux(xk, wk, -wk) for xk, wk in zip(xs, ws)]
+        return [xk * wk for xk, wk in zip(xs, ws)]
 
     def elaborate(self, platform):
         m = Module()
@@ -138,7 +175,8 @@ class FoldedDense(wiring.Component):
             shape=unsigned(simd * layer.input_bits), depth=2 * beats_in, init=[])
         write, read = buffer.write_port(), buffer.read_port()
         m.submodules.weights = weights = memory.Memory(
-            shape=unsigned(pe * simd), depth=beats_in * beats_out, init=weight_words(layer, pe, simd))
+            shape=unsigned(pe * simd * layer.weight_bits), depth=beats_in * beats_out,
+            init=weight_words(layer, pe, simd))
         weight_read = weights.read_port()
 
         # The whole compute pipeline moves only when the output register can take a result;
@@ -186,45 +224,60 @@ class FoldedDense(wiring.Component):
             with m.Else():
                 m.d.sync += in_index.eq(in_index + 1)
 
-        s1_valid, s1_first, s1_last = Signal(), Signal(), Signal()
-        s1_out_index = Signal(range(beats_out))
-        with m.If(advance):
-            m.d.sync += [s1_valid.eq(fire), s1_first.eq(in_index == 0),
-                         s1_last.eq(in_index == beats_in - 1), s1_out_index.eq(out_index)]
+        def stage(name: str, flags: tuple) -> tuple:
+            """Register (valid, first, last, out_index) into the next stage when the pipeline advances."""
+            regs = (Signal(name=f"{name}_valid"), Signal(name=f"{name}_first"), Signal(name=f"{name}_last"),
+                    Signal(range(beats_out), name=f"{name}_out_index"))
+            with m.If(advance):
+                m.d.sync += [reg.eq(value) for reg, value in zip(regs, flags)]
+            return regs
 
-        # Stage 1: per-lane partial sums of SIMD elements, registered.
-        if layer.input_kind == "bits":
-            partial_shape = unsigned(simd.bit_length())
+        # Stage 1: memory words are out. Int8 multiplies get a register stage of their own.
+        flags = stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))
+        lane_terms = [self._terms(m, read.data, weight_read.data, p) for p in range(pe)]
+        if self.multiplies:
+            registered = []
+            for p, terms in enumerate(lane_terms):
+                products = [Signal(signed(18), name=f"product{p}_{k}") for k in range(simd)]
+                with m.If(advance):
+                    m.d.sync += [product.eq(term) for product, term in zip(products, terms)]
+                registered.append(products)
+            lane_terms = registered
+            flags = stage("s1p", flags)
+        side_index = flags[3]     # thresholds and bias are read so that they arrive with the sums
+
+        # Stage 2: per-lane partial sums of SIMD terms, registered.
+        sum_exprs = [tree_sum(terms) for terms in lane_terms]
+        partials = [Signal(expr.shape(), name=f"partial{p}") for p, expr in enumerate(sum_exprs)]
+        with m.If(advance):
+            m.d.sync += [partial.eq(expr) for partial, expr in zip(partials, sum_exprs)]
+        s2_valid, s2_first, s2_last, _ = stage("s2", flags)
+
+        # Stage 3: accumulate (from the bias on an image's first word); on its last word, output.
+        if layer.is_popcount:
             acc_shape = unsigned(layer.in_features.bit_length())
         else:
-            partial_shape = signed(signed_width(-255 * simd, 255 * simd))
             acc_shape = signed(signed_width(layer.acc_min, layer.acc_max))
-        s2_valid, s2_first, s2_last = Signal(), Signal(), Signal()
-        s2_partial = [Signal(partial_shape, name=f"partial{p}") for p in range(pe)]
-        with m.If(advance):
-            m.d.sync += [s2_valid.eq(s1_valid), s2_first.eq(s1_first), s2_last.eq(s1_last)]
-            for p in range(pe):
-                m.d.sync += s2_partial[p].eq(self._lane_sum(m, read.data, weight_read.data[p * simd:(p + 1) * simd], p))
-
-        # Stage 2: accumulate; on an image's last input word, compare or emit the scores.
+        start = [Const(0, acc_shape)] * pe
+        if layer.bias is not None:
+            bias_width = signed_width(int(layer.bias.min()), int(layer.bias.max()))
+            bias_read = self._side_rom(m, "bias", layer.bias, bias_width, side_index, advance)
+            start = [bias_read.data.word_select(p, bias_width).as_signed() for p in range(pe)]
         sums = []
         for p in range(pe):
             acc = Signal(acc_shape, name=f"acc{p}")
             total = Signal(acc_shape, name=f"total{p}")
-            m.d.comb += total.eq(Mux(s2_first, 0, acc) + s2_partial[p])
+            m.d.comb += total.eq(Mux(s2_first, start[p], acc) + partials[p])
             with m.If(advance & s2_valid):
                 m.d.sync += acc.eq(total)
             sums.append(total)
 
         if layer.output_kind == "threshold":
             width = signed_width(layer.acc_min, layer.acc_max + 1)
-            m.submodules.thresholds = thresholds = memory.Memory(
-                shape=unsigned(pe * width), depth=beats_out, init=threshold_words(layer, pe, width))
-            threshold_read = thresholds.read_port()
-            m.d.comb += [threshold_read.addr.eq(s1_out_index), threshold_read.en.eq(advance)]
+            threshold_read = self._side_rom(m, "thresholds", layer.thresholds, width, side_index, advance)
             result = Cat(sums[p] >= threshold_read.data.word_select(p, width).as_signed() for p in range(pe))
         else:
-            scores = [Signal(signed(layer.output_bits), name=f"score{p}") for p in range(pe)]
+            scores = [Signal(signed(self.output_element_bits), name=f"score{p}") for p in range(pe)]
             m.d.comb += [score.eq(total) for score, total in zip(scores, sums)]
             result = Cat(scores)
 
@@ -233,4 +286,12 @@ class FoldedDense(wiring.Component):
         with m.If(advance & s2_valid & s2_last):
             m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(result)]
         return m
+
+    def _side_rom(self, m: Module, name: str, values, width: int, addr: Signal, advance: Signal):
+        """A ROM of PE per-channel constants per word (thresholds or bias), read at ``addr``."""
+        m.submodules[name] = rom = memory.Memory(
+            shape=unsigned(self._pe * width), depth=self.output_beats, init=channel_words(values, self._pe, width))
+        port = rom.read_port()
+        m.d.comb += [port.addr.eq(addr), port.en.eq(advance)]
+        return port
 

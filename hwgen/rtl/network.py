@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..ir import IntegerModel
 from .arith import divisors
 from .dense import FoldedDense
+from .requant import Requantizer
 from .resize import StreamResizer
 from .scores import ScoreSerializer
 
@@ -51,11 +52,12 @@ def default_folds(model: IntegerModel, max_pe: int = 16, max_simd: int = 32) -> 
 
     A layer's SIMD must divide, or be a multiple of, the previous layer's PE (see
     :class:`StreamResizer`); the previous PE itself always qualifies, so a choice always exists.
+    After a requantizing layer, elements arrive one per beat and every SIMD qualifies.
     """
     folds: list[Fold] = []
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
         simd_choices = [d for d in divisors(layer.in_features) if d <= max_simd]
-        if folds:
+        if folds and model.layers[index - 1].output_kind != "requant":
             prev = folds[-1].pe
             simd_choices = [d for d in simd_choices if d % prev == 0 or prev % d == 0] or [prev]
         pe = max(d for d in divisors(layer.out_features) if d <= max_pe)
@@ -85,17 +87,21 @@ class NetworkTop(wiring.Component):
         self._model = model
         self._folds = [Fold(*fold) for fold in folds]
         stages: list[wiring.Component] = []
+        incoming = 0       # elements per beat the previous stage emits
         for index, (layer, fold) in enumerate(zip(model.layers, self._folds)):
             compute = FoldedDense(layer, pe=fold.pe, simd=fold.simd)
             if index:
-                prev = self._folds[index - 1]
-                if prev.pe % fold.simd and fold.simd % prev.pe:
+                if incoming % fold.simd and fold.simd % incoming:
                     raise ValueError(
-                        f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the previous "
-                        f"layer's PE={prev.pe}; valid SIMD values: "
-                        f"{[d for d in divisors(layer.in_features) if d % prev.pe == 0 or prev.pe % d == 0]}")
-                stages.append(StreamResizer(layer.input_bits, prev.pe, fold.simd, layer.in_features))
+                        f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
+                        f"{incoming} elements per beat the previous layer emits (its PE); valid SIMD values: "
+                        f"{[d for d in divisors(layer.in_features) if d % incoming == 0 or incoming % d == 0]}")
+                stages.append(StreamResizer(layer.input_bits, incoming, fold.simd, layer.in_features))
             stages.append(compute)
+            incoming = fold.pe
+            if layer.output_kind == "requant":
+                stages.append(Requantizer(layer, fold.pe))
+                incoming = 1
         last = model.layers[-1]
         stages.append(ScoreSerializer(last.out_features, last.output_bits, self._folds[-1].pe))
         self._stages = stages

@@ -1,0 +1,135 @@
+"""Requantization of a layer's int32 accumulators to int8/uint8 (TFLite single rounding)."""
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..ir import DenseLayer, signed_width
+from .arith import check_positive_int, divisors
+from .dense import channel_words
+
+__all__ = ["Requantizer"]
+
+#: Registered stages after an element is taken: accumulator and ROM read, product, shift, output.
+PIPELINE_STAGES = 4
+_SHIFT_BITS = 6
+
+
+class Requantizer(wiring.Component):
+    """``clamp(((acc * M0) + 2**(30 - s)) >> (31 - s) + z_out, lo, hi)`` per channel, one element per cycle.
+
+    Takes the PE accumulators a :class:`~hwgen.rtl.dense.FoldedDense` emits per beat and returns one
+    8-bit element per beat, channels in order. The rounding uses the identity
+    ``floor((P + 2**(r-1)) / 2**r) == ((P >> (r - 1)) + 1) >> 1`` (arithmetic shifts), so no wide
+    rounding constant is needed; ``M0`` and ``r - 1`` come from a per-channel ROM.
+
+    Parameters
+    ----------
+    layer : :class:`hwgen.ir.DenseLayer`
+        A layer with ``output_kind == "requant"``.
+    pe : int
+        Accumulators per input beat; must divide ``layer.out_features``.
+
+    Attributes
+    ----------
+    i : ``In(stream.Signature(pe * acc_bits))``
+    o : ``Out(stream.Signature(8))``
+        The requantized element, two's complement for int8 outputs.
+    """
+
+    def __init__(self, layer: DenseLayer, pe: int):
+        check_positive_int("pe", pe)
+        if layer.output_kind != "requant":
+            raise ValueError(f"layer {layer.name!r} has output {layer.output_kind!r}; a Requantizer needs 'requant'")
+        if layer.out_features % pe:
+            raise ValueError(f"layer {layer.name!r}: PE={pe} does not divide out_features={layer.out_features}; "
+                             f"valid PE values: {divisors(layer.out_features)}")
+        self._layer = layer
+        self._pe = pe
+        self._acc_bits = signed_width(layer.acc_min, layer.acc_max)
+        super().__init__({
+            "i": In(stream.Signature(unsigned(pe * self._acc_bits))),
+            "o": Out(stream.Signature(unsigned(8))),
+        })
+
+    @property
+    def cycles_per_image(self) -> int:
+        """One element per cycle: ``N_out``."""
+        return self._layer.out_features
+
+    @property
+    def accept_interval(self) -> int:
+        """A beat of PE accumulators is taken apart in PE cycles."""
+        return self._pe
+
+    @property
+    def latency(self) -> int:
+        """Cycles from the last input transfer to the last output transfer, unstalled."""
+        return self._pe + PIPELINE_STAGES
+
+    def elaborate(self, platform):
+        m = Module()
+        layer, pe, width = self._layer, self._pe, self._acc_bits
+        q = layer.requant
+        constants = (q.multiplier.astype(np.int64) << _SHIFT_BITS) | (30 - q.shift.astype(np.int64))
+        m.submodules.constants = rom = memory.Memory(
+            shape=unsigned(31 + _SHIFT_BITS), depth=layer.out_features,
+            init=channel_words(constants, 1, 31 + _SHIFT_BITS))
+        constant = rom.read_port()
+
+        advance = Signal()
+        m.d.comb += advance.eq(~self.o.valid | self.o.ready)
+
+        # Stage 0: take the held beat apart, one accumulator per cycle, and look up its channel.
+        held = Signal(pe * width)
+        have = Signal()
+        piece = Signal(range(pe))
+        channel = Signal(range(layer.out_features))
+        take = Signal()
+        last_piece = piece == pe - 1
+        m.d.comb += [
+            take.eq(have & advance),
+            self.i.ready.eq(~have | (take & last_piece)),
+            constant.addr.eq(channel),
+            constant.en.eq(advance),
+        ]
+        with m.If(take):
+            m.d.sync += [piece.eq(piece + 1),
+                         channel.eq(Mux(channel == layer.out_features - 1, 0, channel + 1))]
+            with m.If(last_piece):
+                m.d.sync += [piece.eq(0), have.eq(0)]
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [held.eq(self.i.payload), have.eq(1)]
+
+        # Stage 1: the accumulator, with M0 and r - 1 from the ROM.
+        s1_valid = Signal()
+        s1_acc = Signal(signed(width))
+        with m.If(advance):
+            m.d.sync += [s1_valid.eq(take), s1_acc.eq(held.word_select(piece, width))]
+        multiplier = constant.data[_SHIFT_BITS:]
+        shift_less_one = constant.data[:_SHIFT_BITS]
+
+        # Stage 2: the product (acc < 2**31, M0 < 2**31).
+        s2_valid = Signal()
+        s2_product = Signal(signed(width + 32))
+        s2_shift = Signal(_SHIFT_BITS)
+        with m.If(advance):
+            m.d.sync += [s2_valid.eq(s1_valid), s2_product.eq(s1_acc * multiplier), s2_shift.eq(shift_less_one)]
+
+        # Stage 3: P >> (r - 1), arithmetic.
+        s3_valid = Signal()
+        s3_halved = Signal(signed(width + 32))
+        with m.If(advance):
+            m.d.sync += [s3_valid.eq(s2_valid), s3_halved.eq(s2_product >> s2_shift)]
+
+        # Stage 4: finish the rounding, add the zero point, clamp.
+        rounded = Signal(signed(width + 33))
+        m.d.comb += rounded.eq(((s3_halved + 1) >> 1) + q.zero_point)
+        clamped = Mux(rounded < q.lo, q.lo, Mux(rounded > q.hi, q.hi, rounded))
+        with m.If(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+        with m.If(advance & s3_valid):
+            m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(clamped[:8])]
+        return m
