@@ -56,30 +56,44 @@ def cli() -> None:
               help="auto: Fashion-MNIST if its IDX files are present, else sklearn digits.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of MNIST-style IDX files (default: /usr/share/datasets/fashion-mnist).")
+@click.option("--kind", type=click.Choice(["binary", "int8", "mixed"]), default="binary", show_default=True,
+              help="binary: W1A1 with uint8 input. int8: float training, BN folded, post-training "
+                   "calibration (and --qat-epochs of fake-quant fine-tuning). mixed: int8 first and last "
+                   "layers, binary layers between.")
 @click.option("--hidden", default="256,256", show_default=True, help="Hidden layer widths.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--qat-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="int8 only: epochs of quantization-aware fine-tuning after calibration.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default: 1e-2 (binary, mixed), 1e-3 (float, int8).")
 @click.option("--float-baseline/--no-float-baseline", default=True, show_default=True,
-              help="Also train a float MLP of the same shape and record its accuracy.")
+              help="Also train a float MLP of the same shape and record its accuracy (always on for int8).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.pt).")
-def train(dataset, data_dir, hidden, epochs, seed, lr, float_baseline, output) -> None:
-    """Quantization-aware training of a binary MLP (uint8 input, ±1 weights and activations)."""
+def train(dataset, data_dir, kind, hidden, epochs, qat_epochs, seed, lr, float_baseline, output) -> None:
+    """Train a quantized MLP (uint8 pixels in, integer scores out)."""
     from . import quant
     from .data import load_dataset
 
     ds = load_dataset(dataset, data_dir)
-    arch = quant.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes)
+    arch = quant.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind)
     click.echo(f"dataset {ds.name}: {len(ds.train_x)} train / {len(ds.test_x)} test images of {ds.image_shape}")
-    info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs}
-    if float_baseline:
-        reference = quant.build_model(quant.Architecture(arch.input_shape, arch.hidden, arch.classes, binary=False),
-                                      seed)
-        info["float_accuracy"] = quant.train(reference, ds, epochs=epochs, seed=seed, lr=1e-3)
+    info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs, "kind": kind}
+    reference = None
+    if float_baseline or kind == "int8":
+        reference = quant.build_model(arch.with_kind("float"), seed)
+        info["float_accuracy"] = quant.train(reference, ds, epochs=epochs, seed=seed, lr=lr or 1e-3)
         click.echo(f"float accuracy ({'-'.join(map(str, arch.widths))} MLP): {info['float_accuracy']:.4f}")
-    model = quant.build_model(arch, seed)
-    info["binary_accuracy"] = quant.train(model, ds, epochs=epochs, seed=seed, lr=lr)
-    click.echo(f"binary (W1A1) accuracy: {info['binary_accuracy']:.4f}")
+    if kind == "int8":
+        model = quant.int8_from_float(reference, ds.train_x[:10000])
+        info["ptq_accuracy"] = quant.float_accuracy(model, ds.test_x, ds.test_y)
+        click.echo(f"int8 after calibration (fake-quant forward): {info['ptq_accuracy']:.4f}")
+        if qat_epochs:
+            info["qat_accuracy"] = quant.train(model, ds, epochs=qat_epochs, seed=seed, lr=(lr or 1e-3) / 10)
+            click.echo(f"int8 after {qat_epochs} QAT epochs (fake-quant forward): {info['qat_accuracy']:.4f}")
+    else:
+        model = quant.build_model(arch, seed)
+        info[f"{kind}_accuracy"] = quant.train(model, ds, epochs=epochs, seed=seed, lr=lr or 1e-2)
+        click.echo(f"{kind} accuracy (fake-quant forward): {info[f'{kind}_accuracy']:.4f}")
     quant.save_checkpoint(output, model, info)
     click.echo(f"wrote {output}")
 
@@ -91,7 +105,11 @@ def train(dataset, data_dir, hidden, epochs, seed, lr, float_baseline, output) -
 @click.option("--dataset", type=DATASET_CHOICES, default=None, help="Test set for the check (default: training's).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
 def export(checkpoint, output, dataset, data_dir) -> None:
-    """Export a checkpoint to the integer model and check torch == golden on the whole test set."""
+    """Export a checkpoint to the integer model and check torch == golden on the whole test set.
+
+    The torch side computes every layer's integers with its own arithmetic; the golden model must
+    give the same value for every output of every layer of every test image.
+    """
     from . import golden, quant
 
     model, info = quant.load_checkpoint(checkpoint)
@@ -175,9 +193,10 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> 
 @click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True)
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 20 (Fashion-MNIST), 40 (digits).")
+@click.option("--kind", type=click.Choice(["binary", "int8", "mixed"]), default="binary", show_default=True)
 @click.option("--images", default="200", show_default=True, help="Test images through the RTL.")
 @click.pass_context
-def demo(ctx, out_dir, dataset, data_dir, epochs, images) -> None:
+def demo(ctx, out_dir, dataset, data_dir, epochs, kind, images) -> None:
     """End to end: train, export, Verilog, RTL simulation against golden."""
     from .data import FASHION_MNIST_DIR, load_dataset
 
@@ -185,10 +204,11 @@ def demo(ctx, out_dir, dataset, data_dir, epochs, images) -> None:
     ds_name = load_dataset(dataset, data_dir).name if dataset == "auto" else dataset
     hidden = "256,256" if ds_name != "digits" else "128,128"
     epochs = epochs or (20 if ds_name != "digits" else 40)
-    click.echo(f"== hwgen demo on {ds_name} ({'IDX files in ' + str(data_dir or FASHION_MNIST_DIR) if ds_name != 'digits' else 'sklearn bundled'})")
+    click.echo(f"== hwgen demo: {kind} MLP on {ds_name} "
+               f"({'IDX files in ' + str(data_dir or FASHION_MNIST_DIR) if ds_name != 'digits' else 'sklearn bundled'})")
     start = time.perf_counter()
-    ctx.invoke(train, dataset=ds_name, data_dir=data_dir, hidden=hidden, epochs=epochs, seed=0, lr=1e-2,
-               float_baseline=True, output=str(out / "model.pt"))
+    ctx.invoke(train, dataset=ds_name, data_dir=data_dir, kind=kind, hidden=hidden, epochs=epochs, qat_epochs=0,
+               seed=0, lr=None, float_baseline=True, output=str(out / "model.pt"))
     ctx.invoke(export, checkpoint=str(out / "model.pt"), output=str(out / "model.npz"), dataset=None, data_dir=None)
     ctx.invoke(verilog, model_path=str(out / "model.npz"), fold="default", output=str(out / "hwgen_network.v"))
     ctx.invoke(sim, model_path=str(out / "model.npz"), fold="default", images=images, stall=0.25, seed=0,

@@ -115,6 +115,63 @@ def test_pickled_objects_are_not_loaded(tmp_path):
 
 
 def test_float_reference_does_not_export(digits):
-    model = quant.build_model(quant.Architecture(digits.image_shape, (8,), digits.classes, binary=False))
-    with pytest.raises(UserError, match="only binary"):
+    model = quant.build_model(quant.Architecture(digits.image_shape, (8,), digits.classes, "float"))
+    with pytest.raises(UserError, match="a float checkpoint does not export"):
         quant.export(model)
+
+
+@pytest.fixture(scope="module")
+def float_reference(digits):
+    model = quant.build_model(quant.Architecture(digits.image_shape, (96, 64), digits.classes, "float"))
+    accuracy = quant.train(model, digits, epochs=30, lr=1e-3, progress=False)
+    return model, accuracy
+
+
+def test_int8_ptq_is_close_to_float_and_torch_equals_golden(float_reference, digits):
+    reference, float_acc = float_reference
+    model = quant.int8_from_float(reference, digits.train_x)
+    ir = quant.export(model)
+    assert [layer.output_kind for layer in ir.layers] == ["requant", "requant", "scores"]
+    assert all(layer.weights.dtype == np.int8 and np.abs(layer.weights).max() == 127 for layer in ir.layers)
+    result = _assert_torch_equals_golden(model, digits.test_x)
+    int8_acc = float((result.classes == digits.test_y).mean())
+    assert abs(int8_acc - float_acc) <= 0.01
+    # uint8 activations after ReLU: zero point 0, clamp [0, 255], and the range is used.
+    assert all(o.min() == 0 and 128 <= o.max() <= 255 for o in result.outputs[:-1])
+
+
+def test_int8_output_layer_is_per_tensor_so_scores_keep_the_argmax(float_reference, digits):
+    model = quant.int8_from_float(float_reference[0], digits.train_x)
+    last = model.linears[-1]
+    weights, scale = quant.quantize_weight(last.weight, per_channel=False)
+    assert len(set(scale.tolist())) == 1
+    fake = quant.float_accuracy(model, digits.test_x, digits.test_y)
+    result = golden.run(quant.export(model), digits.test_x)
+    assert abs(float((result.classes == digits.test_y).mean()) - fake) <= 0.005
+
+
+def test_int8_qat_fine_tunes_and_stays_exact(float_reference, digits):
+    model = quant.int8_from_float(float_reference[0], digits.train_x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quant.train(model, digits, epochs=2, lr=1e-4, progress=False)
+    assert not torch.equal(before["linears.0.weight"], model.state_dict()["linears.0.weight"])
+    assert torch.equal(before["act_scales"], model.act_scales)          # calibrated scales stay fixed
+    _assert_torch_equals_golden(model, digits.test_x)
+
+
+def test_mixed_network_trains_and_torch_equals_golden(digits):
+    model = quant.build_model(quant.Architecture(digits.image_shape, (96, 64), digits.classes, "mixed"))
+    accuracy = quant.train(model, digits, epochs=30, progress=False)
+    ir = quant.export(model)
+    assert [(layer.weight_kind, layer.input_kind, layer.output_kind) for layer in ir.layers] == [
+        ("int8", "uint8", "threshold"), ("binary", "bits", "threshold"), ("int8", "bits", "scores")]
+    result = _assert_torch_equals_golden(model, digits.test_x)
+    assert accuracy > 0.85 and abs(float((result.classes == digits.test_y).mean()) - accuracy) < 0.01
+
+
+def test_int8_checkpoint_round_trip(tmp_path, float_reference, digits):
+    model = quant.int8_from_float(float_reference[0], digits.train_x)
+    quant.save_checkpoint(tmp_path / "q.pt", model, {})
+    loaded, _ = quant.load_checkpoint(tmp_path / "q.pt")
+    assert isinstance(loaded, quant.Int8MLP) and torch.equal(loaded.act_scales, model.act_scales)
+    assert np.array_equal(quant.integer_forward(loaded, digits.test_x)[-1], quant.integer_forward(model, digits.test_x)[-1])

@@ -1,0 +1,29 @@
+"""Synthesis with yosys: the int8 layer's multipliers land in DSP blocks on iCE40 and ECP5."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from amaranth.back import verilog
+
+from hwgen.rtl.dense import FoldedDense
+from hwgen.synth import synthesize
+from helpers import random_layer
+
+
+@pytest.fixture(scope="module")
+def int8_layer_verilog():
+    layer = random_layer(np.random.default_rng(0), "d", "uint8", "scores", 64, 8, "int8")
+    return verilog.convert(FoldedDense(layer, pe=2, simd=4), name="layer", emit_src=False)
+
+
+@pytest.mark.parametrize("family, dsp_cell", [("ice40", "SB_MAC16"), ("ecp5", "MULT18X18D")])
+def test_int8_products_map_to_dsp_blocks(int8_layer_verilog, family, dsp_cell):
+    cells = synthesize(int8_layer_verilog, "layer", family)
+    assert cells.get(dsp_cell) == 2 * 4, cells      # one DSP per PE x SIMD product
+
+
+def test_binary_layer_uses_no_dsp():
+    layer = random_layer(np.random.default_rng(1), "d", "bits", "threshold", 64, 8)
+    cells = synthesize(verilog.convert(FoldedDense(layer, pe=2, simd=16), name="layer", emit_src=False),
+                       "layer", "ice40")
+    assert "SB_MAC16" not in cells and cells.get("SB_LUT4", 0) > 0
