@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
-from .ir import DenseLayer, IntegerModel
+from .ir import Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer
 
 _CHUNK = 512  # images per block: bounds the (images x channels x words) XOR temporary
 
@@ -97,6 +97,32 @@ def argmax_lowest(scores: np.ndarray) -> np.ndarray:
     return np.argmax(scores, axis=1)
 
 
+def windows(maps: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """Every K×K window of ``(images, H, W, C)`` maps, padded with 0: ``(images, Ho, Wo, K*K*C)``.
+
+    Window elements are in ``(ky, kx, c)`` order, the order the conv weights use.
+    """
+    padded = np.pad(maps, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    view = np.lib.stride_tricks.sliding_window_view(padded, (kernel, kernel), axis=(1, 2))
+    view = view[:, ::stride, ::stride]                       # (images, Ho, Wo, C, K, K)
+    return np.ascontiguousarray(view.transpose(0, 1, 2, 4, 5, 3)).reshape(*view.shape[:3], -1)
+
+
+def _layer(layer, x: np.ndarray) -> np.ndarray:
+    """One layer on flattened inputs ``(images, in_features)``; returns flattened outputs."""
+    if isinstance(layer, DenseLayer):
+        return layer_output(layer, accumulate(layer, x))
+    maps = x.reshape(len(x), *layer.in_shape)
+    if isinstance(layer, MaxPool2dLayer):
+        k = layer.kernel
+        height, width, channels = layer.out_shape
+        cropped = maps[:, :height * k, :width * k]
+        return cropped.reshape(len(x), height, k, width, k, channels).max(axis=(2, 4)).reshape(len(x), -1)
+    patches = windows(maps, layer.kernel, layer.stride, layer.padding)
+    flat = patches.reshape(-1, patches.shape[-1])
+    return layer_output(layer.dense, accumulate(layer.dense, flat)).reshape(len(x), -1)
+
+
 def run(model: IntegerModel, images: np.ndarray) -> GoldenResult:
     """Run uint8 images (``(images, features)`` or ``(images, *input_shape)``) through the model."""
     x = np.asarray(images)
@@ -108,6 +134,6 @@ def run(model: IntegerModel, images: np.ndarray) -> GoldenResult:
                         f"(input shape {list(model.input_shape)})")
     outputs = []
     for layer in model.layers:
-        x = layer_output(layer, accumulate(layer, x))
+        x = _layer(layer, x)
         outputs.append(x)
     return GoldenResult(outputs, argmax_lowest(outputs[-1]))

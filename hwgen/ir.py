@@ -243,13 +243,128 @@ class DenseLayer:
         return arrays
 
 
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution along one axis (torch's rule)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@dataclass(frozen=True, eq=False)
+class Conv2dLayer:
+    """A 2-D convolution: the same dense layer applied to every K×K window of an (H, W, C) map.
+
+    Feature maps stream pixel by pixel in raster order with channels innermost, so flattening is
+    ``(y, x, c)``. ``dense.weights`` has shape ``(C_out, K*K*C_in)`` in ``(ky, kx, c)`` order.
+    Padding is the integer 0 of the input kind: bit 0, i.e. -1, for binary activations (so a padded
+    binary input never agrees "for free"), and 0 for uint8/int8 inputs, the real zero for hwgen's
+    zero-point-0 activations.
+
+    Parameters
+    ----------
+    dense : DenseLayer
+        The per-window computation; its name is the layer's name.
+    in_shape : tuple
+        ``(H, W, C_in)``.
+    kernel, stride, padding : int
+    """
+
+    dense: DenseLayer
+    in_shape: tuple[int, int, int]
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+
+    def __getattr__(self, attribute: str):
+        # Precision, outputs and accumulator bounds are those of the per-window dense layer.
+        if attribute in ("name", "input_kind", "output_kind", "weight_kind", "output_type", "is_popcount",
+                         "input_bits", "weight_bits", "acc_min", "acc_max", "channel_acc_bounds", "output_bits",
+                         "weights", "thresholds", "bias", "requant", "weight_values", "bias_values"):
+            return getattr(self.dense, attribute)
+        raise AttributeError(attribute)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        height, width, _ = self.in_shape
+        return (conv_output_size(height, self.kernel, self.stride, self.padding),
+                conv_output_size(width, self.kernel, self.stride, self.padding), self.dense.out_features)
+
+    @property
+    def in_features(self) -> int:
+        return int(np.prod(self.in_shape))
+
+    @property
+    def out_features(self) -> int:
+        return int(np.prod(self.out_shape))
+
+    def header(self) -> dict:
+        header = self.dense.header()
+        header.update(kind="conv2d", in_shape=list(self.in_shape), channels=self.dense.out_features,
+                      kernel=self.kernel, stride=self.stride, padding=self.padding,
+                      in_features=self.in_features, out_features=self.out_features)
+        return header
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return self.dense.arrays()
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPool2dLayer:
+    """K×K max-pooling with stride K (rows and columns past the last full window are dropped).
+
+    On bits it is an OR (bit 1 is +1, the larger value); on integers a max.
+    """
+
+    name: str
+    in_shape: tuple[int, int, int]
+    kernel: int
+    input_kind: str
+
+    output_kind = "pool"
+
+    @property
+    def output_type(self) -> str:
+        return self.input_kind
+
+    @property
+    def input_bits(self) -> int:
+        return 1 if self.input_kind == "bits" else 8
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        height, width, channels = self.in_shape
+        return (height // self.kernel, width // self.kernel, channels)
+
+    @property
+    def in_features(self) -> int:
+        return int(np.prod(self.in_shape))
+
+    @property
+    def out_features(self) -> int:
+        return int(np.prod(self.out_shape))
+
+    def header(self) -> dict:
+        return {"name": self.name, "kind": "maxpool2d", "input": self.input_kind, "in_shape": list(self.in_shape),
+                "kernel": self.kernel, "in_features": self.in_features, "out_features": self.out_features}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+Layer = DenseLayer | Conv2dLayer | MaxPool2dLayer
+
+
 @dataclass(frozen=True, eq=False)
 class IntegerModel:
     """A chain of integer layers from uint8 images to class scores."""
 
     input_shape: tuple[int, ...]
-    layers: tuple[DenseLayer, ...]
+    layers: tuple[Layer, ...]
     info: dict = field(default_factory=dict)
+
+    @property
+    def input_map_shape(self) -> tuple[int, int, int]:
+        """The input as an (H, W, C) map: a 2-D image has one channel."""
+        shape = tuple(self.input_shape)
+        return shape + (1,) if len(shape) == 2 else shape if len(shape) == 3 else (1, 1, int(np.prod(shape)))
 
     @property
     def in_features(self) -> int:
@@ -341,14 +456,46 @@ def _model_from_meta(meta: dict, archive, names: set[str], fail) -> IntegerModel
         raise fail("field 'meta.input.shape' or 'meta.layers' is missing or malformed") from None
     if not headers:
         raise fail("field 'meta.layers' is empty")
-    layers: list[DenseLayer] = []
+    layers: list[Layer] = []
     expected_in, expected_kind = int(np.prod(shape)), "uint8"
+    expected_shape = IntegerModel(shape, ()).input_map_shape
     for index, header in enumerate(headers):
         where = f"meta.layers[{index}]"
         declared = header.get("in_features") if isinstance(header, dict) else None
         if declared != expected_in:
             raise fail(f"field '{where}.in_features' is {declared!r}, but the previous stage gives {expected_in}")
-        layer = _layer_from_header(where, header, archive, names, fail)
+        kind = header.get("kind")
+        if kind in ("conv2d", "maxpool2d"):
+            if expected_shape is None:
+                raise fail(f"field '{where}.kind' is {kind!r}, but a dense layer before it has no spatial shape")
+            try:
+                in_shape = tuple(int(v) for v in header["in_shape"])
+                kernel = int(header["kernel"])
+            except (KeyError, TypeError, ValueError):
+                raise fail(f"field '{where}' needs in_shape [H, W, C] and kernel") from None
+            if in_shape != expected_shape:
+                raise fail(f"field '{where}.in_shape' is {list(in_shape)}, the previous stage gives {list(expected_shape)}")
+            if kernel < 1 or kernel > min(in_shape[:2]) + 2 * int(header.get("padding", 0)):
+                raise fail(f"field '{where}.kernel' is {kernel}, which does not fit the {in_shape[0]}x{in_shape[1]} map")
+        if kind == "maxpool2d":
+            if header.get("input") not in INPUT_KINDS:
+                raise fail(f"field '{where}.input' is {header.get('input')!r}; expected one of {', '.join(INPUT_KINDS)}")
+            layer = MaxPool2dLayer(str(header.get("name")), in_shape, kernel, header["input"])
+        elif kind == "conv2d":
+            try:
+                channels, stride, padding = int(header["channels"]), int(header["stride"]), int(header["padding"])
+            except (KeyError, TypeError, ValueError):
+                raise fail(f"field '{where}' needs channels, stride and padding") from None
+            if stride < 1 or padding < 0 or channels < 1:
+                raise fail(f"field '{where}': stride must be >= 1, padding >= 0, channels >= 1")
+            dense = _layer_from_header(where, dict(header, kind="dense", in_features=kernel * kernel * in_shape[2],
+                                                   out_features=channels), archive, names, fail)
+            layer = Conv2dLayer(dense, in_shape, kernel, stride, padding)
+            if layer.out_features != header.get("out_features"):
+                raise fail(f"field '{where}.out_features' is {header.get('out_features')!r}; the geometry gives "
+                           f"{layer.out_features}")
+        else:
+            layer = _layer_from_header(where, header, archive, names, fail)
         if layer.input_kind != expected_kind:
             raise fail(f"field '{where}.input' is {layer.input_kind!r}, but the previous stage gives {expected_kind!r}")
         last = index == len(headers) - 1
@@ -357,6 +504,7 @@ def _model_from_meta(meta: dict, archive, names: set[str], fail) -> IntegerModel
                        "gives 'scores'")
         layers.append(layer)
         expected_in, expected_kind = layer.out_features, layer.output_type
+        expected_shape = getattr(layer, "out_shape", None)
     if len({layer.name for layer in layers}) != len(layers):
         raise fail("layer names in 'meta.layers' are not unique")
     return IntegerModel(shape, tuple(layers), dict(meta.get("info", {})))

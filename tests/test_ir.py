@@ -232,3 +232,23 @@ def test_pickled_arrays_are_refused(tmp_path, model):
     with pytest.raises(UserError, match="dense0.weights"):
         IntegerModel.load(path)
     assert zipfile.is_zipfile(path)
+
+
+def test_conv_and_pool_round_trip_and_geometry_errors(tmp_path):
+    from hwgen.ir import Conv2dLayer, MaxPool2dLayer
+
+    rng = np.random.default_rng(4)
+    conv = Conv2dLayer(DenseLayer("c0", "uint8", "threshold", rng.integers(0, 2, (4, 9)).astype(np.uint8),
+                                  np.zeros(4, np.int64)), (6, 6, 1), 3, 1, 1)
+    pool = MaxPool2dLayer("p0", conv.out_shape, 2, "bits")
+    head = DenseLayer("d0", "bits", "scores", rng.integers(0, 2, (3, pool.out_features)).astype(np.uint8))
+    model = IntegerModel((6, 6), (conv, pool, head))
+    path = tmp_path / "cnn.npz"
+    model.save(path)
+    loaded = IntegerModel.load(path)
+    assert [type(layer).__name__ for layer in loaded.layers] == ["Conv2dLayer", "MaxPool2dLayer", "DenseLayer"]
+    assert loaded.layers[0].out_shape == (6, 6, 4) and loaded.layers[1].out_shape == (3, 3, 4)
+    assert np.array_equal(loaded.layers[0].weights, conv.weights)
+    _rewrite(path, model, _meta_edit(lambda m: m["layers"][1].__setitem__("in_shape", [5, 6, 4])))
+    with pytest.raises(UserError, match=r"field 'meta.layers\[1\].in_shape' is \[5, 6, 4\], the previous stage gives \[6, 6, 4\]"):
+        IntegerModel.load(path)
