@@ -156,7 +156,8 @@ def verilog(model_path, fold, output) -> None:
     top = build_top(model, parse_folds(fold, model))
     write_atomically(Path(output), generate_verilog(top))
     click.echo(f"wrote {output}: folds {', '.join(map(str, top.folds))}; "
-               f"{top.cycles_per_image} cycles per image, latency {top.latency} cycles; "
+               f"{top.cycles_per_image} cycles per image, latency "
+               f"{top.latency if top.latency is not None else 'n/a'} cycles; "
                f"s_axis {len(top.s_axis_tdata)} bits x {top.input_beats} beats per image")
 
 

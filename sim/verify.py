@@ -55,7 +55,7 @@ class VerifyReport:
     checked: SimRun
     timing: SimRun
     ii_formula: int
-    latency_formula: int
+    latency_formula: int | None
     latency_exact: bool
     folds: list[Fold] = field(default_factory=list)
 
@@ -76,7 +76,8 @@ class VerifyReport:
             f"cycles per image (II): measured {self.ii_measured}, formula {self.ii_formula} "
             f"(folds {', '.join(map(str, self.folds))})",
             f"latency (first input to last output): measured {self.timing.latency}, formula "
-            f"{self.latency_formula}{'' if self.latency_exact else ' (a lower bound for these folds)'}",
+            + (f"{self.latency_formula}{'' if self.latency_exact else ' (a lower bound for these folds)'}"
+               if self.latency_formula is not None else "n/a (convolution stages overlap within an image)"),
             f"simulated {c.cycles} cycles in {c.wall_seconds:.1f} s "
             f"({c.cycles / max(c.wall_seconds, 1e-9):,.0f} cycles/s)",
         ]
@@ -86,12 +87,12 @@ class VerifyReport:
 
 
 def image_beats(top: NetworkTop, images: np.ndarray) -> np.ndarray:
-    """``s_axis`` beats for uint8 images: ``(images, beats, bytes)``, little-endian element order."""
-    first = top.layers[0]
-    x = images.reshape(len(images), first.input_beats, first.simd)
-    if first.layer.input_kind == "uint8":
-        return np.ascontiguousarray(x, dtype=np.uint8)
-    return np.packbits(x.astype(np.uint8), axis=-1, bitorder="little")
+    """``s_axis`` beats for uint8 images: ``(images, beats, bytes)``, little-endian element order.
+
+    Images are flattened in raster order with channels innermost, the order the stream carries.
+    """
+    x = images.reshape(len(images), top.input_beats, top.input_elements_per_beat)
+    return np.ascontiguousarray(x, dtype=np.uint8)
 
 
 def expected_words(result: golden.GoldenResult) -> np.ndarray:
@@ -146,7 +147,8 @@ class NetworkSimulator:
         beats_path = run_dir / "beats.npy"
         np.save(beats_path, image_beats(self.top, images), allow_pickle=False)
         slack = 1.0 / max(1e-3, (1 - stall_in) * (1 - stall_out))
-        budget = int((len(images) + 2) * (self.top.cycles_per_image + self.top.latency) * slack * 4) + 1000
+        per_image = self.top.cycles_per_image + sum(stage.cycles_per_image for stage in self.top.stages)
+        budget = int((len(images) + 2) * per_image * slack * 4) + 1000
         config = {"beats": str(beats_path), "words_per_image": self.top.output_words,
                   "stall_in": stall_in, "stall_out": stall_out, "seed": seed, "max_cycles": budget}
         start = time.perf_counter()

@@ -67,3 +67,25 @@ def random_images(rng: np.random.Generator, count: int, features: int) -> np.nda
     images[extremes < 0.15] = 0
     images[extremes > 0.85] = 255
     return images
+
+
+def random_cnn(rng: np.random.Generator, size: tuple[int, int, int], convs: list[dict], classes: int,
+               head_kind: str = "binary") -> IntegerModel:
+    """A convolutional model: ``convs`` items are ``dict(channels, kernel, stride, padding, weights,
+    output, pool)``; a dense scores head of ``head_kind`` weights follows."""
+    from hwgen.ir import Conv2dLayer, MaxPool2dLayer
+
+    layers: list = []
+    shape, kind = size, "uint8"
+    for index, spec in enumerate(convs):
+        n_in = spec["kernel"] ** 2 * shape[2]
+        dense = random_layer(rng, f"conv{index}", kind, spec["output"], n_in, spec["channels"], spec["weights"])
+        conv = Conv2dLayer(dense, shape, spec["kernel"], spec["stride"], spec["padding"])
+        layers.append(conv)
+        shape, kind = conv.out_shape, conv.output_type
+        if spec.get("pool"):
+            pool = MaxPool2dLayer(f"pool{index}", shape, spec["pool"], kind)
+            layers.append(pool)
+            shape = pool.out_shape
+    layers.append(random_layer(rng, "head", kind, "scores", int(np.prod(shape)), classes, head_kind))
+    return IntegerModel(size, tuple(layers))

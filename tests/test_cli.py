@@ -57,7 +57,7 @@ def test_bad_fold_names_layer_and_choices(tmp_path, model_file):
     result = hwgen("verilog", model_file, "--fold", "8x16,5x3", "-o", tmp_path / "x.v")
     assert_user_error(result, "layer 'dense1': SIMD=3 does not divide in_features=32")
     result = hwgen("verilog", model_file, "--fold", "8x16", "-o", tmp_path / "x.v")
-    assert_user_error(result, "--fold gives 1 folds, the model has 2 layers (dense0, dense1)")
+    assert_user_error(result, "--fold gives 1 folds, the model has 2 dense/conv layers (dense0, dense1)")
     result = hwgen("verilog", model_file, "--fold", "8by16,5x8", "-o", tmp_path / "x.v")
     assert_user_error(result, "--fold item 1 is '8by16'; write PExSIMD")
     assert not (tmp_path / "x.v").exists()

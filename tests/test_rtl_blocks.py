@@ -144,3 +144,42 @@ def test_parameter_validation_messages():
         ScoreSerializer(10, 8, 3)
     with pytest.raises(ValueError, match=r"^layer 'dense1' has output 'scores'; a Requantizer needs 'requant'$"):
         Requantizer(layer, 1)
+
+
+@pytest.mark.parametrize("height, width, channels, kernel, stride, padding", [
+    (5, 6, 2, 3, 1, 1), (7, 5, 1, 3, 2, 0), (6, 6, 3, 1, 1, 0), (9, 7, 1, 5, 2, 1), (4, 4, 2, 2, 2, 0), (5, 5, 1, 5, 1, 0)])
+@pytest.mark.parametrize("stall", [0.0, 0.4])
+def test_sliding_window_emits_every_window_pixel(height, width, channels, kernel, stride, padding, stall):
+    from hwgen.rtl.window import SlidingWindow
+
+    rng = np.random.default_rng(height * width + kernel)
+    images = rng.integers(0, 256, (3, height, width, channels))
+    dut = SlidingWindow((height, width, channels), kernel, stride, padding, 8)
+    beats = [pack(pixel, 8) for image in images for row in image for pixel in row]
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, 3 * dut.output_beats,
+                                                 stall_in=stall, stall_out=stall, seed=kernel)
+    want = golden.windows(images, kernel, stride, padding)        # (images, Ho, Wo, K*K*C)
+    got = np.array([unpack(word, 8, channels) for word in outputs]).reshape(want.shape)
+    assert np.array_equal(got, want)
+    if stall == 0.0:
+        per_image = out_cycles[dut.output_beats - 1::dut.output_beats]
+        assert per_image[2] - per_image[1] == dut.cycles_per_image
+
+
+@pytest.mark.parametrize("kind", ["bits", "uint8", "int8"])
+@pytest.mark.parametrize("height, width, kernel", [(4, 6, 2), (7, 5, 2), (6, 6, 3)])
+def test_max_pool_equals_golden(kind, height, width, kernel):
+    from hwgen.ir import MaxPool2dLayer
+    from hwgen.rtl.pool import MaxPool
+
+    rng = np.random.default_rng(height + width + kernel)
+    channels, bits = 3, (1 if kind == "bits" else 8)
+    low, high = {"bits": (0, 2), "uint8": (0, 256), "int8": (-128, 128)}[kind]
+    maps = rng.integers(low, high, (3, height, width, channels))
+    layer = MaxPool2dLayer("p", (height, width, channels), kernel, kind)
+    want = golden._layer(layer, maps.reshape(3, -1)).reshape(-1, channels)
+    dut = MaxPool((height, width, channels), kernel, kind)
+    beats = [pack(pixel & ((1 << bits) - 1), bits) for image in maps for row in image for pixel in row]
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, len(want), stall_in=0.3, stall_out=0.3, seed=kernel)
+    got = [unpack(word, bits, channels, signed=kind == "int8") for word in outputs]
+    assert got == want.tolist()

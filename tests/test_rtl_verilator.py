@@ -102,3 +102,48 @@ def test_mismatch_report_names_image_layer_index_and_values(tmp_path):
     first = named[0]
     assert str(first) == (f"image 0, layer {last.name}, index 1: golden {first.expected}, RTL {first.got}")
     assert last.input_kind == "bits" and first.expected + first.got == last.in_features
+
+
+def random_cnn_configuration(seed: int):
+    """Kernels 1/3/5, strides 1/2, padding 0/1, odd sizes, binary or int8, random legal folds."""
+    from helpers import random_cnn
+    from hwgen.ir import Conv2dLayer, MaxPool2dLayer
+
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(5, 12)), int(rng.integers(5, 12)), int(rng.integers(1, 3)))
+    convs, height, width = [], size[0], size[1]
+    for index in range(int(rng.integers(1, 3))):
+        kernel = int(rng.choice([k for k in (1, 3, 5) if k <= min(height, width)]))
+        stride, padding = int(rng.choice([1, 2])), int(rng.choice([p for p in (0, 1) if p < kernel]))
+        height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+        weights = str(rng.choice(["binary", "int8"]))
+        output = "requant" if weights == "int8" and rng.random() < 0.5 else "threshold"
+        pool = 2 if min(height, width) >= 4 and rng.random() < 0.5 else 0
+        if pool:
+            height, width = height // 2, width // 2
+        convs.append(dict(channels=int(rng.choice([2, 3, 4, 6])), kernel=kernel, stride=stride,
+                          padding=padding, weights=weights, output=output, pool=pool))
+    model = random_cnn(rng, size, convs, int(rng.choice([2, 3, 5])), str(rng.choice(["binary", "int8"])))
+    folds, incoming = [], None
+    for layer in model.layers:
+        if isinstance(layer, MaxPool2dLayer):
+            incoming = layer.in_shape[2]
+            continue
+        dense = layer.dense if isinstance(layer, Conv2dLayer) else layer
+        receives = layer.in_shape[2] if isinstance(layer, Conv2dLayer) else incoming
+        simd = [d for d in divisors(dense.in_features) if receives is None or d % receives == 0 or receives % d == 0]
+        pe = int(rng.choice(divisors(dense.out_features)))
+        folds.append(Fold(pe, int(rng.choice(simd))))
+        incoming = 1 if layer.output_kind == "requant" else pe
+    return model, folds, rng
+
+
+@pytest.mark.parametrize("seed", range(40, 48))
+def test_random_cnn_rtl_equals_golden(seed, tmp_path):
+    model, folds, rng = random_cnn_configuration(seed)
+    simulator = NetworkSimulator(model, folds, tmp_path)
+    report = simulator.verify(random_images(rng, 8, model.in_features), stall=0.3, seed=seed, timing_images=5)
+    where = f"{[layer.header() for layer in model.layers]}, folds {folds}"
+    assert report.checked.mismatches == [] and report.timing.mismatches == [], where
+    assert report.checked.protocol_errors == [] and report.timing.protocol_errors == [], where
+    assert report.timing.intervals[-2:] == [report.ii_formula] * 2, (report.timing.intervals, report.ii_formula, where)

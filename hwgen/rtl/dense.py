@@ -57,6 +57,9 @@ class FoldedDense(wiring.Component):
         Output channels computed in parallel; must divide ``layer.out_features``.
     simd : int
         Input elements consumed per cycle; must divide ``layer.in_features``.
+    vectors : int
+        Input vectors per image: 1 for a dense layer, ``Ho * Wo`` windows for a convolution.
+        Only the per-image cycle formula depends on it.
 
     Attributes
     ----------
@@ -66,9 +69,11 @@ class FoldedDense(wiring.Component):
         Output elements for channels ``f_out * PE + p``, ``p`` in beat order.
     """
 
-    def __init__(self, layer: DenseLayer, *, pe: int, simd: int):
+    def __init__(self, layer: DenseLayer, *, pe: int, simd: int, vectors: int = 1):
         check_positive_int("pe", pe)
         check_positive_int("simd", simd)
+        check_positive_int("vectors", vectors)
+        self._vectors = vectors
         if layer.in_features % simd:
             raise ValueError(f"layer {layer.name!r}: SIMD={simd} does not divide in_features={layer.in_features}; "
                              f"valid SIMD values: {divisors(layer.in_features)}")
@@ -107,9 +112,14 @@ class FoldedDense(wiring.Component):
         return self._layer.out_features // self._pe
 
     @property
-    def cycles_per_image(self) -> int:
-        """Initiation interval of the layer: ``(N_in / SIMD) * (N_out / PE)``."""
+    def cycles_per_vector(self) -> int:
+        """Cycles per input vector: ``(N_in / SIMD) * (N_out / PE)``."""
         return self.input_beats * self.output_beats
+
+    @property
+    def cycles_per_image(self) -> int:
+        """Initiation interval of the layer: cycles per vector times vectors per image."""
+        return self.cycles_per_vector * self._vectors
 
     @property
     def accept_interval(self) -> int:
@@ -118,8 +128,8 @@ class FoldedDense(wiring.Component):
 
     @property
     def latency(self) -> int:
-        """Cycles from an image's last input transfer to its last output transfer, idle and unstalled."""
-        return self.cycles_per_image + self.pipeline_stages
+        """Cycles from a vector's last input transfer to its last output transfer, idle and unstalled."""
+        return self.cycles_per_vector + self.pipeline_stages
 
     @property
     def multiplies(self) -> bool:

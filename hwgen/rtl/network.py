@@ -9,12 +9,14 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..errors import UserError
-from ..ir import IntegerModel
+from ..ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from .arith import divisors
 from .dense import FoldedDense
+from .pool import MaxPool
 from .requant import Requantizer
 from .resize import StreamResizer
 from .scores import ScoreSerializer
+from .window import SlidingWindow
 
 __all__ = ["Fold", "NetworkTop", "parse_folds", "default_folds", "generate_verilog", "TOP_NAME"]
 
@@ -31,8 +33,13 @@ class Fold(NamedTuple):
         return f"{self.pe}x{self.simd}"
 
 
+def compute_layers(model: IntegerModel) -> list:
+    """The layers that take a fold (dense and convolution); pooling has none."""
+    return [layer for layer in model.layers if not isinstance(layer, MaxPool2dLayer)]
+
+
 def parse_folds(text: str, model: IntegerModel) -> list[Fold]:
-    """Parse ``"PExSIMD,PExSIMD,…"`` (one per layer) or ``"default"``."""
+    """Parse ``"PExSIMD,PExSIMD,…"`` (one per dense or conv layer) or ``"default"``."""
     if text in ("", "default"):
         return default_folds(model)
     folds = []
@@ -41,73 +48,122 @@ def parse_folds(text: str, model: IntegerModel) -> list[Fold]:
         if not sep or not pe.isdigit() or not simd.isdigit() or int(pe) < 1 or int(simd) < 1:
             raise UserError(f"--fold item {index + 1} is {item!r}; write PExSIMD, e.g. 16x32")
         folds.append(Fold(int(pe), int(simd)))
-    if len(folds) != len(model.layers):
-        raise UserError(f"--fold gives {len(folds)} folds, the model has {len(model.layers)} layers "
-                        f"({', '.join(layer.name for layer in model.layers)})")
+    layers = compute_layers(model)
+    if len(folds) != len(layers):
+        raise UserError(f"--fold gives {len(folds)} folds, the model has {len(layers)} dense/conv layers "
+                        f"({', '.join(layer.name for layer in layers)})")
     return folds
+
+
+def _compatible(a: int, b: int) -> bool:
+    return a % b == 0 or b % a == 0
 
 
 def default_folds(model: IntegerModel, max_pe: int = 16, max_simd: int = 32) -> list[Fold]:
     """Largest PE/SIMD up to the limits that divide the layer and chain without a gearbox gap.
 
-    A layer's SIMD must divide, or be a multiple of, the previous layer's PE (see
-    :class:`StreamResizer`); the previous PE itself always qualifies, so a choice always exists.
-    After a requantizing layer, elements arrive one per beat and every SIMD qualifies.
+    A layer's SIMD must divide, or be a multiple of, the elements per beat it receives (the
+    previous layer's PE, one after a requantizer, a pixel's channels for a convolution; see
+    :class:`StreamResizer`). That count itself always qualifies, so a choice always exists.
     """
     folds: list[Fold] = []
-    for index, layer in enumerate(model.layers):
-        simd_choices = [d for d in divisors(layer.in_features) if d <= max_simd]
-        if folds and model.layers[index - 1].output_kind != "requant":
-            prev = folds[-1].pe
-            simd_choices = [d for d in simd_choices if d % prev == 0 or prev % d == 0] or [prev]
-        pe = max(d for d in divisors(layer.out_features) if d <= max_pe)
+    incoming = None
+    for layer in model.layers:
+        if isinstance(layer, MaxPool2dLayer):
+            incoming = layer.in_shape[2]
+            continue
+        dense = layer.dense if isinstance(layer, Conv2dLayer) else layer
+        receives = layer.in_shape[2] if isinstance(layer, Conv2dLayer) else incoming
+        simd_choices = [d for d in divisors(dense.in_features) if d <= max_simd]
+        if receives is not None:
+            simd_choices = [d for d in simd_choices if _compatible(d, receives)] or [receives]
+        pe = max(d for d in divisors(dense.out_features) if d <= max_pe)
         folds.append(Fold(pe, max(simd_choices)))
+        incoming = 1 if layer.output_kind == "requant" else pe
     return folds
 
 
 class NetworkTop(wiring.Component):
     """The whole network as one streaming component with AXI-Stream-style ports.
 
-    Input: ``s_axis_tdata`` carries SIMD elements of the first layer per beat (uint8 pixels,
-    element ``k`` in bits ``[8k, 8k + 8)``); an image is ``N_in / SIMD`` beats. Images are framed
-    by count; ``s_axis_tlast`` is accepted for drop-in compatibility and not checked.
+    Input: ``s_axis_tdata`` carries the first stage's beat: SIMD elements of a dense first layer,
+    or one pixel (its channels) for a convolutional first layer; uint8 pixels are bytes, element
+    ``k`` in bits ``[8k, 8k + 8)``, in raster order with channels innermost. Images are framed by
+    count; ``s_axis_tlast`` is accepted for drop-in compatibility and not checked.
     Output: per image, one 32-bit word per class score, then the class index with
     ``m_axis_tlast`` set.
+
+    A convolution becomes a :class:`SlidingWindow`, a regrouping to SIMD, and a
+    :class:`FoldedDense` run once per output pixel; max-pooling a :class:`MaxPool`.
 
     Parameters
     ----------
     model : :class:`hwgen.ir.IntegerModel`
     folds : sequence of :class:`Fold`
-        One per layer.
+        One per dense or convolution layer.
     """
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold]):
-        if len(folds) != len(model.layers):
-            raise ValueError(f"{len(folds)} folds for {len(model.layers)} layers")
+        layers = compute_layers(model)
+        if len(folds) != len(layers):
+            raise ValueError(f"{len(folds)} folds for {len(layers)} dense/conv layers")
         self._model = model
         self._folds = [Fold(*fold) for fold in folds]
+        self._spatial = len(layers) != len(model.layers) or any(isinstance(l, Conv2dLayer) for l in layers)
         stages: list[wiring.Component] = []
-        incoming = 0       # elements per beat the previous stage emits
-        for index, (layer, fold) in enumerate(zip(model.layers, self._folds)):
-            compute = FoldedDense(layer, pe=fold.pe, simd=fold.simd)
-            if index:
-                if incoming % fold.simd and fold.simd % incoming:
+        incoming = None          # elements per beat the previous stage emits (None: s_axis, any)
+        fold_iter = iter(self._folds)
+
+        def regroup(layer_name: str, bits: int, to: int, elements: int, what: str) -> None:
+            if incoming is None or incoming == to:
+                return
+            if not _compatible(incoming, to):
+                raise ValueError(f"layer {layer_name!r}: {what} {to} must divide or be a multiple of the "
+                                 f"{incoming} elements per beat the previous stage emits")
+            stages.append(StreamResizer(bits, incoming, to, elements))
+
+        for layer in model.layers:
+            if isinstance(layer, MaxPool2dLayer):
+                channels = layer.in_shape[2]
+                regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
+                stages.append(MaxPool(layer.in_shape, layer.kernel, layer.input_kind))
+                incoming = channels
+                continue
+            fold = next(fold_iter)
+            if isinstance(layer, Conv2dLayer):
+                dense, vectors = layer.dense, layer.out_shape[0] * layer.out_shape[1]
+                compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors)
+                channels = layer.in_shape[2]
+                regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
+                window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
+                stages.append(window)
+                incoming = channels
+                if not _compatible(channels, fold.simd):
+                    raise ValueError(
+                        f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of its {channels} "
+                        f"input channels; valid SIMD values: "
+                        f"{[d for d in divisors(dense.in_features) if _compatible(d, channels)]}")
+                regroup(layer.name, layer.input_bits, fold.simd, dense.in_features * vectors, "SIMD")
+            else:
+                dense, vectors = layer, 1
+                compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd)
+                if incoming is not None and not _compatible(incoming, fold.simd):
                     raise ValueError(
                         f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
-                        f"{incoming} elements per beat the previous layer emits (its PE); valid SIMD values: "
-                        f"{[d for d in divisors(layer.in_features) if d % incoming == 0 or incoming % d == 0]}")
-                stages.append(StreamResizer(layer.input_bits, incoming, fold.simd, layer.in_features))
+                        f"{incoming} elements per beat the previous stage emits; valid SIMD values: "
+                        f"{[d for d in divisors(layer.in_features) if _compatible(d, incoming)]}")
+                regroup(layer.name, layer.input_bits, fold.simd, layer.in_features, "SIMD")
             stages.append(compute)
             incoming = fold.pe
             if layer.output_kind == "requant":
-                stages.append(Requantizer(layer, fold.pe))
+                stages.append(Requantizer(dense, fold.pe, vectors))
                 incoming = 1
         last = model.layers[-1]
         stages.append(ScoreSerializer(last.out_features, last.output_bits, self._folds[-1].pe))
         self._stages = stages
         first = stages[0]
         super().__init__({
-            "s_axis_tdata": In(first.simd * first.layer.input_bits),
+            "s_axis_tdata": In(len(first.i.payload)),
             "s_axis_tvalid": In(1),
             "s_axis_tready": Out(1),
             "s_axis_tlast": In(1),
@@ -126,13 +182,19 @@ class NetworkTop(wiring.Component):
         return list(self._stages)
 
     @property
-    def layers(self) -> list[FoldedDense]:
+    def compute_stages(self) -> list[FoldedDense]:
         return [stage for stage in self._stages if isinstance(stage, FoldedDense)]
+
+    @property
+    def input_elements_per_beat(self) -> int:
+        """Input elements (pixels' channel values or bits) per ``s_axis`` beat."""
+        first = self._model.layers[0]
+        return len(self._stages[0].i.payload) // first.input_bits
 
     @property
     def input_beats(self) -> int:
         """``s_axis`` beats per image."""
-        return self._stages[0].input_beats
+        return self._model.in_features // self.input_elements_per_beat
 
     @property
     def output_words(self) -> int:
@@ -145,12 +207,15 @@ class NetworkTop(wiring.Component):
         return max(stage.cycles_per_image for stage in self._stages)
 
     @property
-    def latency(self) -> int:
+    def latency(self) -> int | None:
         """Cycles from an image's first input transfer to its last output transfer, idle and unstalled.
 
         The sum of the stages' own latencies; exact when :attr:`latency_is_exact`, otherwise a
-        lower bound (a stage then waits on its successor).
+        lower bound (a stage then waits on its successor). ``None`` for networks with convolution
+        or pooling, whose stages overlap within an image, so no stage sum describes them.
         """
+        if self._spatial:
+            return None
         return self.input_beats - 1 + sum(stage.latency for stage in self._stages)
 
     @property
@@ -161,7 +226,7 @@ class NetworkTop(wiring.Component):
         the serializer accepts more slowly than one beat per cycle, so each of those must not be
         fed several beats faster than it accepts them.
         """
-        return all(producer.output_beats == 1 or producer.input_beats >= consumer.accept_interval
+        return not self._spatial and all(producer.output_beats == 1 or producer.input_beats >= consumer.accept_interval
                    for producer, consumer in zip(self._stages, self._stages[1:])
                    if isinstance(producer, FoldedDense))
 

@@ -31,6 +31,8 @@ class Requantizer(wiring.Component):
         A layer with ``output_kind == "requant"``.
     pe : int
         Accumulators per input beat; must divide ``layer.out_features``.
+    vectors : int
+        Vectors per image (``Ho * Wo`` for a convolution); only the cycle formula uses it.
 
     Attributes
     ----------
@@ -39,8 +41,10 @@ class Requantizer(wiring.Component):
         The requantized element, two's complement for int8 outputs.
     """
 
-    def __init__(self, layer: DenseLayer, pe: int):
+    def __init__(self, layer: DenseLayer, pe: int, vectors: int = 1):
         check_positive_int("pe", pe)
+        check_positive_int("vectors", vectors)
+        self._vectors = vectors
         if layer.output_kind != "requant":
             raise ValueError(f"layer {layer.name!r} has output {layer.output_kind!r}; a Requantizer needs 'requant'")
         if layer.out_features % pe:
@@ -56,8 +60,8 @@ class Requantizer(wiring.Component):
 
     @property
     def cycles_per_image(self) -> int:
-        """One element per cycle: ``N_out``."""
-        return self._layer.out_features
+        """One element per cycle: ``N_out`` per vector."""
+        return self._layer.out_features * self._vectors
 
     @property
     def accept_interval(self) -> int:
