@@ -51,39 +51,86 @@ def cli() -> None:
     """
 
 
+def _parse_conv(text: str) -> tuple[str, ...]:
+    from .quant import parse_conv_item
+    items = tuple(part.strip() for part in text.split(",") if part.strip())
+    for item in items:
+        parse_conv_item(item)
+    return items
+
+
+def _load_teacher(path: str, arch, ds):
+    """A float checkpoint of the same shape, trained on the same dataset, to distil from."""
+    from . import quant
+    teacher, teacher_info = quant.load_checkpoint(path)
+    if teacher.arch.kind != "float":
+        raise UserError(f"--teacher {path}: field 'arch.kind' is {teacher.arch.kind!r}; the teacher must be a "
+                        "float checkpoint (train one with `hwgen train --kind float`)")
+    if teacher.arch.with_kind(arch.kind) != arch:
+        raise UserError(f"--teacher {path}: its architecture {teacher.arch.as_dict()} differs from this "
+                        f"run's {arch.as_dict()}; pass the same --hidden and --conv")
+    if teacher_info.get("dataset") != ds.name:
+        raise UserError(f"--teacher {path}: trained on {teacher_info.get('dataset')!r}, this run uses {ds.name!r}")
+    return teacher, teacher_info
+
+
 @cli.command()
 @click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True,
               help="auto: Fashion-MNIST if its IDX files are present, else sklearn digits.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of MNIST-style IDX files (default: /usr/share/datasets/fashion-mnist).")
-@click.option("--kind", type=click.Choice(["binary", "int8", "mixed"]), default="binary", show_default=True,
+@click.option("--kind", type=click.Choice(["binary", "int8", "mixed", "float"]), default="binary",
+              show_default=True,
               help="binary: W1A1 with uint8 input. int8: float training, BN folded, post-training "
                    "calibration (and --qat-epochs of fake-quant fine-tuning). mixed: int8 first and last "
-                   "layers, binary layers between.")
-@click.option("--hidden", default="256,256", show_default=True, help="Hidden layer widths.")
+                   "layers, binary layers between. float: the float reference only (a --teacher; not exportable).")
+@click.option("--conv", default="", help="Convolutional front end, e.g. 32c3,m2,64c3,m2 (<channels>c<kernel>"
+                                         "[s<stride>][p<padding>], m<pool>); empty for an MLP.")
+@click.option("--hidden", default="256,256", show_default=True, help="Hidden (dense) layer widths.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--qat-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="int8 only: epochs of quantization-aware fine-tuning after calibration.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lr", type=float, default=None, help="Default: 1e-2 (binary, mixed), 1e-3 (float, int8).")
 @click.option("--float-baseline/--no-float-baseline", default=True, show_default=True,
-              help="Also train a float MLP of the same shape and record its accuracy (always on for int8).")
+              help="Also train a float network of the same shape and record its accuracy (always on for int8).")
+@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
+              help="A float checkpoint of the same shape to use as the float baseline (and, for int8, as "
+                   "the network to quantize) instead of training one.")
+@click.option("--distill/--no-distill", default=False, show_default=True,
+              help="binary/mixed: knowledge distillation from the float network (the --teacher or the baseline).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="Distillation temperature T (the soft loss is scaled by T^2).")
+@click.option("--distill-weight", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+              help="Weight of the soft loss; the hard cross-entropy gets 1 - this.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.pt).")
-def train(dataset, data_dir, kind, hidden, epochs, qat_epochs, seed, lr, float_baseline, output) -> None:
-    """Train a quantized MLP (uint8 pixels in, integer scores out)."""
+def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, float_baseline, teacher,
+          distill, temperature, distill_weight, output) -> None:
+    """Train a quantized network (uint8 pixels in, integer scores out)."""
     from . import quant
     from .data import load_dataset
 
     ds = load_dataset(dataset, data_dir)
-    arch = quant.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind)
+    arch = quant.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind, _parse_conv(conv))
+    arch.widths  # validates the conv front end against the image size
+    if distill and kind not in ("binary", "mixed"):
+        raise UserError(f"--distill trains a binary or mixed student; --kind {kind} has no float teacher to learn from")
     click.echo(f"dataset {ds.name}: {len(ds.train_x)} train / {len(ds.test_x)} test images of {ds.image_shape}")
+    shape = ",".join([*arch.conv, *map(str, arch.widths[1:])])
     info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs, "kind": kind}
     reference = None
-    if float_baseline or kind == "int8":
+    if teacher:
+        reference, teacher_info = _load_teacher(teacher, arch, ds)
+        info["float_accuracy"] = quant.float_accuracy(reference, ds.test_x, ds.test_y)
+        info["teacher"] = {"path": str(teacher), "epochs": teacher_info.get("epochs"), "seed": teacher_info.get("seed")}
+        click.echo(f"float accuracy ({shape}, from {teacher}): {info['float_accuracy']:.4f}")
+    elif float_baseline or kind in ("int8", "float") or distill:
         reference = quant.build_model(arch.with_kind("float"), seed)
         info["float_accuracy"] = quant.train(reference, ds, epochs=epochs, seed=seed, lr=lr or 1e-3)
-        click.echo(f"float accuracy ({'-'.join(map(str, arch.widths))} MLP): {info['float_accuracy']:.4f}")
-    if kind == "int8":
+        click.echo(f"float accuracy ({shape}): {info['float_accuracy']:.4f}")
+    if kind == "float":
+        model = reference
+    elif kind == "int8":
         model = quant.int8_from_float(reference, ds.train_x[:10000])
         info["ptq_accuracy"] = quant.float_accuracy(model, ds.test_x, ds.test_y)
         click.echo(f"int8 after calibration (fake-quant forward): {info['ptq_accuracy']:.4f}")
@@ -92,8 +139,13 @@ def train(dataset, data_dir, kind, hidden, epochs, qat_epochs, seed, lr, float_b
             click.echo(f"int8 after {qat_epochs} QAT epochs (fake-quant forward): {info['qat_accuracy']:.4f}")
     else:
         model = quant.build_model(arch, seed)
-        info[f"{kind}_accuracy"] = quant.train(model, ds, epochs=epochs, seed=seed, lr=lr or 1e-2)
-        click.echo(f"{kind} accuracy (fake-quant forward): {info[f'{kind}_accuracy']:.4f}")
+        if distill:
+            info["distillation"] = {"temperature": temperature, "weight": distill_weight}
+        info[f"{kind}_accuracy"] = quant.train(model, ds, epochs=epochs, seed=seed, lr=lr or 1e-2,
+                                               teacher=reference if distill else None,
+                                               temperature=temperature, distill_weight=distill_weight)
+        click.echo(f"{kind} accuracy (fake-quant forward{', distilled' if distill else ''}): "
+                   f"{info[f'{kind}_accuracy']:.4f}")
     quant.save_checkpoint(output, model, info)
     click.echo(f"wrote {output}")
 
@@ -114,8 +166,8 @@ def export(checkpoint, output, dataset, data_dir) -> None:
 
     model, info = quant.load_checkpoint(checkpoint)
     ds = _dataset_for(info, dataset, data_dir)
-    torch_outputs = quant.integer_forward(model, ds.test_x)
     integer_model = quant.export(model, info)
+    torch_outputs = quant.integer_forward(model, ds.test_x)
     result = golden.run(integer_model, ds.test_x)
     agree = np.ones(len(ds.test_x), dtype=bool)
     for layer, a, b in zip(integer_model.layers, torch_outputs, result.outputs):
@@ -195,21 +247,23 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> 
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 20 (Fashion-MNIST), 40 (digits).")
 @click.option("--kind", type=click.Choice(["binary", "int8", "mixed"]), default="binary", show_default=True)
+@click.option("--conv", default="", help="Convolutional front end (see `hwgen train --help`), e.g. 32c3,m2,64c3,m2.")
 @click.option("--images", default="200", show_default=True, help="Test images through the RTL.")
 @click.pass_context
-def demo(ctx, out_dir, dataset, data_dir, epochs, kind, images) -> None:
+def demo(ctx, out_dir, dataset, data_dir, epochs, kind, conv, images) -> None:
     """End to end: train, export, Verilog, RTL simulation against golden."""
     from .data import FASHION_MNIST_DIR, load_dataset
 
     out = Path(out_dir)
     ds_name = load_dataset(dataset, data_dir).name if dataset == "auto" else dataset
-    hidden = "256,256" if ds_name != "digits" else "128,128"
+    hidden = ("256" if conv else "256,256") if ds_name != "digits" else ("64" if conv else "128,128")
     epochs = epochs or (20 if ds_name != "digits" else 40)
-    click.echo(f"== hwgen demo: {kind} MLP on {ds_name} "
+    click.echo(f"== hwgen demo: {kind} {'CNN ' + conv if conv else 'MLP'} on {ds_name} "
                f"({'IDX files in ' + str(data_dir or FASHION_MNIST_DIR) if ds_name != 'digits' else 'sklearn bundled'})")
     start = time.perf_counter()
-    ctx.invoke(train, dataset=ds_name, data_dir=data_dir, kind=kind, hidden=hidden, epochs=epochs, qat_epochs=0,
-               seed=0, lr=None, float_baseline=True, output=str(out / "model.pt"))
+    ctx.invoke(train, dataset=ds_name, data_dir=data_dir, kind=kind, conv=conv, hidden=hidden, epochs=epochs,
+               qat_epochs=0, seed=0, lr=None, float_baseline=True, teacher=None, distill=False, temperature=4.0,
+               distill_weight=0.7, output=str(out / "model.pt"))
     ctx.invoke(export, checkpoint=str(out / "model.pt"), output=str(out / "model.npz"), dataset=None, data_dir=None)
     ctx.invoke(verilog, model_path=str(out / "model.npz"), fold="default", output=str(out / "hwgen_network.v"))
     ctx.invoke(sim, model_path=str(out / "model.npz"), fold="default", images=images, stall=0.25, seed=0,

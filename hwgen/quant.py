@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from .data import Dataset
 from .errors import UserError
-from .ir import (INT8_WEIGHT_LIMIT, DenseLayer, IntegerModel, Requant, fold_batchnorm_sign, quantize_multiplier,
-                 write_atomically)
+from .ir import (INT8_WEIGHT_LIMIT, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer, Requant,
+                 fold_batchnorm_sign, quantize_multiplier, write_atomically)
 
 UINT8_MAX = 255
 
@@ -81,29 +81,122 @@ class BinaryLinear(nn.Linear):
         return (self.weight.detach() >= 0).to(torch.uint8).cpu().numpy()
 
 
+class BinaryConv2d(nn.Module):
+    """K×K convolution with ±1 weights (latent real weights in [-1, 1]); padding is applied by the caller."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel).uniform_(-1.0, 1.0))
+
+    def clip_(self) -> None:
+        with torch.no_grad():
+            self.weight.clamp_(-1.0, 1.0)
+
+    def weight_bits(self) -> np.ndarray:
+        """Bits in the IR's ``(C_out, K*K*C_in)`` layout, ``(ky, kx, c)`` order."""
+        return (self.weight.detach() >= 0).to(torch.uint8).permute(0, 2, 3, 1).reshape(len(self.weight), -1).numpy()
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """Shape of an MLP: input image shape, hidden widths, classes, and its kind (see the module doc)."""
+    """Shape of a network: input image shape, optional conv front end, hidden widths, classes, kind.
+
+    ``conv`` items are ``"<C>c<K>[s<S>][p<P>]"`` (a K×K convolution to C channels, stride S
+    (default 1), padding P (default K // 2)) or ``"m<K>"`` (K×K max-pooling), e.g.
+    ``("32c3", "m2", "64c3", "m2")``. Each convolution is followed by BN and the activation.
+    """
 
     input_shape: tuple[int, ...]
     hidden: tuple[int, ...]
     classes: int
     kind: str = "binary"
+    conv: tuple[str, ...] = ()
+
+    @property
+    def conv_layers(self) -> list[tuple]:
+        """Parsed ``conv``: ``("conv", channels, kernel, stride, padding)`` or ``("pool", kernel)``."""
+        return [parse_conv_item(item) for item in self.conv]
 
     @property
     def in_features(self) -> int:
         return int(np.prod(self.input_shape))
 
     @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` after the conv front end (the input itself when there is none)."""
+        return _walk_conv(self)[1]
+
+    @property
     def widths(self) -> list[int]:
-        return [self.in_features, *self.hidden, self.classes]
+        first = int(np.prod(self.feature_shape)) if self.conv else self.in_features
+        return [first, *self.hidden, self.classes]
 
     def as_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "hidden": list(self.hidden),
-                "classes": self.classes, "kind": self.kind}
+                "classes": self.classes, "kind": self.kind, "conv": list(self.conv)}
 
     def with_kind(self, kind: str) -> "Architecture":
-        return Architecture(self.input_shape, self.hidden, self.classes, kind)
+        return Architecture(self.input_shape, self.hidden, self.classes, kind, self.conv)
+
+
+def parse_conv_item(item: str) -> tuple:
+    """``"32c3s2p1"`` to ``("conv", 32, 3, 2, 1)``; ``"m2"`` to ``("pool", 2)``."""
+    import re
+    text = item.strip().lower()
+    pool = re.fullmatch(r"m(\d+)", text)
+    if pool and int(pool.group(1)) >= 1:
+        return ("pool", int(pool.group(1)))
+    conv = re.fullmatch(r"(\d+)c(\d+)(?:s(\d+))?(?:p(\d+))?", text)
+    if not conv or int(conv.group(1)) < 1 or int(conv.group(2)) < 1:
+        raise UserError(f"--conv item {item!r}: write <channels>c<kernel>[s<stride>][p<padding>] or m<pool>, "
+                        "e.g. 32c3, 64c3s2, m2")
+    kernel = int(conv.group(2))
+    stride = int(conv.group(3) or 1)
+    padding = int(conv.group(4)) if conv.group(4) is not None else kernel // 2
+    if stride < 1 or padding >= kernel:
+        raise UserError(f"--conv item {item!r}: stride must be >= 1 and padding below the kernel size")
+    return ("conv", int(conv.group(1)), kernel, stride, padding)
+
+
+def _walk_conv(arch: Architecture) -> tuple[list[tuple[tuple, tuple[int, int, int]]], tuple[int, int, int]]:
+    """Each conv-front-end item with its input shape ``(C, H, W)``, and the final shape."""
+    shape = tuple(arch.input_shape)
+    channels, height, width = (1, *shape) if len(shape) == 2 else (shape[2], shape[0], shape[1])
+    items = []
+    for item in arch.conv_layers:
+        items.append((item, (channels, height, width)))
+        if item[0] == "pool":
+            height, width = height // item[1], width // item[1]
+        else:
+            _, channels, kernel, stride, padding = item
+            height = (height + 2 * padding - kernel) // stride + 1
+            width = (width + 2 * padding - kernel) // stride + 1
+        if height < 1 or width < 1:
+            raise UserError(f"--conv {','.join(arch.conv)} shrinks the {shape} image to nothing")
+    return items, (channels, height, width)
+
+
+def conv_shapes(arch: Architecture) -> list[tuple[tuple, tuple[int, int, int]]]:
+    """Each conv-front-end item with its input shape ``(C, H, W)``."""
+    return _walk_conv(arch)[0]
+
+
+def _image_maps(x: torch.Tensor, arch: Architecture) -> torch.Tensor:
+    """Flat images to ``(B, C, H, W)`` (inputs are stored (H, W[, C]) with channels innermost)."""
+    shape = tuple(arch.input_shape)
+    if len(shape) == 2:
+        return x.reshape(len(x), 1, *shape)
+    return x.reshape(len(x), *shape).permute(0, 3, 1, 2)
+
+
+def _conv_modules(arch: Architecture, make_conv) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """One conv (from ``make_conv(c_in, c_out, kernel)``) and one BatchNorm2d per conv item."""
+    convs, norms = nn.ModuleList(), nn.ModuleList()
+    for item, (channels, _, _) in conv_shapes(arch):
+        if item[0] == "conv":
+            convs.append(make_conv(channels, item[1], item[2]))
+            norms.append(nn.BatchNorm2d(item[1]))
+    return convs, norms
 
 
 class BinaryMLP(nn.Module):
@@ -113,19 +206,35 @@ class BinaryMLP(nn.Module):
         super().__init__()
         self.arch = arch
         widths = arch.widths
+        self.convs, self.conv_norms = _conv_modules(arch, BinaryConv2d)
         self.linears = nn.ModuleList(BinaryLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in widths[1:-1])
         self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(widths[-2])))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
+        if self.arch.conv:
+            h = _image_maps(x, self.arch)
+            # Pooling the BN outputs before the sign gives the same bits as OR-pooling the signs
+            # (sign is monotone), but the gradient reaches the largest pre-activation, not the
+            # first of the tied +1s.
+            awaiting_sign = False
+            for conv, norm, (_, _, _, stride, padding), first in _conv_steps(self):
+                if conv is None:
+                    h = F.max_pool2d(h, stride)
+                    continue
+                h = binarize(h) if awaiting_sign else h
+                # Padding is the integer 0 of the input: 0 for pixels, bit 0 = -1 for activations.
+                padded = F.pad(h, (padding,) * 4, value=0.0 if first else -1.0)
+                h, awaiting_sign = norm(F.conv2d(padded, binarize(conv.weight), stride=stride)), True
+            h = (binarize(h) if awaiting_sign else h).flatten(1)
         for linear, norm in zip(self.linears[:-1], self.norms):
             h = binarize(norm(linear(h)))
         return self.linears[-1](h) * self.log_scale.exp()
 
     def clip_(self) -> None:
-        for linear in self.linears:
-            linear.clip_()
+        for layer in [*self.convs, *self.linears]:
+            layer.clip_()
 
 
 class FloatMLP(nn.Module):
@@ -135,11 +244,13 @@ class FloatMLP(nn.Module):
         super().__init__()
         self.arch = arch
         widths = arch.widths
+        self.convs, self.conv_norms = _conv_modules(arch, nn.Conv2d)
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in widths[1:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x / 255.0
+        h = _zero_padded_front(self, x / 255.0, lambda _, conv, norm, maps, stride: F.relu(norm(
+            F.conv2d(maps, conv.weight, conv.bias, stride=stride))))
         for linear, norm in zip(self.linears[:-1], self.norms):
             h = F.relu(norm(linear(h)))
         return self.linears[-1](h)
@@ -155,21 +266,25 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Symmetric int8 scale ``max|w| / 127``, per output channel or per tensor; never zero."""
-    magnitude = weight.detach().abs()
+    magnitude = weight.detach().abs().flatten(1)
     peak = magnitude.amax(dim=1) if per_channel else magnitude.amax().expand(weight.shape[0])
     return torch.clamp(peak, min=1e-12) / INT8_WEIGHT_LIMIT
 
 
+def _per_row(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return scale.view(-1, *([1] * (weight.dim() - 1)))
+
+
 def fake_quant_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    scale = weight_scale(weight, per_channel)[:, None]
+    scale = _per_row(weight_scale(weight, per_channel), weight)
     return torch.clamp(round_ste(weight / scale), -INT8_WEIGHT_LIMIT, INT8_WEIGHT_LIMIT) * scale
 
 
 def quantize_weight(weight: torch.Tensor, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weights and their float64 scales, computed in float64 (what export and the integer path use)."""
+    """int8 weights (same shape) and their float64 scales, computed in float64 (export and integer path)."""
     w = weight.detach().double()
     scale = weight_scale(w, per_channel)
-    q = torch.clamp(torch.round(w / scale[:, None]), -INT8_WEIGHT_LIMIT, INT8_WEIGHT_LIMIT)
+    q = torch.clamp(torch.round(w / _per_row(scale, w)), -INT8_WEIGHT_LIMIT, INT8_WEIGHT_LIMIT)
     return q.to(torch.int8).numpy(), scale.numpy()
 
 
@@ -184,24 +299,30 @@ class Int8MLP(nn.Module):
         super().__init__()
         self.arch = arch
         widths = arch.widths
+        self.convs, _ = _conv_modules(arch, nn.Conv2d)
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.register_buffer("act_scales", torch.ones(len(arch.hidden)))
+        self.register_buffer("act_scales", torch.ones(len(self.convs) + len(arch.hidden)))
 
     def input_scale(self, index: int) -> torch.Tensor:
+        """Real value of one input step of compute layer ``index`` (convolutions first, then dense)."""
         return torch.tensor(1.0 / 255.0, dtype=torch.float64) if index == 0 else self.act_scales[index - 1].double()
 
+    def _quantized(self, index: int, layer: nn.Module, inputs: torch.Tensor, last: bool, apply) -> torch.Tensor:
+        w = fake_quant_weight(layer.weight, per_channel=not last)
+        acc_scale = self.input_scale(index).float() * weight_scale(layer.weight, not last)
+        z = apply(inputs, w, round_ste(layer.bias / acc_scale) * acc_scale)
+        if last:
+            return z
+        step = self.act_scales[index]
+        return torch.clamp(round_ste(z / step), 0, UINT8_MAX) * step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x / 255.0
-        for index, linear in enumerate(self.linears):
-            last = index == len(self.linears) - 1
-            w = fake_quant_weight(linear.weight, per_channel=not last)
-            acc_scale = (self.input_scale(index).float() * weight_scale(linear.weight, not last))
-            z = F.linear(h, w, round_ste(linear.bias / acc_scale) * acc_scale)
-            if last:
-                return z
-            step = self.act_scales[index]
-            h = torch.clamp(round_ste(z / step), 0, UINT8_MAX) * step
-        raise AssertionError("unreachable")
+        h = _zero_padded_front(self, x / 255.0, lambda index, conv, _, maps, stride: self._quantized(
+            index, conv, maps, False, lambda v, w, b: F.conv2d(v, w, b, stride=stride)))
+        index = len(self.convs)
+        for position, linear in enumerate(self.linears):
+            h = self._quantized(index + position, linear, h, position == len(self.linears) - 1, F.linear)
+        return h
 
     def clip_(self) -> None:
         """int8 latent weights are not clipped; their scale follows them."""
@@ -214,6 +335,8 @@ class MixedMLP(nn.Module):
         super().__init__()
         if not arch.hidden:
             raise UserError("a mixed network needs at least one hidden layer (--hidden)")
+        if arch.conv:
+            raise UserError("--kind mixed supports MLPs only; use --kind binary or int8 with --conv")
         self.arch = arch
         widths = arch.widths
         self.linears = nn.ModuleList(
@@ -235,6 +358,40 @@ class MixedMLP(nn.Module):
             linear.clip_()
 
 
+def _conv_steps(model: nn.Module):
+    """``(conv or None, norm or None, (kind, channels, kernel, stride, padding), first)`` per conv item.
+
+    For a pool the stride slot holds the pool size; ``first`` marks the first convolution.
+    """
+    convs = iter(model.convs)
+    norms = iter(getattr(model, "conv_norms", []))
+    first = True
+    for item, _ in conv_shapes(model.arch):
+        if item[0] == "pool":
+            yield None, None, ("pool", 0, item[1], item[1], 0), False
+            continue
+        yield next(convs), next(norms, None), item, first
+        first = False
+
+
+def _zero_padded_front(model: nn.Module, x: torch.Tensor, conv_step) -> torch.Tensor:
+    """Flat pixels (already scaled) through a zero-padded conv front end to flat features.
+
+    Pools take the max; each convolution is ``conv_step(index, conv, norm, padded_maps, stride)``.
+    """
+    if not model.arch.conv:
+        return x
+    h = _image_maps(x, model.arch)
+    index = 0
+    for conv, norm, (_, _, _, stride, padding), _ in _conv_steps(model):
+        if conv is None:
+            h = F.max_pool2d(h, stride)
+            continue
+        h = conv_step(index, conv, norm, F.pad(h, (padding,) * 4), stride)
+        index += 1
+    return h.flatten(1)
+
+
 KINDS = {"binary": BinaryMLP, "float": FloatMLP, "int8": Int8MLP, "mixed": MixedMLP}
 
 
@@ -247,19 +404,30 @@ def int8_from_float(reference: FloatMLP, calibration: np.ndarray) -> Int8MLP:
     """
     reference.eval()
     model = build_model(reference.arch.with_kind("int8"))
-    for index, (source, target) in enumerate(zip(reference.linears, model.linears)):
+    pairs = list(zip(reference.convs, reference.conv_norms, model.convs))
+    pairs += [(source, norm, target) for source, norm, target in
+              zip(reference.linears, [*reference.norms, None], model.linears)]
+    for source, norm, target in pairs:
         weight, bias = source.weight.double(), source.bias.double()
-        if index < len(reference.norms):
-            norm = reference.norms[index]
+        if norm is not None:
             gain = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-            weight = weight * gain[:, None]
+            weight = weight * _per_row(gain, weight)
             bias = (bias - norm.running_mean.double()) * gain + norm.bias.double()
         target.weight.copy_(weight.float())
         target.bias.copy_(bias.float())
-    h = torch.from_numpy(calibration.reshape(len(calibration), -1).astype(np.float32)) / 255.0
-    for index, linear in enumerate(model.linears[:-1]):
+    # Calibrate on the folded float network: each layer's largest ReLU output is its top step.
+    def calibrated_conv(index, conv, _, maps, stride):
+        out = F.relu(F.conv2d(maps, conv.weight, conv.bias, stride=stride))
+        model.act_scales[index] = torch.clamp(out.max(), min=1e-8) / UINT8_MAX
+        return out
+
+    pixels = torch.from_numpy(calibration.reshape(len(calibration), -1).astype(np.float32)) / 255.0
+    h = _zero_padded_front(model, pixels, calibrated_conv)
+    index = len(model.convs)
+    for linear in model.linears[:-1]:
         h = F.relu(linear(h))
         model.act_scales[index] = torch.clamp(h.max(), min=1e-8) / UINT8_MAX
+        index += 1
     model.eval()
     return model
 
@@ -273,23 +441,41 @@ def build_model(arch: Architecture, seed: int = 0) -> nn.Module:
 
 
 def train(model: nn.Module, dataset: Dataset, *, epochs: int, seed: int = 0, lr: float = 1e-2,
-          batch_size: int = 256, progress: bool = True) -> float:
-    """Train with Adam and a cosine schedule, seeded; returns the test accuracy of the model's forward."""
+          batch_size: int = 256, progress: bool = True, teacher: nn.Module | None = None,
+          temperature: float = 4.0, distill_weight: float = 0.7) -> float:
+    """Train with Adam and a cosine schedule, seeded; returns the test accuracy of the model's forward.
+
+    With a ``teacher`` (knowledge distillation, Hinton et al. 2015) the loss is
+    ``(1 - distill_weight) * CE(student, labels) + distill_weight * T**2 * KL(teacher_T || student_T)``
+    where ``_T`` are the softmax at ``temperature``; the ``T**2`` keeps the soft gradients on the
+    scale of the hard ones. The teacher is frozen (eval mode) and its logits are computed once.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(dataset.train_x.astype(np.float32))
     y = torch.from_numpy(dataset.train_y)
+    soft_targets = None
+    if teacher is not None:
+        if not temperature > 0 or not 0 <= distill_weight <= 1:
+            raise UserError(f"distillation needs temperature > 0 (got {temperature}) and a weight in [0, 1] "
+                            f"(got {distill_weight})")
+        soft_targets = F.log_softmax(_logits(teacher, x) / temperature, dim=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     bar = tqdm(total=steps, desc=f"train {type(model).__name__}", disable=not progress, unit="step",
-                mininterval=0.5)
+               mininterval=0.5)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
             index = order[start:start + batch_size]
-            loss = F.cross_entropy(model(x[index]), y[index])
+            logits = model(x[index])
+            loss = F.cross_entropy(logits, y[index])
+            if soft_targets is not None:
+                soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft_targets[index],
+                                reduction="batchmean", log_target=True)
+                loss = (1 - distill_weight) * loss + distill_weight * temperature ** 2 * soft
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -302,16 +488,59 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, seed: int = 0, lr:
 
 
 @torch.no_grad()
-def float_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's eval-mode logits for flat float images, in batches."""
     model.eval()
-    logits = model(torch.from_numpy(images.reshape(len(images), -1).astype(np.float32)))
+    return torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def float_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of the model's own (float or fake-quant) eval-mode forward."""
+    logits = _logits(model, torch.from_numpy(images.reshape(len(images), -1).astype(np.float32)))
     return float((logits.argmax(dim=1).numpy() == labels).mean())
 
 
-def _batchnorm64(z: torch.Tensor, norm: nn.BatchNorm1d) -> torch.Tensor:
-    """BN in float64, in the operation order of :func:`hwgen.ir.batchnorm_reference`."""
-    return ((z - norm.running_mean.double()) / torch.sqrt(norm.running_var.double() + norm.eps)
-            ) * norm.weight.double() + norm.bias.double()
+def _batchnorm64(z: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """BN in float64, in the operation order of :func:`hwgen.ir.batchnorm_reference` (1-D or 2-D BN)."""
+    def channel(v: torch.Tensor) -> torch.Tensor:
+        return v.double().view(1, -1, 1, 1) if z.dim() == 4 else v.double()
+    return ((z - channel(norm.running_mean)) / torch.sqrt(channel(norm.running_var) + norm.eps)
+            ) * channel(norm.weight) + channel(norm.bias)
+
+
+def _as_ir_order(maps: torch.Tensor) -> np.ndarray:
+    """Torch ``(B, C, H, W)`` maps flattened in the IR's ``(y, x, c)`` order (2-D tensors unchanged)."""
+    if maps.dim() == 4:
+        maps = maps.permute(0, 2, 3, 1)
+    return maps.reshape(len(maps), -1).numpy()
+
+
+def _conv_dot(h: torch.Tensor, layer: Conv2dLayer, pad: float) -> torch.Tensor:
+    """A conv layer's accumulators on ``(B, C, H, W)`` maps, exact in float64, as int64 ``(B, C_out, Ho, Wo)``."""
+    channels = layer.in_shape[2]
+    weights = torch.from_numpy(layer.weight_values.astype(np.float64)).view(
+        -1, layer.kernel, layer.kernel, channels).permute(0, 3, 1, 2)
+    padded = F.pad(h, (layer.padding,) * 4, value=pad)
+    acc = torch.round(F.conv2d(padded, weights, stride=layer.stride)).to(torch.int64)
+    return acc + torch.from_numpy(layer.bias_values).view(1, -1, 1, 1)
+
+
+def _torch_order_columns(model: nn.Module, layer: DenseLayer) -> np.ndarray:
+    """The first dense layer's weight values with columns back in torch's ``(c, y, x)`` flatten order."""
+    values = layer.weight_values
+    if not model.arch.conv:
+        return values
+    channels, height, width = model.arch.feature_shape
+    return values.reshape(-1, height, width, channels).transpose(0, 3, 1, 2).reshape(len(values), -1)
+
+
+def _ir_order_columns(model: nn.Module, weights: np.ndarray) -> np.ndarray:
+    """The first dense layer's columns from torch's ``(c, y, x)`` to the IR's ``(y, x, c)`` order."""
+    if not model.arch.conv:
+        return weights
+    channels, height, width = model.arch.feature_shape
+    return weights.reshape(-1, channels, height, width).transpose(0, 2, 3, 1).reshape(len(weights), -1)
 
 
 def _bn_parameters(norm: nn.BatchNorm1d) -> tuple:
@@ -352,17 +581,28 @@ def integer_forward(model: nn.Module, images: np.ndarray) -> list[np.ndarray]:
     h = torch.from_numpy(images.reshape(len(images), -1).astype(np.float64))
     outputs: list[np.ndarray] = []
     if isinstance(model, Int8MLP):
+        if model.arch.conv:
+            h = _image_maps(h, model.arch)
         for layer in export(model).layers:
-            acc = _dot(h, layer.weights) + torch.from_numpy(layer.bias_values)
+            if isinstance(layer, MaxPool2dLayer):
+                h = F.max_pool2d(h, layer.kernel)
+                outputs.append(_as_ir_order(h))
+                continue
+            if isinstance(layer, Conv2dLayer):
+                acc = _conv_dot(h, layer, pad=0.0)
+            else:
+                weights = _torch_order_columns(model, layer) if h.dim() == 4 else layer.weight_values
+                acc = _dot(h.flatten(1), weights) + torch.from_numpy(layer.bias_values)
             if layer.requant is None:
                 outputs.append(acc.numpy())
                 break
             q = layer.requant
-            right = 31 - torch.from_numpy(q.shift)
-            scaled = (acc * torch.from_numpy(q.multiplier) + torch.bitwise_left_shift(torch.ones_like(right), right - 1)
-                      ) >> right
+            channel = (lambda v: v.view(1, -1, 1, 1)) if acc.dim() == 4 else (lambda v: v)
+            right = channel(31 - torch.from_numpy(q.shift))
+            scaled = (acc * channel(torch.from_numpy(q.multiplier))
+                      + torch.bitwise_left_shift(torch.ones_like(right), right - 1)) >> right
             y = torch.clamp(scaled + q.zero_point, q.lo, q.hi)
-            outputs.append(y.numpy())
+            outputs.append(_as_ir_order(y))
             h = y.double()
         return outputs
     if isinstance(model, MixedMLP):
@@ -375,53 +615,106 @@ def integer_forward(model: nn.Module, images: np.ndarray) -> list[np.ndarray]:
         outputs.append((_dot(h, weights) + torch.from_numpy(_quantized_bias(last.bias, scale))).numpy())
         return outputs
     if isinstance(model, BinaryMLP):
+        if model.arch.conv:
+            h = _image_maps(h, model.arch)
+            for conv, norm, (_, _, _, stride, padding), first in _conv_steps(model):
+                if conv is None:
+                    h = F.max_pool2d(h, stride)
+                    outputs.append(_as_ir_order(torch.where(h > 0, 1, 0).to(torch.uint8)))
+                    continue
+                padded = F.pad(h, (padding,) * 4, value=0.0 if first else -1.0)
+                z = F.conv2d(padded, torch.where(conv.weight >= 0, 1.0, -1.0).double(), stride=stride)
+                bits = _batchnorm64(z, norm) >= 0
+                outputs.append(_as_ir_order(bits.to(torch.uint8)))
+                h = torch.where(bits, 1.0, -1.0).double()
+            h = h.flatten(1)
         for index, linear in enumerate(model.linears):
             z = F.linear(h, torch.where(linear.weight >= 0, 1.0, -1.0).double())
             if index < len(model.norms):
                 h = _bits_forward(z, model.norms[index], outputs)
             else:
-                score = (z + linear.in_features) / 2 if index > 0 else z
+                score = (z + linear.in_features) / 2 if index > 0 or model.arch.conv else z
                 outputs.append(torch.round(score).to(torch.int64).numpy())
         return outputs
     raise UserError("a float model has no integer form; quantize it first (hwgen train --kind int8)")
 
 
-def _binary_hidden(name: str, input_kind: str, linear: BinaryLinear, norm: nn.BatchNorm1d) -> DenseLayer:
-    return fold_batchnorm_sign(DenseLayer(name, input_kind, "threshold", linear.weight_bits()), *_bn_parameters(norm))
+def _binary_hidden(name: str, input_kind: str, bits: np.ndarray, norm: nn.BatchNorm1d) -> DenseLayer:
+    return fold_batchnorm_sign(DenseLayer(name, input_kind, "threshold", bits), *_bn_parameters(norm))
+
+
+def _int8_requant(acc_scale: np.ndarray, out_scale: float) -> Requant:
+    """uint8 output (zero point 0, ReLU) with per-channel ``(M0, s)`` for ``acc_scale / out_scale``."""
+    multiplier, shift = zip(*(quantize_multiplier(float(v)) for v in acc_scale / out_scale))
+    return Requant(np.array(multiplier, np.int64), np.array(shift, np.int64), 0, "uint8", 0, UINT8_MAX)
+
+
+def _conv_front(model: nn.Module) -> list:
+    """The conv front end as IR layers: Conv2dLayer (binary thresholds or int8 requant) and pools."""
+    layers: list = []
+    compute = 0
+    binary = isinstance(model, BinaryMLP)
+    for (conv, norm, item, first), (_, (channels, height, width)) in zip(_conv_steps(model), conv_shapes(model.arch)):
+        shape = (height, width, channels)
+        if conv is None:
+            layers.append(MaxPool2dLayer(f"pool{len(layers)}", shape, item[2], "bits" if binary else "uint8"))
+            continue
+        _, out_channels, kernel, stride, padding = item
+        name = f"conv{compute}"
+        if binary:
+            dense = fold_batchnorm_sign(DenseLayer(name, "uint8" if first else "bits", "threshold", conv.weight_bits()),
+                                        *_bn_parameters(norm))
+        else:
+            weights, scale = quantize_weight(conv.weight, per_channel=True)
+            weights = weights.transpose(0, 2, 3, 1).reshape(out_channels, -1)
+            acc_scale = float(model.input_scale(compute)) * scale
+            dense = DenseLayer(name, "uint8", "requant", weights, None, "int8", _quantized_bias(conv.bias, acc_scale),
+                               _int8_requant(acc_scale, float(model.act_scales[compute])))
+        layers.append(Conv2dLayer(dense, shape, kernel, stride, padding))
+        compute += 1
+    return layers
 
 
 def export(model: nn.Module, info: dict | None = None) -> IntegerModel:
-    """Export a quantized model to the integer model (BN folded into thresholds or weights)."""
-    layers: list[DenseLayer] = []
+    """Export a quantized model to the integer model (BN folded into thresholds or weights).
+
+    Convolutions keep the IR's ``(ky, kx, c)`` window order, and the first dense layer after them
+    gets its columns reordered from torch's ``(c, y, x)`` flatten order to the IR's ``(y, x, c)``.
+    """
+    layers: list = []
     if isinstance(model, Int8MLP):
+        layers = _conv_front(model)
+        offset = len(model.convs)
         for index, linear in enumerate(model.linears):
             name, last = f"dense{index}", index == len(model.linears) - 1
             weights, scale = quantize_weight(linear.weight, per_channel=not last)
-            acc_scale = float(model.input_scale(index)) * scale
+            weights = _ir_order_columns(model, weights) if index == 0 else weights
+            acc_scale = float(model.input_scale(offset + index)) * scale
             bias = _quantized_bias(linear.bias, acc_scale)
             if last:
                 layers.append(DenseLayer(name, "uint8", "scores", weights, None, "int8", bias))
-                continue
-            multiplier, shift = zip(*(quantize_multiplier(float(v)) for v in acc_scale / float(model.act_scales[index])))
-            requant = Requant(np.array(multiplier, np.int64), np.array(shift, np.int64), 0, "uint8", 0, UINT8_MAX)
-            layers.append(DenseLayer(name, "uint8", "requant", weights, None, "int8", bias, requant))
+            else:
+                layers.append(DenseLayer(name, "uint8", "requant", weights, None, "int8", bias,
+                                         _int8_requant(acc_scale, float(model.act_scales[offset + index]))))
     elif isinstance(model, MixedMLP):
         weights, scale = quantize_weight(model.linears[0].weight, per_channel=True)
         layers.append(fold_batchnorm_sign(DenseLayer("dense0", "uint8", "threshold", weights, None, "int8"),
                                           *_bn_parameters(model.norms[0]), z_scale=scale))
         for index, (linear, norm) in enumerate(zip(model.linears[1:-1], model.norms[1:]), start=1):
-            layers.append(_binary_hidden(f"dense{index}", "bits", linear, norm))
+            layers.append(_binary_hidden(f"dense{index}", "bits", linear.weight_bits(), norm))
         last = model.linears[-1]
         weights, scale = quantize_weight(last.weight, per_channel=False)
         layers.append(DenseLayer(f"dense{len(model.linears) - 1}", "bits", "scores", weights, None, "int8",
                                  _quantized_bias(last.bias, scale)))
     elif isinstance(model, BinaryMLP):
+        layers = _conv_front(model)
         for index, linear in enumerate(model.linears):
-            input_kind = "uint8" if index == 0 else "bits"
+            input_kind = "uint8" if index == 0 and not model.arch.conv else "bits"
+            bits = _ir_order_columns(model, linear.weight_bits()) if index == 0 else linear.weight_bits()
             if index < len(model.norms):
-                layers.append(_binary_hidden(f"dense{index}", input_kind, linear, model.norms[index]))
+                layers.append(_binary_hidden(f"dense{index}", input_kind, bits, model.norms[index]))
             else:
-                layers.append(DenseLayer(f"dense{index}", input_kind, "scores", linear.weight_bits()))
+                layers.append(DenseLayer(f"dense{index}", input_kind, "scores", bits))
     else:
         raise UserError("a float checkpoint does not export to the integer model; train --kind binary, "
                         "int8 or mixed")
@@ -454,7 +747,8 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
     try:
         arch_fields = blob["arch"]
         arch = Architecture(tuple(arch_fields["input_shape"]), tuple(arch_fields["hidden"]),
-                            int(arch_fields["classes"]), str(arch_fields["kind"]))
+                            int(arch_fields["classes"]), str(arch_fields["kind"]),
+                            tuple(arch_fields.get("conv", ())))
         model = build_model(arch)
         model.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

@@ -26,6 +26,15 @@ def assert_user_error(result, *fragments):
         assert fragment in result.stderr
 
 
+def assert_sim_bit_exact(cwd, model, folds, images, cycles_per_image):
+    """`hwgen sim` passes on ``images`` test images, and the measured II equals the formula's."""
+    sim = hwgen("sim", model, "--images", images, "--fold", folds, "--build-dir", "sim", cwd=cwd)
+    assert sim.returncode == 0, sim.stdout + sim.stderr
+    assert f"RTL vs golden: {images}/{images} images bit-exact" in sim.stdout
+    measured, formula = re.search(r"cycles per image \(II\): measured (\d+), formula (\d+)", sim.stdout).groups()
+    assert int(measured) == int(formula) == cycles_per_image
+
+
 def test_help_lists_the_commands():
     result = hwgen("--help")
     assert result.returncode == 0
@@ -88,8 +97,35 @@ def test_train_export_verilog_sim_on_digits(tmp_path):
     export = hwgen("export", "m.pt", "-o", "m.npz", cwd=tmp_path)
     assert export.returncode == 0, export.stderr
     assert "torch fake-quant vs golden: 449/449 images agree on all 42 integer outputs of all 2 layers" in export.stdout
-    sim = hwgen("sim", "m.npz", "--images", "40", "--fold", "4x16,5x8", "--build-dir", "sim", cwd=tmp_path)
-    assert sim.returncode == 0, sim.stdout + sim.stderr
-    assert "RTL vs golden: 40/40 images bit-exact" in sim.stdout
-    measured, formula = re.search(r"cycles per image \(II\): measured (\d+), formula (\d+)", sim.stdout).groups()
-    assert measured == formula == "32"
+    assert_sim_bit_exact(tmp_path, "m.npz", "4x16,5x8", images=40, cycles_per_image=32)
+
+
+def test_conv_distillation_flow_on_digits(tmp_path):
+    """A float teacher, a distilled binary CNN from it, export and RTL with the convolutions' II."""
+    common = ["--dataset", "digits", "--conv", "8c3,m2", "--hidden", "16", "--epochs", "2"]
+    teacher = hwgen("train", *common, "--kind", "float", "-o", "float.pt", cwd=tmp_path)
+    assert teacher.returncode == 0, teacher.stderr
+    assert_user_error(hwgen("export", "float.pt", "-o", "f.npz", cwd=tmp_path), "a float checkpoint does not export")
+    student = hwgen("train", *common, "--teacher", "float.pt", "--distill", "--temperature", "3", "-o", "s.pt",
+                    cwd=tmp_path)
+    assert student.returncode == 0, student.stderr
+    assert "float accuracy (8c3,m2,16,10, from float.pt)" in student.stdout and "distilled" in student.stdout
+    export = hwgen("export", "s.pt", "-o", "s.npz", cwd=tmp_path)
+    assert "449/449 images agree on all" in export.stdout and "of all 4 layers" in export.stdout, export.stdout
+    # The window generator sends one pixel per cycle: 8 x 8 windows x 3 x 3 pixels; the conv's
+    # PE 8 x SIMD 9 keeps up (64 cycles) and dense0 needs (128/16)(16/16) = 8.
+    assert_sim_bit_exact(tmp_path, "s.npz", "8x9,16x16,10x16", images=12, cycles_per_image=576)
+
+
+def test_conv_and_teacher_errors(tmp_path):
+    assert_user_error(hwgen("train", "--dataset", "digits", "--conv", "8x3", "-o", tmp_path / "m.pt"),
+                      "--conv item '8x3'")
+    assert_user_error(hwgen("train", "--dataset", "digits", "--conv", "8c5p0,8c5p0", "-o", tmp_path / "m.pt"),
+                      "shrinks the")
+    assert_user_error(hwgen("train", "--dataset", "digits", "--kind", "int8", "--distill", "-o", tmp_path / "m.pt"),
+                      "--distill trains a binary or mixed student")
+    teacher = hwgen("train", "--dataset", "digits", "--kind", "float", "--hidden", "8", "--epochs", "1",
+                    "-o", tmp_path / "f.pt")
+    assert teacher.returncode == 0, teacher.stderr
+    assert_user_error(hwgen("train", "--dataset", "digits", "--hidden", "16", "--teacher", tmp_path / "f.pt",
+                            "-o", tmp_path / "m.pt"), "differs from this run's", "--hidden and --conv")

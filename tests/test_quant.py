@@ -175,3 +175,85 @@ def test_int8_checkpoint_round_trip(tmp_path, float_reference, digits):
     loaded, _ = quant.load_checkpoint(tmp_path / "q.pt")
     assert isinstance(loaded, quant.Int8MLP) and torch.equal(loaded.act_scales, model.act_scales)
     assert np.array_equal(quant.integer_forward(loaded, digits.test_x)[-1], quant.integer_forward(model, digits.test_x)[-1])
+
+
+# Convolutional networks: digits are 8x8, so a 3x3 'same' conv, a 2x2 pool, a strided conv and
+# a 1x1 conv fit; the exactness checks use this front end after a short training.
+CONV_FRONT = ("8c3", "m2", "16c3s2p1", "8c1")
+
+
+@pytest.fixture(scope="module")
+def binary_cnn(digits):
+    model = quant.build_model(quant.Architecture(digits.image_shape, (32,), digits.classes, "binary", CONV_FRONT))
+    quant.train(model, digits, epochs=3, progress=False)
+    return model
+
+
+def test_conv_shapes_follow_kernel_stride_padding(digits):
+    arch = quant.Architecture((28, 28), (16,), 10, "binary", ("32c3", "m2", "64c5s2p0", "16c1"))
+    assert [shape for _, shape in quant.conv_shapes(arch)] == [(1, 28, 28), (32, 28, 28), (32, 14, 14), (64, 5, 5)]
+    assert arch.feature_shape == (16, 5, 5) and arch.widths == [400, 16, 10]
+    with pytest.raises(UserError, match=r"--conv item '3x3'"):
+        quant.parse_conv_item("3x3")
+    with pytest.raises(UserError, match="shrinks the"):
+        quant.Architecture((8, 8), (4,), 10, "binary", ("4c5p0", "4c5p0")).widths
+
+
+def test_binary_cnn_torch_equals_golden(binary_cnn, digits):
+    ir = quant.export(binary_cnn)
+    assert [type(layer).__name__ for layer in ir.layers] == [
+        "Conv2dLayer", "MaxPool2dLayer", "Conv2dLayer", "Conv2dLayer", "DenseLayer", "DenseLayer"]
+    assert ir.layers[0].dense.input_kind == "uint8" and ir.layers[2].dense.input_kind == "bits"
+    assert (ir.layers[2].stride, ir.layers[2].padding, ir.layers[3].kernel) == (2, 1, 1)
+    _assert_torch_equals_golden(binary_cnn, digits.test_x)
+
+
+def test_binary_cnn_learns_digits(digits):
+    model = quant.build_model(quant.Architecture(digits.image_shape, (64,), digits.classes, "binary", ("16c3", "m2")))
+    accuracy = quant.train(model, digits, epochs=30, progress=False)
+    result = golden.run(quant.export(model), digits.test_x)
+    assert accuracy > 0.85 and abs(float((result.classes == digits.test_y).mean()) - accuracy) < 0.01
+
+
+def test_int8_cnn_ptq_and_qat_torch_equals_golden(digits):
+    reference = quant.build_model(quant.Architecture(digits.image_shape, (32,), digits.classes, "float", CONV_FRONT))
+    float_acc = quant.train(reference, digits, epochs=15, lr=1e-3, progress=False)
+    model = quant.int8_from_float(reference, digits.train_x)
+    result = _assert_torch_equals_golden(model, digits.test_x)
+    assert abs(float((result.classes == digits.test_y).mean()) - float_acc) <= 0.015
+    quant.train(model, digits, epochs=1, lr=1e-4, progress=False)
+    _assert_torch_equals_golden(model, digits.test_x)
+
+
+def test_cnn_checkpoint_round_trip(tmp_path, binary_cnn, digits):
+    model = binary_cnn
+    quant.save_checkpoint(tmp_path / "cnn.pt", model, {"dataset": "digits"})
+    loaded, info = quant.load_checkpoint(tmp_path / "cnn.pt")
+    assert loaded.arch == model.arch and info == {"dataset": "digits"}
+    assert np.array_equal(golden.run(quant.export(loaded), digits.test_x).outputs[-1],
+                          golden.run(quant.export(model), digits.test_x).outputs[-1])
+
+
+def test_distillation_weight_zero_is_plain_training_and_the_teacher_changes_training(float_reference, digits):
+    arch = quant.Architecture(digits.image_shape, (96, 64), digits.classes)
+    plain, zero, distilled = (quant.build_model(arch, seed=1) for _ in range(3))
+    quant.train(plain, digits, epochs=2, seed=1, progress=False)
+    quant.train(zero, digits, epochs=2, seed=1, progress=False, teacher=float_reference[0], distill_weight=0.0)
+    quant.train(distilled, digits, epochs=2, seed=1, progress=False, teacher=float_reference[0])
+    weights = [m.state_dict()["linears.0.weight"] for m in (plain, zero, distilled)]
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+    with pytest.raises(UserError, match="temperature > 0"):
+        quant.train(plain, digits, epochs=1, progress=False, teacher=float_reference[0], temperature=0.0)
+
+
+def test_distillation_matches_the_teacher_soft_targets(float_reference, digits):
+    """Pure soft-target training (weight 1, T=1) pulls the student's predictions toward the teacher's."""
+    teacher = float_reference[0]
+    arch = quant.Architecture(digits.image_shape, (96, 64), digits.classes, "float")
+    student = quant.build_model(arch, seed=2)
+    quant.train(student, digits, epochs=20, seed=2, lr=1e-3, progress=False, teacher=teacher,
+                temperature=1.0, distill_weight=1.0)
+    x = torch.from_numpy(digits.test_x.astype(np.float32))
+    agree = float((quant._logits(student, x).argmax(1) == quant._logits(teacher, x).argmax(1)).float().mean())
+    assert agree > 0.9
