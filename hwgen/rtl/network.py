@@ -111,6 +111,7 @@ class NetworkTop(wiring.Component):
         self._folds = [Fold(*fold) for fold in folds]
         self._spatial = len(layers) != len(model.layers) or any(isinstance(l, Conv2dLayer) for l in layers)
         stages: list[wiring.Component] = []
+        stage_layers: list[str] = []      # the layer each stage belongs to
         incoming = None          # elements per beat the previous stage emits (None: s_axis, any)
         fold_iter = iter(self._folds)
 
@@ -128,6 +129,7 @@ class NetworkTop(wiring.Component):
                 regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
                 stages.append(MaxPool(layer.in_shape, layer.kernel, layer.input_kind))
                 incoming = channels
+                stage_layers += [layer.name] * (len(stages) - len(stage_layers))
                 continue
             fold = next(fold_iter)
             if isinstance(layer, Conv2dLayer):
@@ -158,9 +160,12 @@ class NetworkTop(wiring.Component):
             if layer.output_kind == "requant":
                 stages.append(Requantizer(dense, fold.pe, vectors))
                 incoming = 1
+            stage_layers += [layer.name] * (len(stages) - len(stage_layers))
         last = model.layers[-1]
         stages.append(ScoreSerializer(last.out_features, last.output_bits, self._folds[-1].pe))
+        stage_layers.append(last.name)
         self._stages = stages
+        self._stage_layers = stage_layers
         first = stages[0]
         super().__init__({
             "s_axis_tdata": In(len(first.i.payload)),
@@ -180,6 +185,11 @@ class NetworkTop(wiring.Component):
     @property
     def stages(self) -> list[wiring.Component]:
         return list(self._stages)
+
+    @property
+    def stage_layers(self) -> list[str]:
+        """The name of the layer each stage belongs to (a window and resizers go with their layer)."""
+        return list(self._stage_layers)
 
     @property
     def compute_stages(self) -> list[FoldedDense]:

@@ -7,7 +7,7 @@ from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
-from .arith import check_positive_int, divisors
+from .arith import MemoryShape, check_positive_int, divisors
 from .dense import channel_words
 
 __all__ = ["Requantizer"]
@@ -67,6 +67,11 @@ class Requantizer(wiring.Component):
     def accept_interval(self) -> int:
         """A beat of PE accumulators is taken apart in PE cycles."""
         return self._pe
+
+    @property
+    def memories(self) -> list[MemoryShape]:
+        """The per-channel multiplier-and-shift ROM."""
+        return [MemoryShape("constants", self._layer.out_features, 31 + _SHIFT_BITS, rom=True)]
 
     @property
     def latency(self) -> int:

