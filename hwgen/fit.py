@@ -9,7 +9,7 @@ the build report gives the placed numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from amaranth.hdl import Shape
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hwgen.ir import IntegerModel
-from hwgen.protocol import IDENTIFY, identity, encode_image
+from hwgen.protocol import IDENTIFY, IDENTITY_BYTES, encode_image
 from hwgen.rtl.board import UARTBoardTop
 from hwgen.rtl.network import Fold, generate_verilog
 
@@ -67,12 +67,11 @@ class BoardSimulator:
         payload = bytes([IDENTIFY]) + b"".join(encode_image(image, self.model) for image in images)
         config, run_dir = self._config(len(images))
         (run_dir / "send.bin").write_bytes(payload)
-        replies = len(identity(self.model)) + len(images)
-        config.update(send=str(run_dir / "send.bin"), replies=replies)
+        config.update(send=str(run_dir / "send.bin"), replies=IDENTITY_BYTES + len(images))
         start = time.perf_counter()
         results = self.design.run(BENCH_MODULE, config, run_dir)
         wall = time.perf_counter() - start
-        skip = len(identity(self.model))
+        skip = IDENTITY_BYTES
         return BoardRun(bytes(results["replies"][:skip]), results["replies"][skip:], results["reply_cycles"][skip:],
                         results["leds"][skip:], bool(results["overrun"]), results["cycles"], wall)
 

@@ -129,37 +129,36 @@ class NetworkTop(wiring.Component):
                 regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
                 stages.append(MaxPool(layer.in_shape, layer.kernel, layer.input_kind))
                 incoming = channels
-                stage_layers += [layer.name] * (len(stages) - len(stage_layers))
-                continue
-            fold = next(fold_iter)
-            if isinstance(layer, Conv2dLayer):
-                dense, vectors = layer.dense, layer.out_shape[0] * layer.out_shape[1]
-                compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors)
-                channels = layer.in_shape[2]
-                regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
-                window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
-                stages.append(window)
-                incoming = channels
-                if not _compatible(channels, fold.simd):
-                    raise ValueError(
-                        f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of its {channels} "
-                        f"input channels; valid SIMD values: "
-                        f"{[d for d in divisors(dense.in_features) if _compatible(d, channels)]}")
-                regroup(layer.name, layer.input_bits, fold.simd, dense.in_features * vectors, "SIMD")
             else:
-                dense, vectors = layer, 1
-                compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd)
-                if incoming is not None and not _compatible(incoming, fold.simd):
-                    raise ValueError(
-                        f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
-                        f"{incoming} elements per beat the previous stage emits; valid SIMD values: "
-                        f"{[d for d in divisors(layer.in_features) if _compatible(d, incoming)]}")
-                regroup(layer.name, layer.input_bits, fold.simd, layer.in_features, "SIMD")
-            stages.append(compute)
-            incoming = fold.pe
-            if layer.output_kind == "requant":
-                stages.append(Requantizer(dense, fold.pe, vectors))
-                incoming = 1
+                fold = next(fold_iter)
+                if isinstance(layer, Conv2dLayer):
+                    dense, vectors = layer.dense, layer.out_shape[0] * layer.out_shape[1]
+                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors)
+                    channels = layer.in_shape[2]
+                    regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
+                    window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
+                    stages.append(window)
+                    incoming = channels
+                    if not _compatible(channels, fold.simd):
+                        raise ValueError(
+                            f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of its {channels} "
+                            f"input channels; valid SIMD values: "
+                            f"{[d for d in divisors(dense.in_features) if _compatible(d, channels)]}")
+                    regroup(layer.name, layer.input_bits, fold.simd, dense.in_features * vectors, "SIMD")
+                else:
+                    dense, vectors = layer, 1
+                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd)
+                    if incoming is not None and not _compatible(incoming, fold.simd):
+                        raise ValueError(
+                            f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
+                            f"{incoming} elements per beat the previous stage emits; valid SIMD values: "
+                            f"{[d for d in divisors(layer.in_features) if _compatible(d, incoming)]}")
+                    regroup(layer.name, layer.input_bits, fold.simd, layer.in_features, "SIMD")
+                stages.append(compute)
+                incoming = fold.pe
+                if layer.output_kind == "requant":
+                    stages.append(Requantizer(dense, fold.pe, vectors))
+                    incoming = 1
             stage_layers += [layer.name] * (len(stages) - len(stage_layers))
         last = model.layers[-1]
         stages.append(ScoreSerializer(last.out_features, last.output_bits, self._folds[-1].pe))

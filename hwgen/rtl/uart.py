@@ -35,13 +35,27 @@ def uart_divisor(clock_hz: float, baud: int) -> int:
     return divisor
 
 
-def _check_divisor(divisor: int) -> None:
-    check_positive_int("divisor", divisor)
-    if divisor < MIN_DIVISOR:
-        raise ValueError(f"divisor must be at least {MIN_DIVISOR} clock cycles per bit, not {divisor}")
+class _UARTEnd(wiring.Component):
+    """What both ends of a UART share: the bit time, checked, and the frame time."""
+
+    def __init__(self, divisor: int, signature: dict):
+        check_positive_int("divisor", divisor)
+        if divisor < MIN_DIVISOR:
+            raise ValueError(f"divisor must be at least {MIN_DIVISOR} clock cycles per bit, not {divisor}")
+        self._divisor = divisor
+        super().__init__(signature)
+
+    @property
+    def divisor(self) -> int:
+        return self._divisor
+
+    @property
+    def cycles_per_byte(self) -> int:
+        """Line time of one frame, and the interval between bytes at full rate: ``10 * divisor`` cycles."""
+        return FRAME_BITS * self._divisor
 
 
-class UARTReceiver(wiring.Component):
+class UARTReceiver(_UARTEnd):
     """Receive 8N1 frames from ``rx`` and emit each byte as a stream beat.
 
     The line is synchronized by two flip-flops, a start bit is confirmed half a bit after its
@@ -64,23 +78,12 @@ class UARTReceiver(wiring.Component):
     """
 
     def __init__(self, divisor: int):
-        _check_divisor(divisor)
-        self._divisor = divisor
-        super().__init__({
+        super().__init__(divisor, {
             "rx": In(1, init=1),
             "o": Out(stream.Signature(unsigned(8))),
             "overrun": Out(1),
             "framing_error": Out(1),
         })
-
-    @property
-    def divisor(self) -> int:
-        return self._divisor
-
-    @property
-    def cycles_per_byte(self) -> int:
-        """Line time of one frame: ``10 * divisor`` cycles."""
-        return FRAME_BITS * self._divisor
 
     def elaborate(self, platform):
         m = Module()
@@ -133,7 +136,7 @@ class UARTReceiver(wiring.Component):
         return m
 
 
-class UARTTransmitter(wiring.Component):
+class UARTTransmitter(_UARTEnd):
     """Send each byte of the input stream as an 8N1 frame on ``tx``.
 
     Parameters
@@ -150,21 +153,10 @@ class UARTTransmitter(wiring.Component):
     """
 
     def __init__(self, divisor: int):
-        _check_divisor(divisor)
-        self._divisor = divisor
-        super().__init__({
+        super().__init__(divisor, {
             "i": In(stream.Signature(unsigned(8))),
             "tx": Out(1, init=1),
         })
-
-    @property
-    def divisor(self) -> int:
-        return self._divisor
-
-    @property
-    def cycles_per_byte(self) -> int:
-        """Cycles from taking a byte to being ready for the next: ``10 * divisor``."""
-        return FRAME_BITS * self._divisor
 
     def elaborate(self, platform):
         m = Module()
