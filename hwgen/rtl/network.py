@@ -101,9 +101,13 @@ class NetworkTop(wiring.Component):
     model : :class:`hwgen.ir.IntegerModel`
     folds : sequence of :class:`Fold`
         One per dense or convolution layer.
+    probes : bool
+        Also bring out each hidden layer's output stream, for debugging: ``probe_<layer>_data``
+        (that layer's last stage's payload) and ``probe_<layer>_valid`` (high on each transfer).
+        The network logic is unchanged.
     """
 
-    def __init__(self, model: IntegerModel, folds: Sequence[Fold]):
+    def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False):
         layers = compute_layers(model)
         if len(folds) != len(layers):
             raise ValueError(f"{len(folds)} folds for {len(layers)} dense/conv layers")
@@ -165,8 +169,16 @@ class NetworkTop(wiring.Component):
         stage_layers.append(last.name)
         self._stages = stages
         self._stage_layers = stage_layers
+        # A hidden layer's output is the stream leaving its last stage.
+        self._probe_stages = {layer.name: max(i for i, name in enumerate(stage_layers) if name == layer.name)
+                              for layer in model.layers[:-1]} if probes else {}
         first = stages[0]
+        probe_ports = {}
+        for name, index in self._probe_stages.items():
+            probe_ports[f"probe_{name}_data"] = Out(len(stages[index].o.payload))
+            probe_ports[f"probe_{name}_valid"] = Out(1)
         super().__init__({
+            **probe_ports,
             "s_axis_tdata": In(len(first.i.payload)),
             "s_axis_tvalid": In(1),
             "s_axis_tready": Out(1),
@@ -189,6 +201,11 @@ class NetworkTop(wiring.Component):
     def stage_layers(self) -> list[str]:
         """The name of the layer each stage belongs to (a window and resizers go with their layer)."""
         return list(self._stage_layers)
+
+    @property
+    def probed_layers(self) -> list[str]:
+        """Layers whose output streams are ports (``probes=True``), in network order."""
+        return list(self._probe_stages)
 
     @property
     def compute_stages(self) -> list[FoldedDense]:
@@ -255,13 +272,17 @@ class NetworkTop(wiring.Component):
             self.m_axis_tvalid.eq(last.o.valid),
             last.o.ready.eq(self.m_axis_tready),
         ]
+        for name, index in self._probe_stages.items():
+            out = self._stages[index].o
+            m.d.comb += [getattr(self, f"probe_{name}_data").eq(out.payload),
+                         getattr(self, f"probe_{name}_valid").eq(out.valid & out.ready)]
         return m
 
 
-def build_top(model: IntegerModel, folds: Sequence[Fold]) -> NetworkTop:
+def build_top(model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False) -> NetworkTop:
     """Construct the top, turning a fold that does not fit the model into a :class:`UserError`."""
     try:
-        return NetworkTop(model, folds)
+        return NetworkTop(model, folds, probes=probes)
     except (ValueError, TypeError) as error:
         raise UserError(f"--fold {','.join(map(str, folds))}: {error}") from None
 

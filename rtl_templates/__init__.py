@@ -1,0 +1,1 @@
+"""Text templates (jinja2) for the simulation harness and the raw Verilator loop."""
