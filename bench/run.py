@@ -1,45 +1,86 @@
-"""Benchmarks of the reference binary MLP: Verilog generation, golden throughput, RTL simulation.
+"""The benchmark suite: `make bench` writes ``bench/results.json``, two plots, and the README table.
 
-Writes ``bench/results.json``; each figure comes from this run on this machine. The reference
-network is a random-weight 784-256-256-10 binary MLP (the speed of every stage here does not depend
-on trained weights), with the default folds.
+Every figure comes from this run on this machine; where a figure compares two things, both are
+measured side by side here. Reference networks (Fashion-MNIST shape, 28×28 uint8 input):
+
+``mlp-binary``, ``mlp-int8``, ``mlp-mixed``
+    784-256-256-10 MLPs trained by ``hwgen train`` (seed 0, 20 epochs; reused from
+    ``build/bench`` when present); ``mlp-binary`` is the reference for the whole-test-set run.
+``cnn-binary``
+    32c3,m2,64c3,m2 + 256 + 10, W1A1, random weights (simulation speed, II and resources do not
+    depend on trained values; the trained CNNs' accuracy is in the README).
+
+Board figures are yosys synthesis cell counts (``--pnr`` adds nextpnr place-and-route and Fmax,
+which takes tens of minutes per large design under WebAssembly).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import platform
-import tempfile
+import re
+import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from hwgen import golden
-from hwgen.data import FASHION_MNIST_DIR, load_dataset
-from hwgen.ir import DenseLayer, IntegerModel
+from hwgen.data import load_dataset
+from hwgen.ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from hwgen.rtl.network import NetworkTop, default_folds, generate_verilog
-from sim.verify import NetworkSimulator
+from hwgen.synth import synthesize
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("results.json")
+WORK = ROOT / "build" / "bench"
+README = ROOT / "README.md"
+TABLE_BEGIN, TABLE_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+TRAINED = {"mlp-binary": "binary", "mlp-int8": "int8", "mlp-mixed": "mixed"}
+FAMILIES = {"ecp5": ("ulx3s-85f", "LUT4", "TRELLIS_FF", "DP16KD", "MULT18X18D"),
+            "ice40": ("icebreaker", "SB_LUT4", "SB_DFF", "SB_RAM40_4K", "SB_MAC16")}
 
 
-def reference_model(seed: int = 0) -> IntegerModel:
-    rng = np.random.default_rng(seed)
-    widths, layers = [784, 256, 256, 10], []
-    for index, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-        weights = rng.integers(0, 2, (n_out, n_in)).astype(np.uint8)
-        kind = "uint8" if index == 0 else "bits"
-        if index == len(widths) - 2:
-            layers.append(DenseLayer(f"dense{index}", kind, "scores", weights))
-            continue
-        probe = DenseLayer("probe", kind, "threshold", weights)
-        lo, hi = probe.channel_acc_bounds
-        layers.append(DenseLayer(f"dense{index}", kind, "threshold", weights, ((lo + hi) // 2).astype(np.int64)))
-    return IntegerModel((28, 28), tuple(layers))
+def hwgen(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "hwgen.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"hwgen {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def trained_model(name: str) -> IntegerModel:
+    """The trained reference MLP ``name``: trained and exported into ``build/bench`` once."""
+    path = WORK / f"{name}.npz"
+    if not path.is_file():
+        checkpoint = WORK / f"{name}.pt"
+        print(f"training {name} (784-256-256-10, 20 epochs) ...", flush=True)
+        hwgen("train", "--dataset", "fashion-mnist", "--hidden", "256,256", "--epochs", "20", "--seed", "0",
+              "--kind", TRAINED[name], "-o", str(checkpoint))
+        hwgen("export", str(checkpoint), "-o", str(path))
+    return IntegerModel.load(path)
+
+
+def cnn_model() -> IntegerModel:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import random_cnn
+
+    spec = dict(kernel=3, stride=1, padding=1, weights="binary", output="threshold", pool=2)
+    model = random_cnn(np.random.default_rng(0), (28, 28, 1), [dict(spec, channels=32), dict(spec, channels=64)],
+                       10)
+    # random_cnn puts the scores layer straight after the convolutions; the reference has a
+    # 256-wide hidden layer in between, as `--conv 32c3,m2,64c3,m2 --hidden 256` trains.
+    from helpers import random_layer
+    rng = np.random.default_rng(1)
+    flat = model.layers[-2].out_features
+    hidden = random_layer(rng, "dense0", "bits", "threshold", flat, 256)
+    head = random_layer(rng, "dense1", "bits", "scores", 256, 10)
+    return IntegerModel(model.input_shape, model.layers[:-1] + (hidden, head))
 
 
 def timed(function, repeat: int = 1):
-    best = float("inf")
+    best, value = float("inf"), None
     for _ in range(repeat):
         start = time.perf_counter()
         value = function()
@@ -47,34 +88,279 @@ def timed(function, repeat: int = 1):
     return best, value
 
 
-def main() -> None:
-    model = reference_model()
+def total_macs(model: IntegerModel) -> int:
+    macs = 0
+    for layer in model.layers:
+        if isinstance(layer, Conv2dLayer):
+            macs += layer.dense.in_features * layer.dense.out_features * layer.out_shape[0] * layer.out_shape[1]
+        elif not isinstance(layer, MaxPool2dLayer):
+            macs += layer.in_features * layer.out_features
+    return macs
+
+
+def bench_verification(model: IntegerModel, images: np.ndarray) -> dict:
+    """Item 1: the whole test set through the RTL: cocotb harness vs raw Verilator loop, and 2 jobs."""
+    from sim.fast import BatchSimulator, verify_all
+    from sim.raw import RawVerilatorLoop
+    from sim.verify import expected_words
+
     folds = default_folds(model)
-    images = (load_dataset("fashion-mnist").test_x if FASHION_MNIST_DIR.is_dir()
-              else np.random.default_rng(1).integers(0, 256, (10000, 784)).astype(np.uint8))
-    results = {"machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
-               "network": "binary MLP 784-256-256-10", "folds": [str(f) for f in folds]}
+    expected = expected_words(golden.run(model, images))
+    raw = RawVerilatorLoop(NetworkTop(model, folds), WORK / "raw")
+    raw_run = raw.run(images, WORK / "raw_run")
+    simulator = BatchSimulator(model, folds, WORK / "verify" / "batch", batch=32)
+    one = simulator.run(images, WORK / "cocotb_run")
+    start = time.perf_counter()
+    report = verify_all(model, folds, images, WORK / "verify", jobs=2)
+    full_wall = time.perf_counter() - start
+    return {
+        "images": len(images),
+        "raw_images_per_s": round(len(images) / raw_run.wall_seconds, 1),
+        "raw_cycles_per_s": round(raw_run.cycles / raw_run.wall_seconds),
+        "raw_mismatched_images": int((raw_run.words.view(np.int32) != expected).any(axis=1).sum()),
+        "cocotb_images_per_s": round(len(images) / one.wall_seconds, 1),
+        "cocotb_cycles_per_s": round(one.cycles / one.wall_seconds),
+        "cocotb_mismatched_images": int((one.words.view(np.int32) != expected).any(axis=1).sum()),
+        "cocotb_over_raw": round(raw_run.wall_seconds / one.wall_seconds, 3),
+        "verify_jobs": 2,
+        "verify_wall_s": round(full_wall, 1),
+        "verify_mismatched_images": report.mismatched_images,
+        "verify_protocol_errors": report.protocol_errors,
+        "ii_measured": report.ii_measured,
+        "ii_formula": report.ii_formula,
+    }
 
+
+def bench_golden_vs_torch(model: IntegerModel, images: np.ndarray) -> dict:
+    """Item 2: golden images/s against torch's float forward of the same 784-256-256-10 shape."""
+    import torch
+
+    from hwgen.quant import Architecture, FloatMLP
+
+    torch.manual_seed(0)
+    net = FloatMLP(Architecture((28, 28), (256, 256), 10, "float")).eval()
+    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32))
+    golden_s, _ = timed(lambda: golden.run(model, images), repeat=3)
+    with torch.no_grad():
+        torch_s, _ = timed(lambda: net(x), repeat=3)
+    return {"images": len(images), "torch_threads": torch.get_num_threads(),
+            "golden_images_per_s": round(len(images) / golden_s),
+            "torch_float_images_per_s": round(len(images) / torch_s),
+            "golden_over_torch": round(torch_s / golden_s, 3)}
+
+
+def bench_network(name: str, model: IntegerModel, pnr: bool) -> dict:
+    """Items 3-5 for one network: generation time, II vs formula vs ideal, synthesis per family."""
+    from sim.fast import BatchSimulator
+
+    folds = default_folds(model)
     seconds, verilog = timed(lambda: generate_verilog(NetworkTop(model, folds)), repeat=2)
-    results["verilog_generation_s"] = round(seconds, 3)
-    results["verilog_bytes"] = len(verilog)
-
-    seconds, _ = timed(lambda: golden.run(model, images), repeat=3)
-    results["golden_images_per_s"] = round(len(images) / seconds)
-
-    with tempfile.TemporaryDirectory() as build:
+    top = NetworkTop(model, folds)
+    images = np.random.default_rng(0).integers(0, 256, (12, model.in_features)).astype(np.uint8)
+    run = BatchSimulator(model, folds, WORK / "ii" / name, batch=4).run(images, WORK / "ii" / name / "run")
+    macs = total_macs(model)
+    lanes = sum(fold.pe * fold.simd for fold in folds)
+    result = {"folds": [str(f) for f in folds], "verilog_generation_s": round(seconds, 2),
+              "verilog_bytes": len(verilog), "ii_measured": int(np.diff(run.out_last)[-1]),
+              "ii_formula": top.cycles_per_image, "macs": macs, "macs_per_cycle": lanes,
+              "ii_ideal": round(macs / lanes, 1)}
+    binary_lanes = sum(fold.pe * fold.simd for fold, layer in zip(folds, [l for l in model.layers
+                       if not isinstance(l, MaxPool2dLayer)]) if (layer.dense if isinstance(layer, Conv2dLayer)
+                                                               else layer).weight_kind == "binary")
+    for family, (board, lut, ff, bram, dsp) in FAMILIES.items():
+        from hwgen.boards import load_board
+        from hwgen.fit import estimate
+        est = estimate(model, folds, load_board(board))
+        if est.over_budget():
+            result[board] = {"fits": False, "why": "; ".join(est.over_budget())}
+            continue
         start = time.perf_counter()
-        simulator = NetworkSimulator(model, folds, build)
-        results["verilator_build_s"] = round(time.perf_counter() - start, 1)
-        run = simulator.run(images[:500])
-        results["rtl_images"] = run.images
-        results["rtl_mismatches"] = len(run.mismatches)
-        results["rtl_wall_s"] = round(run.wall_seconds, 2)
-        results["rtl_images_per_s"] = round(run.images / run.wall_seconds, 1)
-        results["rtl_simulated_cycles_per_s"] = round(run.cycles / run.wall_seconds)
-        results["ii_measured"] = run.intervals[-1]
-        results["ii_formula"] = simulator.top.cycles_per_image
+        cells = synthesize(verilog, "hwgen_network", family)
+        result[board] = {"fits": True, "luts": cells.get(lut, 0),
+                         "ffs": sum(v for k, v in cells.items() if k.startswith(ff)),
+                         "brams": cells.get(bram, 0), "dsps": cells.get(dsp, 0),
+                         "synth_s": round(time.perf_counter() - start, 1)}
+        if binary_lanes:
+            result[board]["luts_per_binary_mac_per_cycle"] = round(result[board]["luts"] / binary_lanes, 2)
+        if pnr:
+            result[board].update(place_and_route(name, model, folds, board))
+    return result
+
+
+def place_and_route(name: str, model: IntegerModel, folds, board_name: str) -> dict:
+    from hwgen.boards import load_board
+    from hwgen.build import build_board
+
+    built = build_board(model, name, load_board(board_name), folds, WORK / "boards" / f"{name}-{board_name}")
+    report = built.report
+    return {"fmax_mhz": report.get("fmax_mhz"), "placed": report.get("placed"),
+            "pnr_tool_s": report.get("tool_seconds")}
+
+
+def bench_layers(model: IntegerModel) -> list[dict]:
+    """Resources per stage of the reference MLP on ECP5 (each stage synthesized alone)."""
+    from amaranth.back import verilog as amaranth_verilog
+
+    top = NetworkTop(model, default_folds(model))
+    rows = []
+    for index, (stage, layer) in enumerate(zip(top.stages, top.stage_layers)):
+        text = amaranth_verilog.convert(stage, name="stage", emit_src=False, strip_internal_attrs=True)
+        cells = synthesize(text, "stage", "ecp5")
+        rows.append({"stage": f"{layer}:{type(stage).__name__}", "luts": cells.get("LUT4", 0),
+                     "ffs": sum(v for k, v in cells.items() if k.startswith("TRELLIS_FF")),
+                     "brams": cells.get("DP16KD", 0)})
+    return rows
+
+
+def bench_popcount() -> list[dict]:
+    """Item 6: our XNOR-popcount (Amaranth adder tree) vs a plain Verilog sum loop, same width."""
+    from amaranth.back import verilog as amaranth_verilog
+    from amaranth.hdl import Module, Signal
+    from amaranth.lib import wiring
+    from amaranth.lib.wiring import In, Out
+
+    from hwgen.rtl.arith import tree_sum
+
+    rows = []
+    for width in (32, 128, 512):
+        class XnorPopcount(wiring.Component):
+            def __init__(self):
+                super().__init__({"x": In(width), "w": In(width), "count": Out(width.bit_length())})
+
+            def elaborate(self, platform):
+                m = Module()
+                agree = Signal(width)
+                m.d.comb += agree.eq(~(self.x ^ self.w))
+                m.d.sync += self.count.eq(tree_sum([agree[k] for k in range(width)]))
+                return m
+
+        ours = amaranth_verilog.convert(XnorPopcount(), name="popcount", emit_src=False, strip_internal_attrs=True)
+        bits = width.bit_length()
+        plain = (f"module popcount(input clk, input rst, input [{width - 1}:0] x, input [{width - 1}:0] w, "
+                 f"output reg [{bits - 1}:0] count);\n  integer i; reg [{bits - 1}:0] s;\n"
+                 f"  always @* begin s = 0; for (i = 0; i < {width}; i = i + 1) s = s + !(x[i] ^ w[i]); end\n"
+                 f"  always @(posedge clk) count <= rst ? 0 : s;\nendmodule\n")
+        for family, (_, lut, *_rest) in FAMILIES.items():
+            rows.append({"width": width, "family": family,
+                         "hwgen_luts": synthesize(ours, "popcount", family).get(lut, 0),
+                         "plain_yosys_luts": synthesize(plain, "popcount", family).get(lut, 0)})
+    return rows
+
+
+def bench_accuracy(models: dict[str, IntegerModel], test_x: np.ndarray, test_y: np.ndarray) -> dict:
+    accuracy = {"float": models["mlp-binary"].info.get("float_accuracy")}
+    for name, label in (("mlp-int8", "int8"), ("mlp-mixed", "mixed"), ("mlp-binary", "W1A1")):
+        accuracy[label] = round(float((golden.run(models[name], test_x).classes == test_y).mean()), 4)
+    return accuracy
+
+
+def plots(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = results["accuracy"]
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    labels = list(accuracy)
+    axis.bar(labels, [100 * accuracy[k] for k in labels], color=["#888", "#2a7", "#27a", "#a52"])
+    for index, label in enumerate(labels):
+        axis.text(index, 100 * accuracy[label] + 0.1, f"{100 * accuracy[label]:.2f}", ha="center")
+    axis.set_ylim(85, 92)
+    axis.set_ylabel("Fashion-MNIST test accuracy (%)")
+    axis.set_title("784-256-256-10 MLP by precision (golden model)")
+    figure.tight_layout()
+    figure.savefig(Path(__file__).with_name("accuracy_vs_precision.png"), dpi=120)
+
+    layers = results["mlp_binary_stages_ecp5"]
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    names = [row["stage"] for row in layers]
+    x = np.arange(len(names))
+    axis.bar(x - 0.2, [row["luts"] for row in layers], 0.4, label="LUT4")
+    axis.bar(x + 0.2, [row["ffs"] for row in layers], 0.4, label="FF")
+    axis.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    axis.set_ylabel("cells (yosys synth_ecp5)")
+    axis.set_title("mlp-binary resources per stage (block RAMs: "
+                   + ", ".join(str(row["brams"]) for row in layers) + ")")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(Path(__file__).with_name("resources_per_layer.png"), dpi=120)
+
+
+def readme_table(results: dict) -> str:
+    v, g = results["verification"], results["golden_vs_torch"]
+    lines = [
+        f"Measured by `make bench` ({results['machine']}, {results['date']}); raw data in `bench/results.json`.",
+        "",
+        "| measurement | result |",
+        "|---|---|",
+        f"| whole test set through the RTL (`hwgen verify`, mlp-binary, {v['verify_jobs']} processes) | "
+        f"{v['images']:,} images, {v['verify_mismatched_images']} mismatches, {v['verify_wall_s']} s wall |",
+        f"| RTL-verified images/s, cocotb + harness vs raw C++ Verilator loop (1 process each) | "
+        f"{v['cocotb_images_per_s']:,} vs {v['raw_images_per_s']:,} images/s: ratio **{v['cocotb_over_raw']}** "
+        f"({v['cocotb_cycles_per_s']:,} vs {v['raw_cycles_per_s']:,} cycles/s) |",
+        f"| golden model vs torch float forward (784-256-256-10, {g['images']:,} images) | "
+        f"{g['golden_images_per_s']:,} vs {g['torch_float_images_per_s']:,} images/s: ratio "
+        f"{g['golden_over_torch']} |",
+        "",
+        "| network | folds | Verilog gen | II measured / formula / ideal | ULX3S-85F (ECP5) LUT, FF, BRAM, DSP | "
+        "iCEBreaker LUT, FF, BRAM, DSP | LUT per binary MAC/cycle (ECP5) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def board_cell(row: dict) -> str:
+        if not row.get("fits"):
+            return "does not fit (estimate)"
+        cell = f"{row['luts']:,}, {row['ffs']:,}, {row['brams']}, {row['dsps']}"
+        return cell + (f"; Fmax {row['fmax_mhz']:.1f} MHz" if row.get("fmax_mhz") else "")
+
+    for name, row in results["networks"].items():
+        ecp5 = row["ulx3s-85f"]
+        lines.append(f"| {name} | {' '.join(row['folds'])} | {row['verilog_generation_s']} s | "
+                     f"{row['ii_measured']} / {row['ii_formula']} / {row['ii_ideal']} | {board_cell(ecp5)} | "
+                     f"{board_cell(row['icebreaker'])} | {ecp5.get('luts_per_binary_mac_per_cycle', '–')} |")
+    lines += ["", "| XNOR-popcount width | family | hwgen adder tree LUTs | plain yosys sum LUTs |", "|---|---|---|---|"]
+    lines += [f"| {r['width']} | {r['family']} | {r['hwgen_luts']} | {r['plain_yosys_luts']} |"
+              for r in results["popcount"]]
+    accuracy = results["accuracy"]
+    lines += ["", "Accuracy by precision (784-256-256-10, golden model, full test set): "
+              + ", ".join(f"{k} {100 * v:.2f} %" for k, v in accuracy.items()) + "."]
+    return "\n".join(lines)
+
+
+def rewrite_readme(table: str) -> None:
+    text = README.read_text()
+    pattern = re.compile(re.escape(TABLE_BEGIN) + r".*?" + re.escape(TABLE_END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {TABLE_BEGIN} … {TABLE_END} block to rewrite")
+    README.write_text(pattern.sub(lambda _: f"{TABLE_BEGIN}\n{table}\n{TABLE_END}", text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pnr", action="store_true", help="also place and route each design that fits (slow)")
+    args = parser.parse_args(argv)
+    # Tops built only for their properties (folds, formulas) are never elaborated; that is fine.
+    warnings.filterwarnings("ignore", message=".*created but never used")
+    WORK.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset("fashion-mnist")
+    test_x, test_y = dataset.test_x.reshape(len(dataset.test_x), -1), dataset.test_y
+    models = {name: trained_model(name) for name in TRAINED}
+    results = {"machine": f"{platform.machine()}, 2 cores, CPython {platform.python_version()}",
+               "date": time.strftime("%Y-%m-%d")}
+    print("whole test set through the RTL ...", flush=True)
+    results["verification"] = bench_verification(models["mlp-binary"], test_x)
+    results["golden_vs_torch"] = bench_golden_vs_torch(models["mlp-binary"], test_x)
+    results["accuracy"] = bench_accuracy(models, test_x, test_y)
+    results["networks"] = {}
+    for name, model in {**models, "cnn-binary": cnn_model()}.items():
+        print(f"network {name} ...", flush=True)
+        results["networks"][name] = bench_network(name, model, args.pnr)
+    print("resources per stage, popcount comparison ...", flush=True)
+    results["mlp_binary_stages_ecp5"] = bench_layers(models["mlp-binary"])
+    results["popcount"] = bench_popcount()
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    plots(results)
+    rewrite_readme(readme_table(results))
     print(json.dumps(results, indent=2))
 
 

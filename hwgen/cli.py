@@ -406,7 +406,7 @@ def run(model_path, port, board_name, baud, images, timeout, dataset, data_dir) 
 @click.option("--images", default="200", show_default=True, help="Test images through the RTL.")
 @click.pass_context
 def demo(ctx, out_dir, dataset, data_dir, epochs, kind, conv, images) -> None:
-    """End to end: train, export, Verilog, RTL simulation against golden."""
+    """End to end: train, export, Verilog, RTL simulation against golden (stalled, then the whole test set)."""
     from .data import FASHION_MNIST_DIR, load_dataset
 
     out = Path(out_dir)
@@ -423,6 +423,8 @@ def demo(ctx, out_dir, dataset, data_dir, epochs, kind, conv, images) -> None:
     ctx.invoke(verilog, model_path=str(out / "model.npz"), fold="default", output=str(out / "hwgen_network.v"))
     ctx.invoke(sim, model_path=str(out / "model.npz"), fold="default", images=images, stall=0.25, seed=0,
                dataset=None, data_dir=None, build_dir=str(out / "sim"))
+    ctx.invoke(verify, model_path=str(out / "model.npz"), fold="default", images="all", jobs=2, stall=0.0,
+               dataset=None, data_dir=None, build_dir=str(out / "verify"))
     click.echo(f"== demo finished in {time.perf_counter() - start:.0f} s; artefacts in {out}")
 
 
