@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from hwgen import golden
+from hwgen.boards import load_board
 from hwgen.data import load_dataset
+from hwgen.fit import estimate
 from hwgen.ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
-from hwgen.rtl.network import NetworkTop, default_folds, generate_verilog
+from hwgen.rtl.network import NetworkTop, compute_layers, default_folds, generate_verilog
 from hwgen.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,20 +65,17 @@ def trained_model(name: str) -> IntegerModel:
 
 
 def cnn_model() -> IntegerModel:
+    """The reference CNN shape with random weights: two 3×3 convolutions with 2×2 pooling, then
+    the 256-wide hidden layer and the scores layer `--conv 32c3,m2,64c3,m2 --hidden 256` trains."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import random_cnn
+    from helpers import random_cnn, random_layer
 
     spec = dict(kernel=3, stride=1, padding=1, weights="binary", output="threshold", pool=2)
-    model = random_cnn(np.random.default_rng(0), (28, 28, 1), [dict(spec, channels=32), dict(spec, channels=64)],
-                       10)
-    # random_cnn puts the scores layer straight after the convolutions; the reference has a
-    # 256-wide hidden layer in between, as `--conv 32c3,m2,64c3,m2 --hidden 256` trains.
-    from helpers import random_layer
+    convs = random_cnn(np.random.default_rng(0), (28, 28, 1), [dict(spec, channels=32), dict(spec, channels=64)],
+                       10).layers[:-1]          # random_cnn's own scores layer is replaced below
     rng = np.random.default_rng(1)
-    flat = model.layers[-2].out_features
-    hidden = random_layer(rng, "dense0", "bits", "threshold", flat, 256)
-    head = random_layer(rng, "dense1", "bits", "scores", 256, 10)
-    return IntegerModel(model.input_shape, model.layers[:-1] + (hidden, head))
+    hidden = random_layer(rng, "dense0", "bits", "threshold", convs[-1].out_features, 256)
+    return IntegerModel((28, 28, 1), convs + (hidden, random_layer(rng, "dense1", "bits", "scores", 256, 10)))
 
 
 def timed(function, repeat: int = 1):
@@ -164,12 +163,9 @@ def bench_network(name: str, model: IntegerModel, pnr: bool) -> dict:
               "verilog_bytes": len(verilog), "ii_measured": int(np.diff(run.out_last)[-1]),
               "ii_formula": top.cycles_per_image, "macs": macs, "macs_per_cycle": lanes,
               "ii_ideal": round(macs / lanes, 1)}
-    binary_lanes = sum(fold.pe * fold.simd for fold, layer in zip(folds, [l for l in model.layers
-                       if not isinstance(l, MaxPool2dLayer)]) if (layer.dense if isinstance(layer, Conv2dLayer)
-                                                               else layer).weight_kind == "binary")
+    binary_lanes = sum(fold.pe * fold.simd for fold, layer in zip(folds, compute_layers(model))
+                       if layer.weight_kind == "binary")
     for family, (board, lut, ff, bram, dsp) in FAMILIES.items():
-        from hwgen.boards import load_board
-        from hwgen.fit import estimate
         est = estimate(model, folds, load_board(board))
         if est.over_budget():
             result[board] = {"fits": False, "why": "; ".join(est.over_budget())}
@@ -188,7 +184,6 @@ def bench_network(name: str, model: IntegerModel, pnr: bool) -> dict:
 
 
 def place_and_route(name: str, model: IntegerModel, folds, board_name: str) -> dict:
-    from hwgen.boards import load_board
     from hwgen.build import build_board
 
     built = build_board(model, name, load_board(board_name), folds, WORK / "boards" / f"{name}-{board_name}")

@@ -190,6 +190,12 @@ def export(checkpoint, output, dataset, data_dir) -> None:
     click.echo(f"wrote {output}")
 
 
+def _test_set_options(function):
+    """``--dataset`` and ``--data`` for commands that read a test set (default: the model's own)."""
+    function = click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)(function)
+    return click.option("--dataset", type=DATASET_CHOICES, default=None)(function)
+
+
 def _fold_option(function):
     return click.option("--fold", default="default", show_default=True,
                         help="PExSIMD per layer, comma separated (e.g. 16x28,16x32,10x32), or 'default'.")(function)
@@ -220,8 +226,7 @@ def verilog(model_path, fold, output) -> None:
 @click.option("--stall", type=click.FloatRange(0, 0.95), default=0.25, show_default=True,
               help="Probability of a stall cycle on each stream end.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dataset", type=DATASET_CHOICES, default=None)
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/sim", show_default=True)
 def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> None:
     """Verify the RTL against the golden model with cocotb + Verilator, bit for bit."""
@@ -249,8 +254,7 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> 
               help="Simulator processes to split the images across.")
 @click.option("--stall", type=click.FloatRange(0, 0.95), default=0.0, show_default=True,
               help="Probability of a stall cycle on each stream end (0: full speed, exact II).")
-@click.option("--dataset", type=DATASET_CHOICES, default=None)
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/verify", show_default=True)
 def verify(model_path, fold, images, jobs, stall, dataset, data_dir, build_dir) -> None:
     """Every test image through the RTL (Verilator, clock in the simulation), every output vs golden.
@@ -331,8 +335,7 @@ def build(model_path, board_name, fold, baud, output, no_pnr) -> None:
 @click.option("--images", default="20", show_default=True, help="Test images to send, or 'all'.")
 @click.option("--divisor", type=click.IntRange(min=4), default=8, show_default=True,
               help="Clock cycles per UART bit in the simulation.")
-@click.option("--dataset", type=DATASET_CHOICES, default=None)
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/board-sim", show_default=True)
 def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, build_dir) -> None:
     """Simulate the board top (Verilator): image bytes in on the UART line, class bytes out, vs golden."""
@@ -370,8 +373,7 @@ def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, 
 @click.option("--images", default="100", show_default=True, help="Test images to send, or 'all'.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Seconds to wait for each reply.")
-@click.option("--dataset", type=DATASET_CHOICES, default=None)
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@_test_set_options
 def run(model_path, port, board_name, baud, images, timeout, dataset, data_dir) -> None:
     """Classify test images on a programmed board over its serial port; accuracy and images/s."""
     from tqdm import tqdm

@@ -13,31 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import jinja2
 import numpy as np
 
-import rtl_templates
+from rtl_templates import render
 from hwgen import golden
 from hwgen.ir import IntegerModel, MaxPool2dLayer
 from hwgen.rtl.network import TOP_NAME, Fold, NetworkTop, build_top, generate_verilog
 
 from .runner import VerilatorDesign
-from .verify import Mismatch, NetworkSimulator, compare, expected_words, image_beats
+from .verify import Mismatch, NetworkSimulator, compare, cycle_budget, expected_words, image_beats
 
 BENCH_MODULE = "sim.batch_bench"
 HARNESS_NAME = "hwgen_harness"
-
-_TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(rtl_templates.__file__).parent),
-                                undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-
 
 def harness_verilog(top: NetworkTop, batch: int) -> str:
     """The harness module around ``hwgen_network`` for batches of ``batch`` images."""
     if not 1 <= batch <= 4096:
         raise ValueError(f"batch must be between 1 and 4096 images, not {batch}")
     beat_bits = len(top.s_axis_tdata)
-    return _TEMPLATES.get_template("stream_harness.v.j2").render(
-        dut=TOP_NAME, batch=batch, beats=top.input_beats, beat_bits=beat_bits, words=top.output_words)
+    return render(
+        "stream_harness.v.j2", dut=TOP_NAME, batch=batch, beats=top.input_beats, beat_bits=beat_bits, words=top.output_words)
 
 
 @dataclass
@@ -82,11 +77,9 @@ class BatchSimulator:
         run_dir.mkdir(parents=True, exist_ok=True)
         beats_path = run_dir / "beats.npy"
         np.save(beats_path, image_beats(self.top, images.reshape(len(images), -1)), allow_pickle=False)
-        slack = 1.0 / max(1e-3, (1 - stall_in) * (1 - stall_out))
-        per_image = self.top.cycles_per_image + sum(stage.cycles_per_image for stage in self.top.stages)
         config = {"beats": str(beats_path), "batch": self.batch, "words_per_image": self.top.output_words,
                   "stall_in": stall_in, "stall_out": stall_out,
-                  "max_cycles": int((len(images) + 2 * self.batch) * per_image * slack * 4) + 1000}
+                  "max_cycles": cycle_budget(self.top, len(images) + 2 * self.batch, stall_in, stall_out)}
         start = time.perf_counter()
         results = self.design.run(BENCH_MODULE, config, run_dir)
         wall = time.perf_counter() - start
@@ -245,9 +238,9 @@ def locate_divergence(model: IntegerModel, folds: list[Fold], images: np.ndarray
     simulator = NetworkSimulator(model, folds, build_dir, waves=True, probes=True)
     run = simulator.run(chosen, reference=reference)
     waveform = simulator.last_run_dir / "dump.vcd"
-    kept = Path(build_dir) / f"mismatch_image{image}.vcd"
+    kept = None
     if waveform.is_file():
-        waveform.replace(kept)
+        kept = waveform.replace(Path(build_dir) / f"mismatch_image{image}.vcd")
     expected = golden.run(reference, chosen)
     last = len(chosen) - 1
     for index, layer in enumerate(reference.layers[:-1]):
@@ -260,10 +253,10 @@ def locate_divergence(model: IntegerModel, folds: list[Fold], images: np.ndarray
         if len(differs) or len(got) < len(want):
             at = int(differs[0]) if len(differs) else len(got)
             return Divergence(image, layer.name, at, int(want[at]), int(got[at]) if at < len(got) else None,
-                              kept if kept.is_file() else None)
+                              kept)
     own = [m for m in run.mismatches if m.image == last]
     if own:
         return Divergence(image, own[0].layer, own[0].index, own[0].expected, own[0].got,
-                          kept if kept.is_file() else None)
+                          kept)
     return Divergence(image, "none (the per-cycle rerun matched golden: the mismatch depends on earlier "
-                      "images or on timing)", 0, None, None, kept if kept.is_file() else None)
+                      "images or on timing)", 0, None, None, kept)

@@ -16,8 +16,9 @@ import numpy as np
 from hwgen.errors import UserError
 from hwgen.rtl.network import TOP_NAME, NetworkTop, generate_verilog
 
-from .fast import _TEMPLATES
-from .runner import prepare_verilator_environment
+from rtl_templates import render
+
+from .runner import build_is_current, mark_built, prepare_verilator_environment
 from .verify import image_beats
 
 
@@ -39,17 +40,16 @@ class RawVerilatorLoop:
         self.top = top
         self.build_dir = Path(build_dir).resolve()
         beat_bits = len(top.s_axis_tdata)
-        verilog = generate_verilog(top) + _TEMPLATES.get_template("raw_top.v.j2").render(dut=TOP_NAME, beat_bits=beat_bits)
-        main = _TEMPLATES.get_template("raw_loop.cpp.j2").render(
-            beat_bytes=beat_bits // 8, beats=top.input_beats, words=top.output_words,
+        verilog = generate_verilog(top) + render("raw_top.v.j2", dut=TOP_NAME, beat_bits=beat_bits)
+        main = render(
+            "raw_loop.cpp.j2", beat_bytes=beat_bits // 8, beats=top.input_beats, words=top.output_words,
             max_cycles_per_image=4 * sum(stage.cycles_per_image for stage in top.stages) + 100)
         # No VPI here, so nothing is public: Verilator may optimize across the whole design.
         args = ["--cc", "--exe", "--build", "-j", "2", "-Wno-fatal", "-O3", "--top-module", "hwgen_raw_top",
                 "-Mdir", str(self.build_dir), "-o", "raw_loop", "network.v", "main.cpp"]
         digest = hashlib.sha256((verilog + main + repr(args)).encode()).hexdigest()
-        stamp = self.build_dir / "design.sha256"
         self.executable = self.build_dir / "raw_loop"
-        if stamp.is_file() and stamp.read_text() == digest and self.executable.is_file():
+        if build_is_current(self.build_dir, digest) and self.executable.is_file():
             return
         self.build_dir.mkdir(parents=True, exist_ok=True)
         (self.build_dir / "network.v").write_text(verilog)
@@ -58,7 +58,7 @@ class RawVerilatorLoop:
         done = subprocess.run(["verilator", *args], cwd=self.build_dir, capture_output=True, text=True)
         if done.returncode != 0:
             raise UserError(f"Verilator could not build the raw loop in {self.build_dir}:\n{done.stderr[-3000:]}")
-        stamp.write_text(digest)
+        mark_built(self.build_dir, digest)
 
     def run(self, images: np.ndarray, work_dir: Path | str) -> RawRun:
         """Run ``images`` through the loop; returns the words and cycle counts it reports."""

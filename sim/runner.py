@@ -36,6 +36,17 @@ def prepare_verilator_environment() -> None:
     os.environ["MAKEFLAGS"] = (flags + " " + extra).strip()
 
 
+def build_is_current(build_dir: Path, digest: str) -> bool:
+    """Whether ``build_dir`` holds a finished build of the inputs ``digest`` names."""
+    stamp = build_dir / "design.sha256"
+    return stamp.is_file() and stamp.read_text() == digest
+
+
+def mark_built(build_dir: Path, digest: str) -> None:
+    """Record that ``build_dir`` now holds a finished build of ``digest`` (written last)."""
+    (build_dir / "design.sha256").write_text(digest)
+
+
 class VerilatorDesign:
     """A Verilog design compiled by Verilator into ``build_dir``; rebuilt only when the source changes.
 
@@ -68,9 +79,8 @@ class VerilatorDesign:
 
         prepare_verilator_environment()
         digest = hashlib.sha256((self._verilog + repr(self._build_args)).encode()).hexdigest()
-        stamp = self.build_dir / "design.sha256"
         source = self.build_dir / f"{self.toplevel}.v"
-        if stamp.is_file() and stamp.read_text() == digest:
+        if build_is_current(self.build_dir, digest):
             return self
         self.build_dir.mkdir(parents=True, exist_ok=True)
         source.write_text(self._verilog)
@@ -78,7 +88,7 @@ class VerilatorDesign:
         runner.build(sources=[source], hdl_toplevel=self.toplevel, build_dir=self.build_dir,
                      build_args=self._build_args, always=True,
                      waves=self.waves, log_file=self.build_dir / "build.log")
-        stamp.write_text(digest)
+        mark_built(self.build_dir, digest)
         return self
 
     def run(self, test_module: str, config: dict, run_dir: Path | str) -> dict:

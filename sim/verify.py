@@ -107,6 +107,14 @@ def decode_words(words: list[list[int]]) -> np.ndarray:
     return np.where(raw >= 1 << 31, raw - (1 << 32), raw)
 
 
+def cycle_budget(top: NetworkTop, images: int, stall_in: float = 0.0, stall_out: float = 0.0) -> int:
+    """Cycles after which a run of ``images`` counts as hung: four times a generous estimate
+    (each image through every stage one after another, slowed by the stall probabilities)."""
+    slack = 1.0 / max(1e-3, (1 - stall_in) * (1 - stall_out))
+    per_image = top.cycles_per_image + sum(stage.cycles_per_image for stage in top.stages)
+    return int(images * per_image * slack * 4) + 1000
+
+
 def compare(model: IntegerModel, expected: np.ndarray, got: np.ndarray, first_image: int = 0) -> list[Mismatch]:
     """Every differing word, named by image, layer and index."""
     mismatches = []
@@ -153,9 +161,7 @@ class NetworkSimulator:
         run_dir.mkdir(parents=True, exist_ok=True)
         beats_path = run_dir / "beats.npy"
         np.save(beats_path, image_beats(self.top, images), allow_pickle=False)
-        slack = 1.0 / max(1e-3, (1 - stall_in) * (1 - stall_out))
-        per_image = self.top.cycles_per_image + sum(stage.cycles_per_image for stage in self.top.stages)
-        budget = int((len(images) + 2) * per_image * slack * 4) + 1000
+        budget = cycle_budget(self.top, len(images) + 2, stall_in, stall_out)
         config = {"beats": str(beats_path), "words_per_image": self.top.output_words,
                   "stall_in": stall_in, "stall_out": stall_out, "seed": seed, "max_cycles": budget,
                   "probes": self.top.probed_layers}
