@@ -39,12 +39,19 @@ class FamilyCosts:
     rom_logic_depth: int        # ROMs this shallow stay in logic (one LUT4 holds 16 entries of a bit)
     ram_logic_depth: int        # RAMs this shallow become distributed RAM (0: the family has none)
     multiplier_luts: int        # an 8x8 multiply when no DSP is left
+    # yosys (synth_ecp5, synth_ice40 -dsp) maps every multiply to a DSP block however many the
+    # device has, so past the budget the design does not place; Vivado (-max_dsp defaults to the
+    # device's count) puts the rest in LUTs.
+    multiplies_spill_to_luts: bool
 
 
 FAMILY_COSTS = {
-    "ice40": FamilyCosts(lut_scale=1.15, rom_logic_depth=16, ram_logic_depth=0, multiplier_luts=90),
-    "ecp5": FamilyCosts(lut_scale=1.35, rom_logic_depth=16, ram_logic_depth=32, multiplier_luts=90),
-    "xc7": FamilyCosts(lut_scale=0.7, rom_logic_depth=32, ram_logic_depth=64, multiplier_luts=60),
+    "ice40": FamilyCosts(lut_scale=1.15, rom_logic_depth=16, ram_logic_depth=0, multiplier_luts=90,
+                         multiplies_spill_to_luts=False),
+    "ecp5": FamilyCosts(lut_scale=1.35, rom_logic_depth=16, ram_logic_depth=32, multiplier_luts=90,
+                        multiplies_spill_to_luts=False),
+    "xc7": FamilyCosts(lut_scale=0.7, rom_logic_depth=32, ram_logic_depth=64, multiplier_luts=60,
+                       multiplies_spill_to_luts=True),
 }
 
 
@@ -150,7 +157,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         per_lane = 1.4 * simd
     elif stage.multiplies:
         products = pe * simd
-        on_dsp = min(products, dsps_left)
+        on_dsp = min(products, dsps_left) if costs.multiplies_spill_to_luts else products
         lanes.dsps = on_dsp
         lanes.ffs += products * 16
         per_lane = 18 * simd + (products - on_dsp) * costs.multiplier_luts / pe
@@ -166,7 +173,7 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         return "dense", _dense_cost(stage, dsps_left, costs)
     if isinstance(stage, Requantizer):
         # acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and clamp.
-        on_dsp = min(4, dsps_left)
+        on_dsp = min(4, dsps_left) if costs.multiplies_spill_to_luts else 4
         return "requant", Resources(luts=250 + (4 - on_dsp) * 4 * costs.multiplier_luts, ffs=200, dsps=on_dsp)
     if isinstance(stage, SlidingWindow):
         return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)

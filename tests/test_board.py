@@ -188,6 +188,17 @@ def test_too_big_for_icebreaker_then_auto_fold_fits(tmp_path):
     assert est.cycles_per_image < estimate(model, [Fold(1, 1)] * 3, board).cycles_per_image
 
 
+def test_multiplies_past_the_dsp_budget_do_not_fit_ice40_or_ecp5():
+    """yosys puts every multiply in a DSP block (tests/test_synth.py), so more products than the
+    device has DSPs cannot place; the estimate says so and `--fold auto` stays within them."""
+    model = random_model(np.random.default_rng(5), [64, 32, 10], kinds=[("int8", "threshold"), ("binary", "scores")])
+    board = load_board("icebreaker")
+    with pytest.raises(UserError, match=r"DSP multipliers: estimated 16 of 8 on icebreaker; layer 'dense0' alone needs 16"):
+        check_fit(estimate(model, [Fold(4, 4), Fold(1, 32)], board))
+    assert auto_folds(model, board).total.dsps <= 8
+    assert estimate(model, [Fold(16, 16), Fold(1, 32)], load_board("arty-a7-35t")).total.dsps == 90   # Vivado spills
+
+
 def test_fmnist_mlp_cannot_fit_icebreaker_block_ram():
     model = random_model(np.random.default_rng(3), [784, 256, 256, 10])
     with pytest.raises(UserError, match="no folding fits icebreaker.*block RAMs"):
