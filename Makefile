@@ -32,7 +32,7 @@ test: setup
 	$(BIN)/python -m pytest -n 2 -q tests
 
 bench: setup data
-	$(BIN)/python -m bench.run $(if $(PNR),--pnr)
+	$(BIN)/python -m bench.run $(if $(filter 0,$(PNR)),--no-pnr)
 
 clean:
 	rm -rf build .pytest_cache .hypothesis sim_build

@@ -30,9 +30,10 @@ import numpy as np
 from hwgen import golden
 from hwgen.boards import load_board
 from hwgen.data import load_dataset
-from hwgen.fit import estimate
+from hwgen.errors import UserError
+from hwgen.fit import auto_folds, estimate
 from hwgen.ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
-from hwgen.rtl.network import NetworkTop, compute_layers, default_folds, generate_verilog
+from hwgen.rtl.network import Fold, NetworkTop, compute_layers, default_folds, generate_verilog
 from hwgen.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ TABLE_BEGIN, TABLE_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 TRAINED = {"mlp-binary": "binary", "mlp-int8": "int8", "mlp-mixed": "mixed"}
 FAMILIES = {"ecp5": ("ulx3s-85f", "LUT4", "TRELLIS_FF", "DP16KD", "MULT18X18D"),
             "ice40": ("icebreaker", "SB_LUT4", "SB_DFF", "SB_RAM40_4K", "SB_MAC16")}
+FAMILIES_BOARDS = [board for board, *_ in FAMILIES.values()]
 
 
 def hwgen(*args: str) -> str:
@@ -148,8 +150,21 @@ def bench_golden_vs_torch(model: IntegerModel, images: np.ndarray) -> dict:
             "golden_over_torch": round(torch_s / golden_s, 3)}
 
 
-def bench_network(name: str, model: IntegerModel, pnr: bool) -> dict:
-    """Items 3-5 for one network: generation time, II vs formula vs ideal, synthesis per family."""
+def board_folds(model: IntegerModel, board_name: str) -> tuple[list[Fold] | None, str]:
+    """The folds a user gets on ``board_name``: the defaults when they fit, else ``--fold auto``'s
+    choice; ``None`` and the reason when no folding fits."""
+    board = load_board(board_name)
+    folds = default_folds(model)
+    if not estimate(model, folds, board).over_budget():
+        return folds, "default"
+    try:
+        return auto_folds(model, board).folds, "auto"
+    except UserError as error:
+        return None, str(error)
+
+
+def bench_network(name: str, model: IntegerModel) -> dict:
+    """Items 3-5 for one network: generation time, II vs formula vs ideal, synthesis per board."""
     from sim.fast import BatchSimulator
 
     folds = default_folds(model)
@@ -163,33 +178,49 @@ def bench_network(name: str, model: IntegerModel, pnr: bool) -> dict:
               "verilog_bytes": len(verilog), "ii_measured": int(np.diff(run.out_last)[-1]),
               "ii_formula": top.cycles_per_image, "macs": macs, "macs_per_cycle": lanes,
               "ii_ideal": round(macs / lanes, 1)}
-    binary_lanes = sum(fold.pe * fold.simd for fold, layer in zip(folds, compute_layers(model))
-                       if layer.weight_kind == "binary")
     for family, (board, lut, ff, bram, dsp) in FAMILIES.items():
-        est = estimate(model, folds, load_board(board))
-        if est.over_budget():
-            result[board] = {"fits": False, "why": "; ".join(est.over_budget())}
+        board_fold, choice = board_folds(model, board)
+        if board_fold is None:
+            result[board] = {"fits": False, "why": choice}
             continue
         start = time.perf_counter()
-        cells = synthesize(verilog, "hwgen_network", family)
-        result[board] = {"fits": True, "luts": cells.get(lut, 0),
-                         "ffs": sum(v for k, v in cells.items() if k.startswith(ff)),
+        text = verilog if choice == "default" else generate_verilog(NetworkTop(model, board_fold))
+        cells = synthesize(text, "hwgen_network", family)
+        result[board] = {"fits": True, "fold_choice": choice, "folds": [str(f) for f in board_fold],
+                         "ii_formula": NetworkTop(model, board_fold).cycles_per_image,
+                         "luts": cells.get(lut, 0), "ffs": sum(v for k, v in cells.items() if k.startswith(ff)),
                          "brams": cells.get(bram, 0), "dsps": cells.get(dsp, 0),
                          "synth_s": round(time.perf_counter() - start, 1)}
-        if binary_lanes:
+        if all(layer.weight_kind == "binary" for layer in compute_layers(model)):
+            binary_lanes = sum(fold.pe * fold.simd for fold in board_fold)
             result[board]["luts_per_binary_mac_per_cycle"] = round(result[board]["luts"] / binary_lanes, 2)
-        if pnr:
-            result[board].update(place_and_route(name, model, folds, board))
     return result
 
 
-def place_and_route(name: str, model: IntegerModel, folds, board_name: str) -> dict:
-    from hwgen.build import build_board
+def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dict], jobs: int) -> None:
+    """Item 5's Fmax: ``hwgen build`` (yosys + nextpnr, bitstream) of every network on every board
+    it fits, at the folds synthesized above, ``jobs`` builds at a time; results go into ``networks``."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    built = build_board(model, name, load_board(board_name), folds, WORK / "boards" / f"{name}-{board_name}")
-    report = built.report
-    return {"fmax_mhz": report.get("fmax_mhz"), "placed": report.get("placed"),
-            "pnr_tool_s": report.get("tool_seconds")}
+    builds = [(name, board) for name, row in networks.items() for board in FAMILIES_BOARDS if row[board]["fits"]]
+
+    def build(name: str, board: str) -> dict:
+        model_file, output = WORK / "boards" / f"{name}.npz", WORK / "boards" / f"{name}-{board}"
+        models[name].save(model_file)
+        try:
+            hwgen("build", str(model_file), "--board", board, "--fold", ",".join(networks[name][board]["folds"]),
+                  "-o", str(output))
+        except SystemExit as failure:          # a design the estimate passed but nextpnr refused is a result
+            return {"pnr_error": str(failure)[-600:]}
+        report = json.loads((output / "hwgen_report.json").read_text())
+        return {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"]}
+
+    (WORK / "boards").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(build, name, board): (name, board) for name, board in builds}
+        for future, (name, board) in futures.items():
+            networks[name][board].update(future.result())
+            print(f"  {name} on {board}: Fmax {networks[name][board].get('fmax_mhz')} MHz", flush=True)
 
 
 def bench_layers(model: IntegerModel) -> list[dict]:
@@ -283,6 +314,7 @@ def plots(results: dict) -> None:
 
 def readme_table(results: dict) -> str:
     v, g = results["verification"], results["golden_vs_torch"]
+    placed = any("placed" in row[board] for row in results["networks"].values() for board in FAMILIES_BOARDS)
     lines = [
         f"Measured by `make bench` ({results['machine']}, {results['date']}); raw data in `bench/results.json`.",
         "",
@@ -297,16 +329,28 @@ def readme_table(results: dict) -> str:
         f"{g['golden_images_per_s']:,} vs {g['torch_float_images_per_s']:,} images/s: ratio "
         f"{g['golden_over_torch']} |",
         "",
-        "| network | folds | Verilog gen | II measured / formula / ideal | ULX3S-85F (ECP5) LUT, FF, BRAM, DSP | "
-        "iCEBreaker LUT, FF, BRAM, DSP | LUT per binary MAC/cycle (ECP5) |",
+        "Board columns: yosys LUT, FF, BRAM, DSP at the default folds, or at `--fold auto`'s choice where "
+        "those do not fit; " + ("then `hwgen build`'s placed counts and Fmax (nextpnr)." if placed
+                                else "no Fmax (run with `--no-pnr`)."),
+        "",
+        "| network | folds | Verilog gen | II measured / formula / ideal | ULX3S-85F (ECP5) | "
+        "iCEBreaker (iCE40UP5K) | LUT per binary MAC/cycle (ECP5) |",
         "|---|---|---|---|---|---|---|",
     ]
 
     def board_cell(row: dict) -> str:
-        if not row.get("fits"):
-            return "does not fit (estimate)"
+        if not row["fits"]:
+            return "no folding fits (estimate)"
         cell = f"{row['luts']:,}, {row['ffs']:,}, {row['brams']}, {row['dsps']}"
-        return cell + (f"; Fmax {row['fmax_mhz']:.1f} MHz" if row.get("fmax_mhz") else "")
+        if row["fold_choice"] == "auto":
+            cell = f"`--fold auto` {' '.join(row['folds'])} (II {row['ii_formula']}): {cell}"
+        if "pnr_error" in row:
+            return cell + "; place and route failed (see bench/results.json)"
+        if "placed" in row:
+            placed = row["placed"]
+            cell += (f"; placed {placed['luts']['used']:,} LUT, {placed['bram_blocks']['used']} BRAM, "
+                     f"{placed['dsps']['used']} DSP; **Fmax {row['fmax_mhz']:.1f} MHz**")
+        return cell
 
     for name, row in results["networks"].items():
         ecp5 = row["ulx3s-85f"]
@@ -332,7 +376,8 @@ def rewrite_readme(table: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pnr", action="store_true", help="also place and route each design that fits (slow)")
+    parser.add_argument("--no-pnr", dest="pnr", action="store_false",
+                        help="skip place and route (Fmax): yosys cell counts only")
     args = parser.parse_args(argv)
     # Tops built only for their properties (folds, formulas) are never elaborated; that is fine.
     warnings.filterwarnings("ignore", message=".*created but never used")
@@ -347,12 +392,16 @@ def main(argv: list[str] | None = None) -> None:
     results["golden_vs_torch"] = bench_golden_vs_torch(models["mlp-binary"], test_x)
     results["accuracy"] = bench_accuracy(models, test_x, test_y)
     results["networks"] = {}
-    for name, model in {**models, "cnn-binary": cnn_model()}.items():
+    models["cnn-binary"] = cnn_model()
+    for name, model in models.items():
         print(f"network {name} ...", flush=True)
-        results["networks"][name] = bench_network(name, model, args.pnr)
+        results["networks"][name] = bench_network(name, model)
     print("resources per stage, popcount comparison ...", flush=True)
     results["mlp_binary_stages_ecp5"] = bench_layers(models["mlp-binary"])
     results["popcount"] = bench_popcount()
+    if args.pnr:
+        print("place and route (hwgen build, 2 at a time) ...", flush=True)
+        place_and_route_all(models, results["networks"], jobs=2)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     plots(results)
     rewrite_readme(readme_table(results))

@@ -164,6 +164,10 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
             options["nextpnr_opts"] = "--report report.json"
             if board.family == "ice40":
                 options["synth_opts"] = "-dsp"
+            else:
+                # router1 spent over 40 minutes on a 784-256-256-10 binary MLP that router2
+                # routes in 85 s (nextpnr-ecp5 0.11 under WebAssembly).
+                options["nextpnr_opts"] += " --router router2"
         plan = platform.prepare(PlatformTop(board, core), name="top", **options)
         plan.extract(staging)
         _write_reproduce_script(staging, board)

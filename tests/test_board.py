@@ -195,7 +195,7 @@ def test_multiplies_past_the_dsp_budget_do_not_fit_ice40_or_ecp5():
     board = load_board("icebreaker")
     with pytest.raises(UserError, match=r"DSP multipliers: estimated 16 of 8 on icebreaker; layer 'dense0' alone needs 16"):
         check_fit(estimate(model, [Fold(4, 4), Fold(1, 32)], board))
-    assert auto_folds(model, board).total.dsps <= 8
+    assert auto_folds(model, board).total.dsps <= 8 * 0.75
     assert estimate(model, [Fold(16, 16), Fold(1, 32)], load_board("arty-a7-35t")).total.dsps == 90   # Vivado spills
 
 
