@@ -10,8 +10,9 @@ measured side by side here. Reference networks (Fashion-MNIST shape, 28×28 uint
     32c3,m2,64c3,m2 + 256 + 10, W1A1, random weights (simulation speed, II and resources do not
     depend on trained values; the trained CNNs' accuracy is in the README).
 
-Board figures are yosys synthesis cell counts (``--pnr`` adds nextpnr place-and-route and Fmax,
-which takes tens of minutes per large design under WebAssembly).
+Board figures are yosys cell counts at the default folds, or at ``--fold auto``'s choice where
+those do not fit, then ``hwgen build``'s placed counts and Fmax (``--no-pnr`` skips the builds,
+which take 4-50 minutes each under WebAssembly).
 """
 from __future__ import annotations
 
