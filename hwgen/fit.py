@@ -104,17 +104,19 @@ class Estimate:
             layers[stage.layer] = layers.get(stage.layer, Resources()) + stage.resources
         return layers
 
-    def over_budget(self, routing_share: float = 1.0) -> list[str]:
-        """Resources the estimate exceeds, each named with the layer that uses most of it."""
+    def over_budget(self, routing_share: float = 1.0, keys: tuple[str, ...] = tuple(RESOURCE_NAMES)) -> list[str]:
+        """Resources among ``keys`` the estimate exceeds, most over first, each named with the layer
+        that uses most of it."""
         budget, total, layers = self.board.budget, self.total.as_dict(), self.per_layer()
         limits = {"luts": budget.luts * routing_share, "ffs": budget.ffs, "dsps": budget.dsps * routing_share,
                   "bram_blocks": budget.bram_blocks}
+        over = sorted((key for key in keys if total[key] > limits[key]),
+                      key=lambda key: total[key] / max(limits[key], 1e-9), reverse=True)
         problems = []
-        for key, limit in limits.items():
-            if total[key] > limit:
-                layer, used = max(((name, r.as_dict()[key]) for name, r in layers.items()), key=lambda item: item[1])
-                problems.append(f"{RESOURCE_NAMES[key]}: estimated {total[key]} of {budget.__dict__[key]} "
-                                f"on {self.board.name}; layer {layer!r} alone needs {used}")
+        for key in over:
+            layer, used = max(((name, r.as_dict()[key]) for name, r in layers.items()), key=lambda item: item[1])
+            problems.append(f"{RESOURCE_NAMES[key]}: estimated {total[key]} of {budget.__dict__[key]} "
+                            f"on {self.board.name}; layer {layer!r} alone needs {used}")
         return problems
 
     def table(self) -> list[dict]:
@@ -240,7 +242,7 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     options = _fold_options(model)
     base = [Fold(1, 1)] * len(options)       # always chains: 1 divides every beat size
     names = [layer.name for layer in compute_layers(model)]
-    costed: list[list[tuple[float, int, Fold]]] = []
+    costed: list[list[tuple[float, int, Fold, dict[str, int]]]] = []
     floor = 0
     for index, layer_options in enumerate(options):
         rows = []
@@ -254,17 +256,17 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
             for stage in mine:
                 cost = cost + stage.resources
             rows.append((_share(cost, board.budget, routing_share),
-                         max(s.cycles_per_image for s in mine if s.stage == "dense"), fold))
+                         max(s.cycles_per_image for s in mine if s.stage == "dense"), fold, cost.as_dict()))
             # Windows and pools move a pixel per cycle whatever the folds: no interval beats them.
             floor = max(floor, max((s.cycles_per_image for s in est.stages if s.stage in ("window", "pool")),
                                    default=0))
         costed.append(sorted(rows, key=lambda row: (row[0], row[1])))
-    targets = sorted({cycles for rows in costed for _, cycles, _ in rows if cycles >= floor} | {floor})
+    targets = sorted({cycles for rows in costed for _, cycles, _, _ in rows if cycles >= floor} | {floor})
     last_problems: list[str] = []
     for target in targets:
         folds = []
         for rows in costed:
-            meeting = [fold for _, cycles, fold in rows if cycles <= target]
+            meeting = [fold for _, cycles, fold, _ in rows if cycles <= target]
             if not meeting:
                 break
             folds.append(meeting[0])
@@ -277,6 +279,16 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
         last_problems = est.over_budget(routing_share)
         if not last_problems:
             return est
+    # A resource whose own smallest folding (each layer at the fold using least of it) still
+    # exceeds the board is what no folding can fix: name those first, not the balanced cheapest.
+    unfixable = []
+    for key in RESOURCE_NAMES:
+        least = [min(rows, key=lambda row: (row[3][key], row[1]))[2] for rows in costed]
+        unfixable += estimate(model, least, board).over_budget(keys=(key,))
+    if unfixable:
+        raise UserError(f"no folding fits {board.name}: these exceed it even at the folding that needs "
+                        f"least of each: " + "; ".join(unfixable)
+                        + ". Use a larger board or a smaller network")
     cheapest = [rows[0][2] for rows in costed]
     problems = estimate(model, cheapest, board).over_budget()
     raise UserError(f"no folding fits {board.name}; even the cheapest ({','.join(map(str, cheapest))}) "

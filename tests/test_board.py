@@ -199,6 +199,19 @@ def test_multiplies_past_the_dsp_budget_do_not_fit_ice40_or_ecp5():
     assert estimate(model, [Fold(16, 16), Fold(1, 32)], load_board("arty-a7-35t")).total.dsps == 90   # Vivado spills
 
 
+def test_no_folding_fits_names_what_no_folding_can_fix():
+    """Two requantizers (4 DSPs each) and three 1x1 multipliers need 11 of the UP5K's 8 DSPs at
+    any folding: the error says so, rather than listing the problems of some balanced folding."""
+    model = random_model(np.random.default_rng(3), [32, 16, 16, 10],
+                         kinds=[("int8", "requant"), ("int8", "requant"), ("int8", "scores")])
+    with pytest.raises(UserError) as error:
+        auto_folds(model, load_board("icebreaker"))
+    assert str(error.value) == (
+        "no folding fits icebreaker: these exceed it even at the folding that needs least of each: "
+        "DSP multipliers: estimated 11 of 8 on icebreaker; layer 'dense0' alone needs 5. "
+        "Use a larger board or a smaller network")
+
+
 def test_fmnist_mlp_cannot_fit_icebreaker_block_ram():
     model = random_model(np.random.default_rng(3), [784, 256, 256, 10])
     with pytest.raises(UserError, match="no folding fits icebreaker.*block RAMs"):
