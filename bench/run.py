@@ -179,20 +179,22 @@ def bench_network(name: str, model: IntegerModel) -> dict:
               "verilog_bytes": len(verilog), "ii_measured": int(np.diff(run.out_last)[-1]),
               "ii_formula": top.cycles_per_image, "macs": macs, "macs_per_cycle": lanes,
               "ii_ideal": round(macs / lanes, 1)}
+    all_binary = all(layer.weight_kind == "binary" for layer in compute_layers(model))
     for family, (board, lut, ff, bram, dsp) in FAMILIES.items():
         board_fold, choice = board_folds(model, board)
         if board_fold is None:
             result[board] = {"fits": False, "why": choice}
             continue
         start = time.perf_counter()
-        text = verilog if choice == "default" else generate_verilog(NetworkTop(model, board_fold))
+        board_top = top if choice == "default" else NetworkTop(model, board_fold)
+        text = verilog if choice == "default" else generate_verilog(board_top)
         cells = synthesize(text, "hwgen_network", family)
         result[board] = {"fits": True, "fold_choice": choice, "folds": [str(f) for f in board_fold],
-                         "ii_formula": NetworkTop(model, board_fold).cycles_per_image,
+                         "ii_formula": board_top.cycles_per_image,
                          "luts": cells.get(lut, 0), "ffs": sum(v for k, v in cells.items() if k.startswith(ff)),
                          "brams": cells.get(bram, 0), "dsps": cells.get(dsp, 0),
                          "synth_s": round(time.perf_counter() - start, 1)}
-        if all(layer.weight_kind == "binary" for layer in compute_layers(model)):
+        if all_binary:
             binary_lanes = sum(fold.pe * fold.simd for fold in board_fold)
             result[board]["luts_per_binary_mac_per_cycle"] = round(result[board]["luts"] / binary_lanes, 2)
     return result
@@ -206,10 +208,9 @@ def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dic
     builds = [(name, board) for name, row in networks.items() for board in FAMILIES_BOARDS if row[board]["fits"]]
 
     def build(name: str, board: str) -> dict:
-        model_file, output = WORK / "boards" / f"{name}.npz", WORK / "boards" / f"{name}-{board}"
-        models[name].save(model_file)
+        output = WORK / "boards" / f"{name}-{board}"
         try:
-            hwgen("build", str(model_file), "--board", board, "--fold", ",".join(networks[name][board]["folds"]),
+            hwgen("build", str(WORK / "boards" / f"{name}.npz"), "--board", board, "--fold", ",".join(networks[name][board]["folds"]),
                   "-o", str(output))
         except SystemExit as failure:          # a design the estimate passed but nextpnr refused is a result
             return {"pnr_error": str(failure)[-600:]}
@@ -217,6 +218,8 @@ def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dic
         return {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"]}
 
     (WORK / "boards").mkdir(parents=True, exist_ok=True)
+    for name in {name for name, _ in builds}:       # once each, before builds on two boards read it
+        models[name].save(WORK / "boards" / f"{name}.npz")
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(build, name, board): (name, board) for name, board in builds}
         for future, (name, board) in futures.items():

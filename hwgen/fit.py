@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from amaranth.hdl import Shape
 
@@ -44,6 +45,10 @@ class FamilyCosts:
     # device has, so past the budget the design does not place; Vivado (-max_dsp defaults to the
     # device's count) puts the rest in LUTs.
     multiplies_spill_to_luts: bool
+
+    def dsps_for(self, products: int, dsps_left: int) -> int:
+        """How many of ``products`` multiplies yosys or Vivado puts in DSP blocks."""
+        return min(products, dsps_left) if self.multiplies_spill_to_luts else products
 
 
 FAMILY_COSTS = {
@@ -108,8 +113,7 @@ class Estimate:
         """Resources among ``keys`` the estimate exceeds, most over first, each named with the layer
         that uses most of it."""
         budget, total, layers = self.board.budget, self.total.as_dict(), self.per_layer()
-        limits = {"luts": budget.luts * routing_share, "ffs": budget.ffs, "dsps": budget.dsps * routing_share,
-                  "bram_blocks": budget.bram_blocks}
+        limits = _limits(budget, routing_share)
         over = sorted((key for key in keys if total[key] > limits[key]),
                       key=lambda key: total[key] / max(limits[key], 1e-9), reverse=True)
         problems = []
@@ -160,7 +164,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         per_lane = 1.4 * simd
     elif stage.multiplies:
         products = pe * simd
-        on_dsp = min(products, dsps_left) if costs.multiplies_spill_to_luts else products
+        on_dsp = costs.dsps_for(products, dsps_left)
         lanes.dsps = on_dsp
         lanes.ffs += products * 16
         per_lane = 18 * simd + (products - on_dsp) * costs.multiplier_luts / pe
@@ -176,7 +180,7 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         return "dense", _dense_cost(stage, dsps_left, costs)
     if isinstance(stage, Requantizer):
         # acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and clamp.
-        on_dsp = min(4, dsps_left) if costs.multiplies_spill_to_luts else 4
+        on_dsp = costs.dsps_for(4, dsps_left)
         return "requant", Resources(luts=250 + (4 - on_dsp) * 4 * costs.multiplier_luts, ffs=200, dsps=on_dsp)
     if isinstance(stage, SlidingWindow):
         return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)
@@ -223,12 +227,24 @@ def _fold_options(model: IntegerModel) -> list[list[Fold]]:
     return options
 
 
-def _share(resources: Resources, budget: Budget, routing_share: float) -> float:
-    """The scarcest resource's share of its budget (LUTs and DSPs against ``routing_share`` of them)."""
-    used = resources.as_dict()
-    return max(used["luts"] / (budget.luts * routing_share), used["ffs"] / budget.ffs,
-               used["bram_blocks"] / max(budget.bram_blocks, 1e-9) if used["bram_blocks"] else 0.0,
-               used["dsps"] / max(budget.dsps * routing_share, 1e-9) if used["dsps"] else 0.0)
+def _limits(budget: Budget, routing_share: float) -> dict[str, float]:
+    """What a design may use of each resource: LUTs and DSPs up to ``routing_share`` of the device."""
+    return {"luts": budget.luts * routing_share, "ffs": budget.ffs, "dsps": budget.dsps * routing_share,
+            "bram_blocks": budget.bram_blocks}
+
+
+def _share(used: dict[str, int], limits: dict[str, float]) -> float:
+    """The scarcest resource's share of its limit (a resource not used counts 0, even on a device without it)."""
+    return max(used[key] / max(limit, 1e-9) if used[key] else 0.0 for key, limit in limits.items())
+
+
+class _FoldOption(NamedTuple):
+    """One fold of one layer, costed with the other layers at 1x1."""
+
+    share: float                # of the scarcest resource (see _share)
+    cycles: int                 # the layer's cycles per image at this fold
+    fold: Fold
+    used: dict[str, int]        # the layer's resources
 
 
 def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_ROUTING_SHARE) -> Estimate:
@@ -242,7 +258,8 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     options = _fold_options(model)
     base = [Fold(1, 1)] * len(options)       # always chains: 1 divides every beat size
     names = [layer.name for layer in compute_layers(model)]
-    costed: list[list[tuple[float, int, Fold, dict[str, int]]]] = []
+    limits = _limits(board.budget, routing_share)
+    costed: list[list[_FoldOption]] = []
     floor = 0
     for index, layer_options in enumerate(options):
         rows = []
@@ -255,18 +272,19 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
             cost = Resources()
             for stage in mine:
                 cost = cost + stage.resources
-            rows.append((_share(cost, board.budget, routing_share),
-                         max(s.cycles_per_image for s in mine if s.stage == "dense"), fold, cost.as_dict()))
+            used = cost.as_dict()
+            rows.append(_FoldOption(_share(used, limits), max(s.cycles_per_image for s in mine if s.stage == "dense"),
+                                    fold, used))
             # Windows and pools move a pixel per cycle whatever the folds: no interval beats them.
             floor = max(floor, max((s.cycles_per_image for s in est.stages if s.stage in ("window", "pool")),
                                    default=0))
-        costed.append(sorted(rows, key=lambda row: (row[0], row[1])))
-    targets = sorted({cycles for rows in costed for _, cycles, _, _ in rows if cycles >= floor} | {floor})
+        costed.append(sorted(rows, key=lambda row: (row.share, row.cycles)))
+    targets = sorted({row.cycles for rows in costed for row in rows if row.cycles >= floor} | {floor})
     last_problems: list[str] = []
     for target in targets:
         folds = []
         for rows in costed:
-            meeting = [fold for _, cycles, fold, _ in rows if cycles <= target]
+            meeting = [row.fold for row in rows if row.cycles <= target]
             if not meeting:
                 break
             folds.append(meeting[0])
@@ -283,13 +301,13 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     # exceeds the board is what no folding can fix: name those first, not the balanced cheapest.
     unfixable = []
     for key in RESOURCE_NAMES:
-        least = [min(rows, key=lambda row: (row[3][key], row[1]))[2] for rows in costed]
+        least = [min(rows, key=lambda row: (row.used[key], row.cycles)).fold for rows in costed]
         unfixable += estimate(model, least, board).over_budget(keys=(key,))
     if unfixable:
         raise UserError(f"no folding fits {board.name}: these exceed it even at the folding that needs "
                         f"least of each: " + "; ".join(unfixable)
                         + ". Use a larger board or a smaller network")
-    cheapest = [rows[0][2] for rows in costed]
+    cheapest = [rows[0].fold for rows in costed]
     problems = estimate(model, cheapest, board).over_budget()
     raise UserError(f"no folding fits {board.name}; even the cheapest ({','.join(map(str, cheapest))}) "
                     f"needs more than the board has: " + "; ".join(problems or last_problems))

@@ -32,7 +32,6 @@ def test_binary_layer_uses_no_dsp():
     assert "SB_MAC16" not in cells and cells.get("SB_LUT4", 0) > 0
 
 
-
 @pytest.mark.parametrize("family, dsp_cell", [("ice40", "SB_MAC16"), ("ecp5", "MULT18X18D")])
 def test_requantizer_takes_four_dsp_blocks(family, dsp_cell):
     """acc x M0 (32 x 31 bits) in four 16x16 / 18x18 multipliers: the 4 DSPs the fit estimate counts."""
