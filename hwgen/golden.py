@@ -70,16 +70,24 @@ def accumulate(layer: DenseLayer, x: np.ndarray) -> np.ndarray:
 
 
 def requantize(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, zero_point: int,
-               lo: int, hi: int) -> np.ndarray:
-    """``clamp(((acc * M0) + 2**(30 - s)) >> (31 - s) + z_out, lo, hi)`` in int64, per channel.
+               lo: int, hi: int, rounding: str = "half_up") -> np.ndarray:
+    """``clamp(round(acc * M0 / 2**(31 - s)) + z_out, lo, hi)`` in int64, per channel.
 
-    ``acc`` fits int32 and ``M0 < 2**31``, so ``acc * M0`` and the rounding term fit int64;
-    ``>>`` on int64 is an arithmetic (floor) shift, so the whole is one round-half-up.
+    ``rounding="half_up"`` is TFLite's ``((acc * M0) + 2**(30 - s)) >> (31 - s)``; ``"half_even"``
+    sends an exact tie to the even neighbour (QONNX ``ROUND``). ``acc`` fits int32 and
+    ``M0 < 2**31``, so ``acc * M0`` and the rounding term fit int64; ``>>`` on int64 is an
+    arithmetic (floor) shift.
     """
     right = (31 - np.asarray(shift, dtype=np.int64))
     product = np.asarray(acc, dtype=np.int64) * np.asarray(multiplier, dtype=np.int64)
-    scaled = (product + (np.int64(1) << (right - 1))) >> right
-    return np.clip(scaled + zero_point, lo, hi)
+    half = np.int64(1) << (right - 1)
+    floor = product >> right
+    remainder = product - (floor << right)
+    if rounding == "half_even":
+        up = (remainder > half) | ((remainder == half) & (floor & 1 == 1))
+    else:
+        up = remainder >= half
+    return np.clip(floor + up + zero_point, lo, hi)
 
 
 def layer_output(layer: DenseLayer, acc: np.ndarray) -> np.ndarray:
@@ -88,7 +96,7 @@ def layer_output(layer: DenseLayer, acc: np.ndarray) -> np.ndarray:
         return (acc >= layer.thresholds[None, :]).astype(np.uint8)
     if layer.output_kind == "requant":
         q = layer.requant
-        return requantize(acc, q.multiplier[None, :], q.shift[None, :], q.zero_point, q.lo, q.hi)
+        return requantize(acc, q.multiplier[None, :], q.shift[None, :], q.zero_point, q.lo, q.hi, q.rounding)
     return acc
 
 

@@ -3,15 +3,16 @@
 Everything downstream (golden model, RTL, simulation, board builds) reads this and
 nothing else; nothing here imports torch.
 
-File format ``hwgen-ir`` version 2 (version 1 files, binary layers only, still load)
-------------------------------------------------------------------------------------
+File format ``hwgen-ir`` version 3 (versions 1 and 2 still load)
+-----------------------------------------------------------------
 A NumPy ``.npz`` archive, loaded with ``allow_pickle=False``:
 
 ``meta``
     uint8 array holding UTF-8 JSON::
 
-        {"format": "hwgen-ir", "version": 2,
-         "input": {"shape": [28, 28], "dtype": "uint8"},
+        {"format": "hwgen-ir", "version": 3,
+         "input": {"shape": [28, 28], "dtype": "uint8", "quantizer": {...}},   # quantizer: optional
+         "output": {"scale": 0.5, "offset": -392.0},                           # optional
          "layers": [{"name": "dense0", "kind": "dense", "weights": "int8", "input": "uint8",
                      "output": "requant", "in_features": 784, "out_features": 256,
                      "acc_min": -3178496, "acc_max": 3229127,
@@ -39,6 +40,12 @@ Layer semantics (the integer contract of DESIGN.md):
   ``clamp(((acc * M0) + 2**(30 - s)) >> (31 - s) + z_out, lo, hi)``, ReLU being ``lo = z_out``.
   ``"scores"``: the raw accumulator per class; the class is the argmax, ties to the lowest index.
 
+Version 3 adds ``requant.rounding`` (``"half_up"``, TFLite's and the default, or ``"half_even"``,
+QONNX's ``ROUND``), and the host-side records of imported models: ``input.quantizer`` (the float
+-> code rule of the source model's input quantizer, :class:`InputQuantizer`) and ``output`` (the
+float value of one unit of score, :class:`OutputScale`). Neither is used by the golden model or
+the RTL, which see integers only.
+
 ``acc_min``/``acc_max`` are the accumulator's bounds over every possible input, computed from the
 weights and bias; they size the hardware accumulators, must fit int32, and are checked on load.
 """
@@ -60,8 +67,9 @@ import numpy as np
 from .errors import UserError
 
 FORMAT_NAME = "hwgen-ir"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+ROUNDING_MODES = ("half_up", "half_even")
 INPUT_KINDS = ("uint8", "int8", "bits")
 WEIGHT_KINDS = ("binary", "int8")
 OUTPUT_KINDS = ("threshold", "requant", "scores")
@@ -90,6 +98,9 @@ class Requant:
         ``"uint8"`` or ``"int8"``.
     lo, hi : int
         Clamp bounds inside the output type's range; ReLU is ``lo = zero_point``.
+    rounding : str
+        ``"half_up"`` (TFLite: ``+ 2**(30 - s)`` then an arithmetic shift) or ``"half_even"``
+        (an exact tie goes to the even neighbour, as QONNX's ``ROUND`` and NumPy's ``round``).
     """
 
     multiplier: np.ndarray
@@ -98,9 +109,92 @@ class Requant:
     out_kind: str
     lo: int
     hi: int
+    rounding: str = "half_up"
 
     def header(self) -> dict:
-        return {"zero_point": int(self.zero_point), "out": self.out_kind, "lo": int(self.lo), "hi": int(self.hi)}
+        return {"zero_point": int(self.zero_point), "out": self.out_kind, "lo": int(self.lo), "hi": int(self.hi),
+                "rounding": self.rounding}
+
+
+@dataclass(frozen=True)
+class InputQuantizer:
+    """How a host turns the source model's float inputs into the uint8 codes the hardware takes.
+
+    The float input, reshaped to ``tensor_shape`` (the quantizer's input, batch axis first), passes
+    ``preprocess`` (``(op, constant)`` pairs, ``op`` one of ``Mul``, ``Div``, ``Add``, ``Sub``, each
+    in float32 as the source graph computes it), then the source quantizer:
+    ``q = clip(round_half_even(x / scale + zero_point), q_min, q_max)`` (``bits == 1``: bipolar,
+    ``q = x >= 0``). The hardware code is ``q + code_offset`` (so that signed codes are uint8),
+    laid out channels innermost: NCHW tensors become ``(H, W, C)``.
+    """
+
+    scale: float
+    zero_point: int
+    bits: int
+    signed: bool
+    narrow: bool
+    code_offset: int
+    tensor_shape: tuple[int, ...]
+    preprocess: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The source quantizer's integer range ``(q_min, q_max)``."""
+        if self.bits == 1:
+            return (0, 1)
+        if self.signed:
+            return (-(1 << (self.bits - 1)) + int(self.narrow), (1 << (self.bits - 1)) - 1)
+        return (0, (1 << self.bits) - 1 - int(self.narrow))
+
+    def codes(self, inputs: np.ndarray) -> np.ndarray:
+        """uint8 hardware codes, ``(images, features)``, of float inputs ``(images, ...)``."""
+        x = np.asarray(inputs, dtype=np.float32)
+        per_image = int(np.prod(self.tensor_shape[1:]))
+        if x.size % per_image or x.ndim < 1:
+            raise UserError(f"float inputs of shape {list(x.shape)} do not divide into the model's input "
+                            f"{list(self.tensor_shape[1:])}")
+        x = x.reshape(-1, *self.tensor_shape[1:])
+        for op, constant in self.preprocess:
+            c = np.float32(constant)
+            x = {"Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract}[op](x, c)
+        if self.bits == 1:
+            q = (x >= 0).astype(np.int64)
+        else:
+            q_min, q_max = self.code_range
+            y = np.clip(x / np.float32(self.scale) + np.float32(self.zero_point), q_min, q_max)
+            q = np.round(y).astype(np.int64)
+        if q.ndim == 4:
+            q = q.transpose(0, 2, 3, 1)
+        return (q + self.code_offset).reshape(len(q), -1).astype(np.uint8)
+
+    def header(self) -> dict:
+        return {"scale": float(self.scale), "zero_point": int(self.zero_point), "bits": int(self.bits),
+                "signed": bool(self.signed), "narrow": bool(self.narrow), "code_offset": int(self.code_offset),
+                "tensor_shape": [int(v) for v in self.tensor_shape],
+                "preprocess": [[op, float(c)] for op, c in self.preprocess]}
+
+    @classmethod
+    def from_header(cls, fields: dict) -> "InputQuantizer":
+        return cls(float(fields["scale"]), int(fields["zero_point"]), int(fields["bits"]), bool(fields["signed"]),
+                   bool(fields["narrow"]), int(fields["code_offset"]), tuple(int(v) for v in fields["tensor_shape"]),
+                   tuple((str(op), float(c)) for op, c in fields["preprocess"]))
+
+
+@dataclass(frozen=True)
+class OutputScale:
+    """The source model's float outputs from the integer scores: ``scale * score + offset``.
+
+    ``scale`` is positive, one for all classes, so the scores rank the classes as the floats do.
+    """
+
+    scale: float
+    offset: float
+
+    def floats(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores, dtype=np.float64) * self.scale + self.offset
+
+    def header(self) -> dict:
+        return {"scale": float(self.scale), "offset": float(self.offset)}
 
 
 def quantize_multiplier(real: float) -> tuple[int, int]:
@@ -356,11 +450,17 @@ Layer = DenseLayer | Conv2dLayer | MaxPool2dLayer
 
 @dataclass(frozen=True, eq=False)
 class IntegerModel:
-    """A chain of integer layers from uint8 images to class scores."""
+    """A chain of integer layers from uint8 images to class scores.
+
+    ``input_quantizer`` and ``output_scale`` are set by importers of float-interfaced models
+    (QONNX): the host's conversions from float inputs and to float outputs.
+    """
 
     input_shape: tuple[int, ...]
     layers: tuple[Layer, ...]
     info: dict = field(default_factory=dict)
+    input_quantizer: InputQuantizer | None = None
+    output_scale: OutputScale | None = None
 
     @property
     def input_map_shape(self) -> tuple[int, int, int]:
@@ -377,9 +477,14 @@ class IntegerModel:
         return self.layers[-1].out_features
 
     def header(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                "input": {"shape": list(self.input_shape), "dtype": "uint8"},
-                "layers": [layer.header() for layer in self.layers], "info": self.info}
+        header = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                  "input": {"shape": list(self.input_shape), "dtype": "uint8"},
+                  "layers": [layer.header() for layer in self.layers], "info": self.info}
+        if self.input_quantizer is not None:
+            header["input"]["quantizer"] = self.input_quantizer.header()
+        if self.output_scale is not None:
+            header["output"] = self.output_scale.header()
+        return header
 
     def digest(self) -> bytes:
         """SHA-256 of the model's header and integer arrays: what a board reports to name its network."""
@@ -518,7 +623,17 @@ def _model_from_meta(meta: dict, archive, names: set[str], fail) -> IntegerModel
         expected_shape = getattr(layer, "out_shape", None)
     if len({layer.name for layer in layers}) != len(layers):
         raise fail("layer names in 'meta.layers' are not unique")
-    return IntegerModel(shape, tuple(layers), dict(meta.get("info", {})))
+    input_quantizer = output_scale = None
+    try:
+        if "quantizer" in meta["input"]:
+            input_quantizer = InputQuantizer.from_header(meta["input"]["quantizer"])
+            if int(np.prod(input_quantizer.tensor_shape[1:])) != int(np.prod(shape)):
+                raise ValueError("tensor_shape")
+        if "output" in meta:
+            output_scale = OutputScale(float(meta["output"]["scale"]), float(meta["output"]["offset"]))
+    except (KeyError, TypeError, ValueError):
+        raise fail("field 'meta.input.quantizer' or 'meta.output' is malformed") from None
+    return IntegerModel(shape, tuple(layers), dict(meta.get("info", {})), input_quantizer, output_scale)
 
 
 def _layer_from_header(where: str, header: dict, archive, names: set[str], fail) -> DenseLayer:
@@ -557,13 +672,16 @@ def _layer_from_header(where: str, header: dict, archive, names: set[str], fail)
         q_lo, q_hi = QUANT_RANGES[out_kind]
         if not q_lo <= lo <= hi <= q_hi or not q_lo <= zero_point <= q_hi:
             raise fail(f"field '{where}.requant' needs {q_lo} <= lo <= hi <= {q_hi} and zero_point in range")
+        rounding = fields.get("rounding", "half_up")
+        if rounding not in ROUNDING_MODES:
+            raise fail(f"field '{where}.requant.rounding' is {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
         multiplier = _array(archive, names, f"{name}.multiplier", (n_out,), fail, np.int64)
         shift = _array(archive, names, f"{name}.shift", (n_out,), fail, np.int64)
         if np.any(multiplier < MULTIPLIER_RANGE[0]) or np.any(multiplier >= MULTIPLIER_RANGE[1]):
             raise fail(f"array '{name}.multiplier' must lie in [2**30, 2**31)")
         if np.any(shift < SHIFT_RANGE[0]) or np.any(shift > SHIFT_RANGE[1]):
             raise fail(f"array '{name}.shift' must lie in {list(SHIFT_RANGE)}")
-        requant = Requant(multiplier, shift, zero_point, out_kind, lo, hi)
+        requant = Requant(multiplier, shift, zero_point, out_kind, lo, hi, rounding)
     layer = DenseLayer(name, input_kind, output_kind, weights, thresholds, weight_kind, bias, requant)
     if (header.get("acc_min"), header.get("acc_max")) != (layer.acc_min, layer.acc_max):
         raise fail(f"field '{where}.acc_min/acc_max' disagree with the weights ({layer.acc_min}, {layer.acc_max})")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hwgen import golden
-from hwgen.ir import DenseLayer
+from hwgen.ir import DenseLayer, Requant
 from hwgen.rtl.dense import FoldedDense
 from hwgen.rtl.requant import Requantizer
 from hwgen.rtl.resize import StreamResizer
@@ -122,6 +122,29 @@ def test_requantizer_equals_golden_and_formulas(pe, stall):
     if stall == 0.0:
         assert out_cycles[7] - in_cycles[8 // pe - 1] == dut.latency
         assert out_cycles[-1] - out_cycles[-9] == dut.cycles_per_image
+
+
+@pytest.mark.parametrize("rounding", ["half_up", "half_even"])
+def test_requantizer_rounds_exact_ties_by_its_mode(rounding):
+    """Power-of-two multipliers put many accumulators exactly on a tie; both modes match golden."""
+    rng = np.random.default_rng(7)
+    base = random_layer(rng, "r", "uint8", "requant", 16, 8, "int8")
+    shifts = np.array([-2, -3, -4, -5, -6, -1, -2, -3], np.int64)     # divide by 2**3 ... 2**7
+    requant = Requant(np.full(8, 1 << 30, np.int64), shifts, 3, "int8", -128, 127, rounding)
+    layer = DenseLayer("r", "uint8", "requant", base.weights, None, "int8", base.bias, requant)
+    divisor = 1 << (1 - shifts)                                       # acc / divisor is the real value
+    accs = np.arange(-6, 6)[:, None] * divisor[None, :] + np.where(np.arange(12)[:, None] % 3 == 0, 0, divisor[None, :] // 2)
+    width = Requantizer(layer, 2)._acc_bits
+    beats = [pack(row[k:k + 2] & ((1 << width) - 1), width) for row in accs for k in range(0, 8, 2)]
+    outputs, _, _ = run_streams(Requantizer(layer, 2), beats, accs.size, stall_in=0.3, stall_out=0.3, seed=1)
+    want = golden.layer_output(layer, accs).reshape(-1)
+    assert [v - 256 if v > 127 else v for v in outputs] == want.tolist()
+    ties = (accs * (1 << 30)) % (1 << (31 - shifts))[None, :] == (1 << (30 - shifts))[None, :]
+    assert ties.sum() >= 20
+    # half-even and half-up disagree on every tie whose floor is even: the test can tell them apart.
+    other = golden.requantize(accs, requant.multiplier, shifts, 3, -128, 127,
+                              "half_up" if rounding == "half_even" else "half_even").reshape(-1)
+    assert (other != want).sum() >= 10
 
 
 def test_parameter_validation_messages():

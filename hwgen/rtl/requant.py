@@ -18,12 +18,14 @@ _SHIFT_BITS = 6
 
 
 class Requantizer(wiring.Component):
-    """``clamp(((acc * M0) + 2**(30 - s)) >> (31 - s) + z_out, lo, hi)`` per channel, one element per cycle.
+    """``clamp(round(acc * M0 / 2**(31 - s)) + z_out, lo, hi)`` per channel, one element per cycle.
 
     Takes the PE accumulators a :class:`~hwgen.rtl.dense.FoldedDense` emits per beat and returns one
     8-bit element per beat, channels in order. The rounding uses the identity
     ``floor((P + 2**(r-1)) / 2**r) == ((P >> (r - 1)) + 1) >> 1`` (arithmetic shifts), so no wide
-    rounding constant is needed; ``M0`` and ``r - 1`` come from a per-channel ROM.
+    rounding constant is needed; ``M0`` and ``r - 1`` come from a per-channel ROM. With the layer's
+    ``rounding == "half_even"`` an exact tie (bit ``r - 1`` of ``P`` set, the bits below it clear)
+    rounds to the even neighbour instead of up; the same stages hold the extra test.
 
     Parameters
     ----------
@@ -130,12 +132,23 @@ class Requantizer(wiring.Component):
         # Stage 3: P >> (r - 1), arithmetic.
         s3_valid = Signal()
         s3_halved = Signal(signed(width + 32))
+        s3_below_half_clear = Signal()   # the bits below P's half bit are all zero
+        halved = Signal(signed(width + 32))
+        m.d.comb += halved.eq(s2_product >> s2_shift)
         with m.If(advance):
-            m.d.sync += [s3_valid.eq(s2_valid), s3_halved.eq(s2_product >> s2_shift)]
+            m.d.sync += [s3_valid.eq(s2_valid), s3_halved.eq(halved)]
+            if q.rounding == "half_even":
+                m.d.sync += s3_below_half_clear.eq((halved << s2_shift) == s2_product)
 
         # Stage 4: finish the rounding, add the zero point, clamp.
         rounded = Signal(signed(width + 33))
-        m.d.comb += rounded.eq(((s3_halved + 1) >> 1) + q.zero_point)
+        if q.rounding == "half_even":
+            floor = s3_halved >> 1
+            half_bit = s3_halved[0]
+            up = half_bit & ~(s3_below_half_clear & ~floor[0])
+            m.d.comb += rounded.eq(floor + up + q.zero_point)
+        else:
+            m.d.comb += rounded.eq(((s3_halved + 1) >> 1) + q.zero_point)
         clamped = Mux(rounded < q.lo, q.lo, Mux(rounded > q.hi, q.hi, rounded))
         with m.If(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
