@@ -29,7 +29,27 @@ def _dataset_for(info: dict, dataset: str | None, data_dir: str | None):
     return load_dataset(dataset or info.get("dataset", "auto"), data_dir or info.get("data_dir"))
 
 
-def _test_images(model, dataset: str | None, data_dir: str | None, count: str):
+def _load_float_inputs(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--float-inputs {path}: file not found") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"--float-inputs {path}: not a readable .npy array ({error})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.ndim < 1 or not len(array):
+        raise UserError(f"--float-inputs {path}: expected a numeric array with one input per row")
+    return array
+
+
+def _test_images(model, dataset: str | None, data_dir: str | None, count: str, float_inputs: str | None = None):
+    """Test inputs as uint8 codes, their labels (None for --float-inputs) and a name for messages."""
+    if float_inputs:
+        if model.input_quantizer is None:
+            raise UserError("--float-inputs needs a model with a recorded input quantizer (one imported with "
+                            "`hwgen import`); this model takes uint8 images: pass --dataset")
+        codes = model.input_quantizer.codes(_load_float_inputs(float_inputs))
+        n = len(codes) if count == "all" else int(count)
+        return codes[:n], None, Path(float_inputs).name
     ds = _dataset_for(model.info, dataset, data_dir)
     if ds.features != model.in_features:
         raise UserError(f"dataset {ds.name} has {ds.features} pixels per image; the model expects "
@@ -191,9 +211,68 @@ def export(checkpoint, output, dataset, data_dir) -> None:
 
 
 def _test_set_options(function):
-    """``--dataset`` and ``--data`` for commands that read a test set (default: the model's own)."""
+    """``--dataset``, ``--data`` and ``--float-inputs`` for commands that read a test set (default: the model's own)."""
+    function = click.option("--float-inputs", type=click.Path(dir_okay=False), default=None,
+                            help="A .npy of float inputs for an imported model, quantized with its recorded input "
+                                 "quantizer (instead of a dataset's uint8 codes).")(function)
     function = click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)(function)
     return click.option("--dataset", type=DATASET_CHOICES, default=None)(function)
+
+
+@cli.command("import")
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Integer model to write (.npz).")
+@click.option("--dataset", type=DATASET_CHOICES, default=None,
+              help="Check against qonnx's executor on this dataset's test images, taken as input codes; "
+                   "recorded as the model's dataset for sim/verify.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--float-inputs", type=click.Path(dir_okay=False), default=None,
+              help="Check against the executor on these float inputs (.npy) instead.")
+@click.option("--images", default="200", show_default=True, help="Inputs to check, or 'all'.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Refuse to write the model unless golden equals the executor on every quantized tensor.")
+def import_(onnx_path, output, dataset, data_dir, float_inputs, images, check) -> None:
+    """Import a QONNX model (Brevitas export_qonnx) and check golden == qonnx's execute_onnx.
+
+    Every Quant/BipolarQuant output is compared as integer codes, the final output as golden
+    scores times the recorded scale; see the README's "From Brevitas to a board".
+    """
+    from . import golden
+    from .frontends import qonnx
+
+    model = qonnx.import_model(onnx_path)
+    click.echo(f"imported {onnx_path}: {len(model.layers)} layers "
+               f"({', '.join(f'{layer.name} {layer.output_kind}' for layer in model.layers)}); input "
+               f"{model.input_quantizer.bits}-bit codes + {model.input_quantizer.code_offset}, output scale "
+               f"{model.output_scale.scale:.6g}")
+    labels = None
+    if dataset or data_dir:
+        ds = _dataset_for({}, dataset, data_dir)
+        model.info.update(dataset=ds.name, data_dir=data_dir)
+        if ds.features != model.in_features:
+            raise UserError(f"dataset {ds.name} has {ds.features} values per image; the model expects "
+                            f"{model.in_features}")
+        n = len(ds.test_x) if images == "all" else int(images)
+        inputs, labels = qonnx.float_inputs_for(model, ds.test_x[:n]), ds.test_y[:n]
+    elif float_inputs:
+        inputs = _load_float_inputs(float_inputs)
+        inputs = inputs if images == "all" else inputs[:int(images)]
+    else:
+        inputs = None
+    if inputs is not None and check:
+        agreement = qonnx.check_against_executor(onnx_path, model, inputs)
+        click.echo(agreement.summary())
+        if labels is not None:
+            classes = golden.run(model, model.input_quantizer.codes(inputs)).classes
+            model.info["quantized_accuracy"] = float((classes == labels).mean())
+            click.echo(f"accuracy of the imported model on {len(labels)} {ds.name} test images: "
+                       f"{model.info['quantized_accuracy']:.4f}")
+        if not agreement.ok:
+            raise UserError("golden and the qonnx executor disagree; the model was not written (--no-check writes it)")
+    elif check:
+        click.echo("no --dataset or --float-inputs: not checked against the executor")
+    model.save(output)
+    click.echo(f"wrote {output}")
 
 
 def _fold_option(function):
@@ -228,7 +307,7 @@ def verilog(model_path, fold, output) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/sim", show_default=True)
-def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> None:
+def sim(model_path, fold, images, stall, seed, dataset, data_dir, float_inputs, build_dir) -> None:
     """Verify the RTL against the golden model with cocotb + Verilator, bit for bit."""
     from .ir import IntegerModel
     from .rtl.network import parse_folds
@@ -236,7 +315,7 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> 
 
     model = IntegerModel.load(model_path)
     folds = parse_folds(fold, model)
-    x, _, name = _test_images(model, dataset, data_dir, images)
+    x, _, name = _test_images(model, dataset, data_dir, images, float_inputs)
     click.echo(f"building the simulator (Verilator) in {build_dir} ...")
     simulator = NetworkSimulator(model, folds, build_dir)
     click.echo(f"streaming {len(x)} {name} test images ...")
@@ -256,7 +335,7 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, build_dir) -> 
               help="Probability of a stall cycle on each stream end (0: full speed, exact II).")
 @_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/verify", show_default=True)
-def verify(model_path, fold, images, jobs, stall, dataset, data_dir, build_dir) -> None:
+def verify(model_path, fold, images, jobs, stall, dataset, data_dir, float_inputs, build_dir) -> None:
     """Every test image through the RTL (Verilator, clock in the simulation), every output vs golden.
 
     On a mismatch, the first failing image is rerun with every layer probed: the command names
@@ -270,7 +349,7 @@ def verify(model_path, fold, images, jobs, stall, dataset, data_dir, build_dir) 
 
     model = IntegerModel.load(model_path)
     folds = parse_folds(fold, model)
-    x, _, name = _test_images(model, dataset, data_dir, images)
+    x, _, name = _test_images(model, dataset, data_dir, images, float_inputs)
     click.echo(f"building the simulator (Verilator) in {build_dir} ...")
     with tqdm(total=len(x), unit="image", desc=f"{name} through the RTL", disable=None) as bar:
         report = verify_all(model, folds, x, build_dir, jobs=jobs, stall=stall, progress=bar.update)
@@ -337,7 +416,7 @@ def build(model_path, board_name, fold, baud, output, no_pnr) -> None:
               help="Clock cycles per UART bit in the simulation.")
 @_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/board-sim", show_default=True)
-def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, build_dir) -> None:
+def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, float_inputs, build_dir) -> None:
     """Simulate the board top (Verilator): image bytes in on the UART line, class bytes out, vs golden."""
     from . import golden
     from .boards import load_board
@@ -348,7 +427,7 @@ def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, 
     model = IntegerModel.load(model_path)
     board = load_board(board_name)
     folds = _board_folds(model, fold, board).folds
-    x, y, name = _test_images(model, dataset, data_dir, images)
+    x, y, name = _test_images(model, dataset, data_dir, images, float_inputs)
     simulator = BoardSimulator(model, folds, build_dir, divisor=divisor, led_count=len(board.led_pins))
     run = simulator.classify(x)
     expected = golden.run(model, x.reshape(len(x), -1)).classes
@@ -374,7 +453,7 @@ def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, 
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Seconds to wait for each reply.")
 @_test_set_options
-def run(model_path, port, board_name, baud, images, timeout, dataset, data_dir) -> None:
+def run(model_path, port, board_name, baud, images, timeout, dataset, data_dir, float_inputs) -> None:
     """Classify test images on a programmed board over its serial port; accuracy and images/s."""
     from tqdm import tqdm
 
@@ -385,13 +464,14 @@ def run(model_path, port, board_name, baud, images, timeout, dataset, data_dir) 
 
     model = IntegerModel.load(model_path)
     board = load_board(board_name)
-    x, y, name = _test_images(model, dataset, data_dir, images)
+    x, y, name = _test_images(model, dataset, data_dir, images, float_inputs)
     with BoardLink(port, baud, timeout) as link:
         link.identify(model)
         with tqdm(total=len(x), desc=f"{board.name} via {port}", unit="image", disable=None) as bar:
             result = link.classify(x, model, progress=bar.update)
     expected = golden.run(model, x.reshape(len(x), -1)).classes
-    click.echo(f"{board.name}: accuracy {float((result.classes == y).mean()):.4f} on {len(x)} {name} test images; "
+    accuracy = f"accuracy {float((result.classes == y).mean()):.4f}" if y is not None else "no labels"
+    click.echo(f"{board.name}: {accuracy} on {len(x)} {name} test images; "
                f"{int((result.classes == expected).sum())}/{len(x)} classes equal the golden model; "
                f"{result.images_per_second:.1f} images/s at {baud} baud")
     if (result.classes != expected).any():
@@ -424,9 +504,9 @@ def demo(ctx, out_dir, dataset, data_dir, epochs, kind, conv, images) -> None:
     ctx.invoke(export, checkpoint=str(out / "model.pt"), output=str(out / "model.npz"), dataset=None, data_dir=None)
     ctx.invoke(verilog, model_path=str(out / "model.npz"), fold="default", output=str(out / "hwgen_network.v"))
     ctx.invoke(sim, model_path=str(out / "model.npz"), fold="default", images=images, stall=0.25, seed=0,
-               dataset=None, data_dir=None, build_dir=str(out / "sim"))
+               dataset=None, data_dir=None, float_inputs=None, build_dir=str(out / "sim"))
     ctx.invoke(verify, model_path=str(out / "model.npz"), fold="default", images="all", jobs=2, stall=0.0,
-               dataset=None, data_dir=None, build_dir=str(out / "verify"))
+               dataset=None, data_dir=None, float_inputs=None, build_dir=str(out / "verify"))
     click.echo(f"== demo finished in {time.perf_counter() - start:.0f} s; artefacts in {out}")
 
 

@@ -718,51 +718,80 @@ def batchnorm_reference(z: np.ndarray, mean, var, eps: float, gamma, beta) -> np
     return ((z - mean) / np.sqrt(var + eps)) * gamma + beta
 
 
+def first_reached(lo: np.ndarray, hi: np.ndarray, reached) -> np.ndarray:
+    """Elementwise, the smallest integer ``a`` in ``[lo, hi + 1]`` with ``reached(a)``; ``hi + 1`` if none.
+
+    ``reached`` maps an integer array shaped like ``lo`` to booleans and must be monotone in each
+    element (once true, true for every larger ``a``): bisection then finds the exact boundary.
+    """
+    left, right = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64) + 1
+    while np.any(left < right):
+        mid = (left + right) // 2
+        hit = np.asarray(reached(mid), dtype=bool)
+        open_ = left < right
+        right = np.where(hit & open_, mid, right)
+        left = np.where(~hit & open_, mid + 1, left)
+    return left
+
+
+def fold_threshold(layer: DenseLayer, positive, decreasing: np.ndarray) -> DenseLayer:
+    """Turn a monotone per-channel decision ``positive(acc)`` into ``acc >= T`` thresholds.
+
+    ``positive`` maps a per-channel accumulator array (shape ``(out_features,)``) to booleans: the
+    output bit each channel emits at that accumulator. It must be non-decreasing in ``acc`` where
+    ``decreasing`` is false and non-increasing where it is true. Decreasing channels get their
+    weight row (and bias) negated so the hardware only compares ``>=``; thresholds are the exact
+    integer boundaries (bisection over the accumulator's range), clipped to ``[acc_min, acc_max + 1]``
+    of the layer as folded.
+    """
+    decreasing = np.asarray(decreasing, dtype=bool)
+    n_in = layer.in_features
+    lo, hi = layer.channel_acc_bounds
+    # For decreasing channels find the first acc where the bit is 0; every acc below it gives 1.
+    left = first_reached(lo, hi, lambda acc: np.asarray(positive(acc), dtype=bool) != decreasing)
+    last_positive = left - 1
+    # Negated row: the accumulator becomes N - p (popcount) or -acc, and "acc <= last_positive"
+    # becomes "acc' >= N - last_positive" (or "-last_positive").
+    negated_t = (n_in if layer.is_popcount else 0) - last_positive
+    thresholds = np.where(decreasing, negated_t, left)
+    folded = negate_rows(layer, decreasing)
+    out_lo, out_hi = folded.channel_acc_bounds
+    return DenseLayer(layer.name, layer.input_kind, "threshold", folded.weights,
+                      np.clip(thresholds, out_lo, out_hi + 1).astype(np.int64), layer.weight_kind, folded.bias)
+
+
+def negate_rows(layer: DenseLayer, rows: np.ndarray) -> DenseLayer:
+    """``layer`` with the weight rows (and bias entries) of the selected output channels negated.
+
+    A binary row is inverted bit by bit; on an XNOR-popcount layer that turns ``p`` into ``N - p``.
+    """
+    rows = np.asarray(rows, dtype=bool)
+    if layer.weight_kind == "binary":
+        weights = np.where(rows[:, None], 1 - layer.weights, layer.weights).astype(np.uint8)
+    else:
+        weights = np.where(rows[:, None], -layer.weights.astype(np.int16), layer.weights).astype(np.int8)
+    bias = None if layer.bias is None else np.where(rows, -layer.bias, layer.bias).astype(np.int64)
+    return DenseLayer(layer.name, layer.input_kind, layer.output_kind, weights, layer.thresholds,
+                      layer.weight_kind, bias, layer.requant)
+
+
 def fold_batchnorm_sign(layer: DenseLayer, mean, var, eps: float, gamma, beta, z_scale=None) -> DenseLayer:
     """Fold ``sign(BN(z))`` (``sign(0) = +1``) into per-channel ``acc >= T`` thresholds.
 
     ``z`` is the pre-BN value the torch layer computes from the integer accumulator: ``2p - N``
     for XNOR-popcount layers, ``acc * z_scale[c]`` otherwise (``z_scale`` defaults to 1; int8
     layers pass their per-channel weight scale). BN is evaluated in float64
-    (:func:`batchnorm_reference`), and ``T`` is the exact integer boundary of that evaluation,
-    found by bisection over the accumulator's range. Channels with ``gamma < 0`` get their weight
-    row (and bias) negated so the hardware only compares ``>=``; ``gamma == 0`` makes BN constant,
-    so the search ends at ``T = acc_min`` (always 1) or ``acc_max + 1`` (always 0).
-
-    Returns
-    -------
-    DenseLayer
-        ``layer`` with ``output_kind == "threshold"``, thresholds set, and rows negated where needed.
+    (:func:`batchnorm_reference`), and ``T`` is the exact integer boundary of that evaluation
+    (:func:`fold_threshold`). Channels with ``gamma < 0`` get their weight row (and bias) negated
+    so the hardware only compares ``>=``; ``gamma == 0`` makes BN constant, so the search ends at
+    ``T = acc_min`` (always 1) or ``acc_max + 1`` (always 0).
     """
     mean, var, gamma, beta = (np.asarray(p, dtype=np.float64) for p in (mean, var, gamma, beta))
     scale = np.ones(layer.out_features) if z_scale is None else np.asarray(z_scale, dtype=np.float64)
     n_in = layer.in_features
-    lo, hi = layer.channel_acc_bounds
 
     def positive(acc: np.ndarray) -> np.ndarray:
         z = (2 * acc - n_in).astype(np.float64) if layer.is_popcount else acc.astype(np.float64) * scale
         return batchnorm_reference(z, mean, var, eps, gamma, beta) >= 0
 
-    # Monotone per channel: for gamma > 0 find the first acc with BN >= 0, for gamma < 0 the
-    # first acc with BN < 0; rounding is monotone, so bisection finds the exact boundary.
-    decreasing = gamma < 0
-    left, right = lo.copy(), hi + 1
-    while np.any(left < right):
-        mid = (left + right) // 2
-        hit = positive(mid) != decreasing
-        right = np.where(hit & (left < right), mid, right)
-        left = np.where(~hit & (left < right), mid + 1, left)
-    last_positive = left - 1
-    # Negated row: the accumulator becomes N - p (popcount) or -acc, and "acc <= last_positive"
-    # becomes "acc' >= N - last_positive" (or "-last_positive").
-    negated_t = (n_in if layer.is_popcount else 0) - last_positive
-    thresholds = np.where(decreasing, negated_t, left)
-    if layer.weight_kind == "binary":
-        weights = np.where(decreasing[:, None], 1 - layer.weights, layer.weights).astype(np.uint8)
-    else:
-        weights = np.where(decreasing[:, None], -layer.weights.astype(np.int16), layer.weights).astype(np.int8)
-    bias = None if layer.bias is None else np.where(decreasing, -layer.bias, layer.bias).astype(np.int64)
-    folded = DenseLayer(layer.name, layer.input_kind, "threshold", weights, None, layer.weight_kind, bias)
-    out_lo, out_hi = folded.channel_acc_bounds
-    return DenseLayer(layer.name, layer.input_kind, "threshold", weights,
-                      np.clip(thresholds, out_lo, out_hi + 1).astype(np.int64), layer.weight_kind, bias)
+    return fold_threshold(layer, positive, gamma < 0)
