@@ -155,3 +155,31 @@ def train_and_export(model: nn.Module, folder: Path, name: str, steps: int = 150
     with torch.no_grad():
         export_qonnx(model, torch.from_numpy(train_x[:1]), str(path))
     return path
+
+
+def bnn_pynq(name: str, folder: Path, steps: int = 20, seed: int = 0) -> tuple[Path, tuple[int, ...]]:
+    """One of FINN's BNN-PYNQ networks as the brevitas wheel defines it (``brevitas_examples``).
+
+    No pretrained weights can be downloaded here: a few seeded steps on random images give BatchNorm
+    statistics that mean something, with the weights clipped to [-1, 1] after each step as their
+    trainer does. Returns the QONNX file and the input shape.
+    """
+    from brevitas_examples.bnn_pynq.models import model_with_cfg
+
+    torch.manual_seed(seed)
+    model, _ = model_with_cfg(name, pretrained=False)
+    shape = (1, 3, 32, 32) if name.startswith("cnv") else (1, 1, 28, 28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        x, y = torch.rand(32, *shape[1:]), torch.randint(0, 10, (32,))
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.clip_weights(-1, 1)
+    model.eval()
+    path = folder / f"{name}.onnx"
+    with torch.no_grad():
+        export_qonnx(model, torch.rand(*shape), str(path))
+    return path, shape

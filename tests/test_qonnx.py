@@ -154,3 +154,25 @@ def test_executor_outputs_in_a_batch_equal_one_at_a_time(tmp_path):
         single = executor_outputs(path, test_x[k:k + 1], names)
         for tensor in names:
             assert np.array_equal(single[tensor][0], batch[tensor][k]), tensor
+
+
+@pytest.mark.parametrize("name, rtl", [("tfc_1w1a", True), ("cnv_1w1a", False)])
+def test_bnn_pynq_networks_import_exactly(tmp_path, name, rtl):
+    """FINN's own reference networks: TFC's 2x - 1 before a bipolar input quantizer, its TensorNorm
+    output (Sub, Div, Mul, Add), CNV's signed 8-bit input of scale 2**-7 on 32x32x3 images."""
+    path, shape = bm.bnn_pynq(name, tmp_path)
+    model = import_model(path)
+    inputs = np.random.default_rng(1).random((200, *shape[1:])).astype(np.float32)
+    agreement = check_against_executor(path, model, inputs)
+    assert agreement.ok and agreement.classes_equal == 200, agreement.summary()
+    assert activation_quantizer_outputs(path) <= {tensor for _, tensor, _, _ in agreement.tensors}
+    assert [layer.output_kind for layer in model.layers].count("threshold") == (3 if name.startswith("tfc") else 8)
+    if rtl:
+        assert_rtl_equals_golden(model, model.input_quantizer.codes(inputs), tmp_path / "sim")
+
+
+def test_bnn_pynq_two_bit_activations_are_refused_with_the_documented_message(tmp_path):
+    path, _ = bm.bnn_pynq("tfc_1w2a", tmp_path, steps=5)
+    with pytest.raises(UserError, match=r"node 'Quant_\d+' \(Quant\): channel \d+: no requantizer \(M0, shift, "
+                                        r"integer bias, half-even rounding\) gives this 2-bit quantizer's codes"):
+        import_model(path)
