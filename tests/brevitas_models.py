@@ -14,7 +14,7 @@ from torch import nn
 import brevitas.nn as qnn
 from brevitas.core.scaling import ScalingImplType
 from brevitas.export import export_qonnx
-from brevitas.quant import (Int8WeightPerTensorFixedPoint, Int32Bias, SignedBinaryActPerTensorConst,
+from brevitas.quant import (Int8WeightPerTensorFixedPoint, Int8WeightPerTensorFloat, Int32Bias, SignedBinaryActPerTensorConst,
                             SignedBinaryWeightPerTensorConst, Uint8ActPerTensorFixedPoint, Uint8ActPerTensorFloat)
 
 from hwgen.data import load_digits_dataset
@@ -74,6 +74,21 @@ class IntMLP(nn.Module):
         x = self.relu0(self.fc0(x))
         x = self.relu1(self.fc1(x))
         return self.fc2(x)
+
+
+class FloatScaleMLP(nn.Module):
+    """Brevitas's defaults: learned float scales (per channel in the hidden layer), 8-bit ReLU, Int32Bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_quant = pixel_input()
+        self.fc0 = qnn.QuantLinear(64, 64, bias=True, weight_quant=Int8WeightPerTensorFloat,
+                                   weight_scaling_per_output_channel=True, bias_quant=Int32Bias)
+        self.relu0 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, return_quant_tensor=True)
+        self.fc1 = qnn.QuantLinear(64, 10, bias=True, weight_quant=Int8WeightPerTensorFloat, bias_quant=Int32Bias)
+
+    def forward(self, x):
+        return self.fc1(self.relu0(self.fc0(self.input_quant(x.flatten(1)))))
 
 
 class BNBeforeTwoBits(nn.Module):
@@ -136,9 +151,11 @@ def digits():
     return as_float(ds.train_x), ds.train_y, as_float(ds.test_x), ds.test_y
 
 
-def train_and_export(model: nn.Module, folder: Path, name: str, steps: int = 150, seed: int = 0) -> Path:
-    """A few seeded Adam steps on digits (so BatchNorm statistics mean something), then QONNX."""
+def train_and_export(make_model, folder: Path, name: str, steps: int = 150, seed: int = 0) -> Path:
+    """``make_model()`` built and trained for a few seeded Adam steps on digits (so BatchNorm
+    statistics mean something), then exported to QONNX."""
     torch.manual_seed(seed)
+    model = make_model()
     train_x, train_y, _, _ = digits()
     x, y = torch.from_numpy(train_x), torch.from_numpy(train_y.astype(np.int64))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

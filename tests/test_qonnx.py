@@ -30,8 +30,8 @@ def activation_quantizer_outputs(path) -> set[str]:
             if node.op_type in ACTIVATION_QUANTIZERS and graph.const(node.input[0]) is None}
 
 
-def import_and_check(tmp_path, model, name):
-    path = bm.train_and_export(model, tmp_path, name)
+def import_and_check(tmp_path, make_model, name):
+    path = bm.train_and_export(make_model, tmp_path, name)
     imported = import_model(path)
     _, _, test_x, test_y = bm.digits()
     agreement = check_against_executor(path, imported, test_x)        # all 449 test images
@@ -55,7 +55,7 @@ def assert_rtl_equals_golden(model: IntegerModel, codes: np.ndarray, build_dir):
 
 
 def test_binary_mlp_tfc_style(tmp_path):
-    path, model, codes, accuracy = import_and_check(tmp_path, bm.BinaryMLP(), "tfc")
+    path, model, codes, accuracy = import_and_check(tmp_path, bm.BinaryMLP, "tfc")
     assert [(layer.weight_kind, layer.input_kind, layer.output_kind) for layer in model.layers] == [
         ("binary", "uint8", "threshold"), ("binary", "bits", "threshold"), ("binary", "bits", "scores")]
     assert accuracy > 0.6
@@ -63,7 +63,7 @@ def test_binary_mlp_tfc_style(tmp_path):
 
 
 def test_int8_mlp_per_channel_scales_relu(tmp_path):
-    path, model, codes, accuracy = import_and_check(tmp_path, bm.IntMLP(8), "int8")
+    path, model, codes, accuracy = import_and_check(tmp_path, lambda: bm.IntMLP(8), "int8")
     hidden = model.layers[:2]
     assert all(layer.output_kind == "requant" and layer.requant.rounding == "half_even"
                and (layer.requant.lo, layer.requant.hi) == (0, 255) for layer in hidden)
@@ -73,7 +73,7 @@ def test_int8_mlp_per_channel_scales_relu(tmp_path):
 
 
 def test_binary_cnn_cnv_style(tmp_path):
-    path, model, codes, accuracy = import_and_check(tmp_path, bm.BinaryCNN(), "cnv")
+    path, model, codes, accuracy = import_and_check(tmp_path, bm.BinaryCNN, "cnv")
     assert [type(layer).__name__ for layer in model.layers] == ["Conv2dLayer", "Conv2dLayer", "MaxPool2dLayer",
                                                                 "DenseLayer"]
     assert model.layers[0].in_shape == (8, 8, 1) and model.layers[2].out_shape == (2, 2, 16)
@@ -82,11 +82,11 @@ def test_binary_cnn_cnv_style(tmp_path):
 
 
 def test_four_bit_activations_import_exactly_as_a_narrow_requantizer(tmp_path):
-    path, model, codes, accuracy = import_and_check(tmp_path, bm.IntMLP(4), "a4")
+    path, model, codes, accuracy = import_and_check(tmp_path, lambda: bm.IntMLP(4), "a4")
     assert [(layer.requant.lo, layer.requant.hi) for layer in model.layers[:2]] == [(0, 15), (0, 15)]
-    # the codes are 4-bit: they spread over most of [0, 15] and never leave it
+    # the codes are 4-bit: they never leave [0, 15] and use many of its values
     hidden = golden.run(model, codes).outputs[0]
-    assert hidden.min() == 0 and 10 <= hidden.max() <= 15
+    assert hidden.min() == 0 and hidden.max() <= 15 and len(np.unique(hidden)) >= 8
     assert accuracy > 0.8
     # sim takes float inputs and quantizes them with the recorded rule
     model_path = tmp_path / "a4.npz"
@@ -98,8 +98,23 @@ def test_four_bit_activations_import_exactly_as_a_narrow_requantizer(tmp_path):
     assert "RTL vs golden: 20/20 images bit-exact" in result.stdout
 
 
+def test_learned_float_scales_import_and_agree_with_the_executor_all_but_near_ties(tmp_path):
+    """With float scales the executor's float32 products round; hwgen follows exact arithmetic.
+
+    They may then differ where an accumulator lies within float32 rounding of a step: rare.
+    """
+    path = bm.train_and_export(bm.FloatScaleMLP, tmp_path, "float_scales")
+    model = import_model(path)
+    _, _, test_x, _ = bm.digits()
+    agreement = check_against_executor(path, model, test_x)
+    codes = sum(n for _, _, n, _ in agreement.tensors)
+    mismatches = sum(bad for *_, bad in agreement.tensors)
+    assert codes == len(test_x) * (64 + 64) and mismatches <= codes // 1000, agreement.summary()
+    assert agreement.classes_equal + agreement.classes_tied >= len(test_x) - 1
+
+
 def test_batchnorm_before_two_bits_is_refused(tmp_path):
-    path = bm.train_and_export(bm.BNBeforeTwoBits(), tmp_path, "bn2")
+    path = bm.train_and_export(bm.BNBeforeTwoBits, tmp_path, "bn2")
     with pytest.raises(UserError, match=re.escape(
             f"{path}: node 'Quant_5' (Quant): channel 0: no requantizer (M0, shift, integer bias, half-even "
             "rounding) gives this 2-bit quantizer's codes on the whole accumulator range (a bias off the "
@@ -109,14 +124,14 @@ def test_batchnorm_before_two_bits_is_refused(tmp_path):
 
 
 def test_cli_import_checks_and_refuses_an_unsupported_op(tmp_path):
-    good = bm.train_and_export(bm.BinaryMLP(), tmp_path, "tfc", steps=20)
+    good = bm.train_and_export(bm.BinaryMLP, tmp_path, "tfc", steps=20)
     result = hwgen("import", good, "-o", tmp_path / "tfc.npz", "--dataset", "digits", "--images", "200")
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"golden vs qonnx execute_onnx on 200 inputs: (\d+)/\1 quantized codes equal over 3 tensors; "
                      r"classes equal on 200/200;", result.stdout), result.stdout
     assert IntegerModel.load(tmp_path / "tfc.npz").info["dataset"] == "digits"
 
-    bad = bm.train_and_export(bm.WithTanh(), tmp_path, "tanh", steps=5)
+    bad = bm.train_and_export(bm.WithTanh, tmp_path, "tanh", steps=5)
     result = hwgen("import", bad, "-o", tmp_path / "tanh.npz")
     assert_user_error(result, f"error: {bad}: node 'Tanh_0' (Tanh): follows layer node 'Gemm_0' before its "
                               "quantizer; supported there: Add, Sub, Mul, Div, BatchNormalization, Relu\n")
@@ -124,7 +139,7 @@ def test_cli_import_checks_and_refuses_an_unsupported_op(tmp_path):
 
 
 def test_unreadable_and_cyclic_graphs_are_refused(tmp_path):
-    good = bm.train_and_export(bm.BinaryMLP(), tmp_path, "tfc", steps=5)
+    good = bm.train_and_export(bm.BinaryMLP, tmp_path, "tfc", steps=5)
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
     result = hwgen("import", truncated, "-o", tmp_path / "t.npz")
@@ -146,7 +161,7 @@ def test_unreadable_and_cyclic_graphs_are_refused(tmp_path):
 
 def test_executor_outputs_in_a_batch_equal_one_at_a_time(tmp_path):
     """The check runs the executor on a whole batch; on these exact models that changes nothing."""
-    path = bm.train_and_export(bm.BinaryCNN(), tmp_path, "cnv", steps=5)
+    path = bm.train_and_export(bm.BinaryCNN, tmp_path, "cnv", steps=5)
     _, _, test_x, _ = bm.digits()
     names = sorted(activation_quantizer_outputs(path))
     batch = executor_outputs(path, test_x[:6], names)

@@ -533,8 +533,11 @@ class _Importer:
             gamma, delta, hw_bias = act.mul, -act.offset * rows, None
         scale = act.scale * w_scale
         # A bias on the accumulator grid goes into the accumulator; any other stays with the tail.
+        # Brevitas's Int32Bias is an integer times the float32 product of the scales, so "on the grid"
+        # allows float32's relative error (far below half a step for any int32 bias).
         grid = bias / scale
-        if not raw.is_popcount and np.all(grid == np.rint(grid)) and np.all(np.abs(grid) < 2**30) and gamma == 1:
+        on_grid = np.abs(grid - np.rint(grid)) <= 1e-6 * np.abs(grid)
+        if not raw.is_popcount and np.all(on_grid) and np.all(np.abs(grid) < 2**30) and gamma == 1:
             hw_bias = (0 if hw_bias is None else hw_bias) + np.rint(grid).astype(np.int64)
             bias = np.zeros_like(bias)
         if hw_bias is not None and np.any(hw_bias):
@@ -617,7 +620,7 @@ class _Importer:
             scale = -scale
         steps = (offset - offset[0]) / scale[0]
         if not np.allclose(steps, 0, atol=1e-6 * max(1.0, float(np.abs(offset).max()))):
-            if raw.is_popcount or not np.allclose(steps, np.rint(steps), rtol=0, atol=1e-9):
+            if raw.is_popcount or not np.all(np.abs(steps - np.rint(steps)) <= 1e-6 * np.abs(steps)):
                 raise g.refuse(node, "the last layer's outputs have a per-class offset that is not a whole number of "
                                      "score units; integer scores would not rank the classes as the outputs do")
             raw = DenseLayer(raw.name, raw.input_kind, "scores", raw.weights, None, raw.weight_kind,
@@ -634,19 +637,18 @@ class _Importer:
 
     def _hidden_layer(self, step: dict, tail: list, end, quantizer: _Quantizer):
         g, raw = self.g, step["raw"]
-        runner = _TailRunner(g, tail + [end], step["node"].output[0], raw.out_features, step["geometry"] is not None)
-
-        def codes(acc: np.ndarray) -> np.ndarray:
-            return quantizer.codes(runner(self._x(step, acc)))
-
-        lo, hi = raw.channel_acc_bounds
-        at_lo, at_hi = codes(lo[None, :])[0], codes(hi[None, :])[0]
-        decreasing = at_lo > at_hi
         if quantizer.kind == "bipolar":
-            layer = fold_threshold(raw, lambda acc: codes(acc[None, :])[0] > 0, decreasing)
+            runner = _TailRunner(g, tail + [end], step["node"].output[0], raw.out_features,
+                                 step["geometry"] is not None)
+
+            def positive(acc: np.ndarray) -> np.ndarray:
+                return quantizer.codes(runner(self._x(step, acc[None, :])))[0] > 0
+
+            lo, hi = raw.channel_acc_bounds
+            layer = fold_threshold(raw, positive, positive(lo) & ~positive(hi))
             next_act = _Act("bits", quantizer.scale)
         else:
-            layer = self._requant_layer(step, tail, end, quantizer, codes, decreasing)
+            layer = self._requant_layer(step, tail, end, quantizer)
             next_act = _Act("int8" if quantizer.signed else "uint8", quantizer.scale, 1, quantizer.zero_point)
         self._append(step, layer)
         self.tensors.append({"layer": layer.name, "tensor": end.output[0], "quantizer": quantizer.header(),
@@ -656,13 +658,13 @@ class _Importer:
             if step["geometry"] is not None else np.arange(out.out_features)
         return next_act, new_layout
 
-    @staticmethod
-    def _signed_acc(raw: DenseLayer, acc: np.ndarray, negated: np.ndarray) -> np.ndarray:
-        """The accumulator of ``raw`` for the accumulator ``acc`` of ``raw`` with ``negated`` rows negated."""
-        flipped = (raw.in_features - acc) if raw.is_popcount else -acc
-        return np.where(negated, flipped, acc)
+    def _requant_layer(self, step: dict, tail: list, end, quantizer: _Quantizer) -> DenseLayer:
+        """A 2-8-bit quantizer after an affine tail as a half-even requantizer, proved at every step.
 
-    def _requant_layer(self, step: dict, tail: list, end, quantizer: _Quantizer, codes, decreasing) -> DenseLayer:
+        The source model's code is ``clamp(round_half_even(m * acc + k), lo, hi)``, evaluated in
+        float64 from its float32 constants (exact for power-of-two scales; elsewhere the real value
+        to about 1e-16, where the executor's float32 can stray near a tie).
+        """
         g, raw = self.g, step["raw"]
         if end.op_type != "Quant":
             raise g.refuse(end, "a multi-bit MultiThreshold is not supported; use a Quant node")
@@ -673,26 +675,23 @@ class _Importer:
         if np.any(a == 0):
             raise g.refuse(end, "a channel's output does not depend on its input (a zero scale); hwgen cannot "
                                 "requantize a constant channel")
+        m_raw = a * step["scale"] * step["gamma"] / quantizer.scale
+        k_raw = (a * (step["scale"] * step["delta"] + step["bias"]) + b) / quantizer.scale + quantizer.zero_point
+        # decreasing channels are negated: the raw accumulator is -acc (or N - acc on a popcount layer)
+        decreasing = m_raw < 0
         layer = negate_rows(raw, decreasing)
+        m = np.abs(m_raw)
+        k = k_raw + np.where(decreasing & raw.is_popcount, m_raw * raw.in_features, 0.0)
         lo, hi = layer.channel_acc_bounds
-        # codes as a function of the folded layer's accumulator, and the exact steps of that function
+
+        def model_codes(acc: np.ndarray) -> np.ndarray:
+            return np.clip(np.round(m * acc.astype(np.float64) + k), lo_code, q_max).astype(np.int64)
+
         levels = np.arange(q_min + 1, q_max + 1)[:, None]
-
-        def folded_codes(acc: np.ndarray) -> np.ndarray:
-            return codes(self._signed_acc(raw, acc, decreasing))
-
         steps = first_reached(np.broadcast_to(lo, (len(levels), len(lo))), np.broadcast_to(hi, (len(levels), len(lo))),
-                              lambda acc: folded_codes(acc) >= levels)
+                              lambda acc: model_codes(acc) >= levels)
         probes = np.clip(np.concatenate([steps - 1, steps, lo[None, :], hi[None, :]]), lo, hi)
-        want = q_min + (steps[:, None, :] <= probes[None, :, :]).sum(axis=0)
-        # the source model's linear map, in the folded accumulator: code = round(m * acc + k)
-        sign = np.where(decreasing, -1.0, 1.0)
-        m = a * step["scale"] * step["gamma"] / quantizer.scale * sign
-        k = (a * (step["scale"] * (step["delta"] + step["gamma"] * np.where(decreasing & raw.is_popcount,
-                                                                           raw.in_features, 0))
-                  + step["bias"]) + b) / quantizer.scale + quantizer.zero_point
-        if np.any(m <= 0):
-            raise g.refuse(end, "the requantization is not increasing in the accumulator")
+        want = model_codes(probes)
         base_bias = layer.bias_values
         base_m0, shift = np.zeros(len(m), np.int64), np.zeros(len(m), np.int64)
         for c, real in enumerate(m):
