@@ -38,7 +38,7 @@ def assert_sim_bit_exact(cwd, model, folds, images, cycles_per_image):
 def test_help_lists_the_commands():
     result = hwgen("--help")
     assert result.returncode == 0
-    for command in ("train", "export", "verilog", "sim", "demo"):
+    for command in ("train", "export", "import", "verilog", "sim", "demo"):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.M), command
         sub = hwgen(command, "--help")
         assert sub.returncode == 0 and "Usage:" in sub.stdout and len(sub.stdout.splitlines()) > 4
