@@ -11,7 +11,9 @@ import numpy as np
 
 from .errors import UserError
 
-DATASET_CHOICES = click.Choice(["auto", "digits", "fashion-mnist", "idx"])
+DATASET_CHOICES = click.Choice(["auto", "digits", "fashion-mnist", "idx", "npz"])
+DATA_HELP = ("Your own data: an .npz with train_x, train_y, test_x, test_y (uint8 samples (N, F), (N, H, W) or "
+             "(N, H, W, C); integer labels), or a folder of MNIST-style IDX files.")
 
 
 def _parse_widths(text: str) -> tuple[int, ...]:
@@ -97,8 +99,7 @@ def _load_teacher(path: str, arch, ds):
 @cli.command()
 @click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True,
               help="auto: Fashion-MNIST if its IDX files are present, else sklearn digits.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder of MNIST-style IDX files (default: /usr/share/datasets/fashion-mnist).")
+@click.option("--data", "data_dir", type=click.Path(), default=None, help=DATA_HELP)
 @click.option("--kind", type=click.Choice(["binary", "int8", "mixed", "float"]), default="binary",
               show_default=True,
               help="binary: W1A1 with uint8 input. int8: float training, BN folded, post-training "
@@ -175,7 +176,7 @@ def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, f
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="Integer model to write (.npz, format hwgen-ir v1).")
 @click.option("--dataset", type=DATASET_CHOICES, default=None, help="Test set for the check (default: training's).")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--data", "data_dir", type=click.Path(), default=None, help=DATA_HELP)
 def export(checkpoint, output, dataset, data_dir) -> None:
     """Export a checkpoint to the integer model and check torch == golden on the whole test set.
 
@@ -215,7 +216,7 @@ def _test_set_options(function):
     function = click.option("--float-inputs", type=click.Path(dir_okay=False), default=None,
                             help="A .npy of float inputs for an imported model, quantized with its recorded input "
                                  "quantizer (instead of a dataset's uint8 codes).")(function)
-    function = click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)(function)
+    function = click.option("--data", "data_dir", type=click.Path(), default=None, help=DATA_HELP)(function)
     return click.option("--dataset", type=DATASET_CHOICES, default=None)(function)
 
 
@@ -225,7 +226,7 @@ def _test_set_options(function):
 @click.option("--dataset", type=DATASET_CHOICES, default=None,
               help="Check against qonnx's executor on this dataset's test images, taken as input codes; "
                    "recorded as the model's dataset for sim/verify.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--data", "data_dir", type=click.Path(), default=None, help=DATA_HELP)
 @click.option("--float-inputs", type=click.Path(dir_okay=False), default=None,
               help="Check against the executor on these float inputs (.npy) instead.")
 @click.option("--images", default="200", show_default=True, help="Inputs to check, or 'all'.")
@@ -481,7 +482,7 @@ def run(model_path, port, board_name, baud, images, timeout, dataset, data_dir, 
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="build/demo", show_default=True)
 @click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True)
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--data", "data_dir", type=click.Path(), default=None, help=DATA_HELP)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 20 (Fashion-MNIST), 40 (digits).")
 @click.option("--kind", type=click.Choice(["binary", "int8", "mixed"]), default="binary", show_default=True)
 @click.option("--conv", default="", help="Convolutional front end (see `hwgen train --help`), e.g. 32c3,m2,64c3,m2.")

@@ -100,11 +100,97 @@ def load_idx_dataset(folder: Path | str, name: str = "fashion-mnist") -> Dataset
     return Dataset(name, *arrays, tuple(int(s) for s in images.shape[1:]))
 
 
-def load_dataset(name: str, data_dir: Path | str | None = None) -> Dataset:
-    """Load ``digits``, ``fashion-mnist`` (Debian's IDX files or ``data_dir``), or ``auto``.
+NPZ_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+#: An array whose header claims more than this is refused before it is read (a compressed
+#: archive can claim far more than it holds, or than the machine has).
+NPZ_ARRAY_LIMIT = 8 << 30
 
-    ``auto`` picks Fashion-MNIST when its files are present and digits otherwise.
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every ``.npy`` member of an ``.npz``, read from the headers alone."""
+    import zipfile
+
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(member)
+                headers[info.filename[:-4]] = (tuple(int(v) for v in shape), np.dtype(dtype))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise UserError(f"{path}: not a readable .npz archive ({error}); write it with numpy.savez") from None
+    return headers
+
+
+def load_npz_dataset(path: Path | str) -> Dataset:
+    """A user's own data: an ``.npz`` with ``train_x``, ``train_y``, ``test_x``, ``test_y``.
+
+    Samples are uint8 of any shape: flat vectors ``(N, F)``, images ``(N, H, W)`` or
+    ``(N, H, W, C)`` (channels last); labels are non-negative integers, and the test labels must
+    be classes the training set has. Loaded with ``allow_pickle=False``.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found (write one with numpy.savez(path, train_x=..., train_y=..., "
+                        "test_x=..., test_y=...))")
+    headers = _npz_headers(path)
+    for key in NPZ_ARRAYS:
+        if key not in headers:
+            raise UserError(f"{path}: array '{key}' is missing; the file needs {', '.join(NPZ_ARRAYS)}")
+        shape, dtype = headers[key]
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > NPZ_ARRAY_LIMIT:
+            raise UserError(f"{path}: array '{key}' claims shape {list(shape)} of {dtype}, more than "
+                            f"{NPZ_ARRAY_LIMIT >> 30} GiB; refusing to load it")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in NPZ_ARRAYS}
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"{path}: cannot read its arrays ({error})") from None
+    for key in ("train_x", "test_x"):
+        x = arrays[key]
+        if x.dtype != np.uint8:
+            raise UserError(f"{path}: array '{key}' is {x.dtype}; samples must be uint8 (0..255)")
+        if x.ndim not in (2, 3, 4) or len(x) == 0:
+            raise UserError(f"{path}: array '{key}' has shape {list(x.shape)}; expected (N, features), (N, H, W) "
+                            "or (N, H, W, C) with N >= 1")
+    if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
+        raise UserError(f"{path}: train_x samples are {list(arrays['train_x'].shape[1:])}, test_x samples "
+                        f"{list(arrays['test_x'].shape[1:])}; they must have one shape")
+    for key, samples in (("train_y", "train_x"), ("test_y", "test_x")):
+        y = arrays[key]
+        if y.dtype.kind not in "iu" or y.ndim != 1:
+            raise UserError(f"{path}: array '{key}' must be a 1-D array of integer labels, not {y.dtype} "
+                            f"of shape {list(y.shape)}")
+        if len(y) != len(arrays[samples]):
+            raise UserError(f"{path}: '{key}' has {len(y)} labels for {len(arrays[samples])} samples in '{samples}'")
+        if y.min() < 0:
+            raise UserError(f"{path}: array '{key}' has a negative label ({int(y.min())})")
+    classes = int(arrays["train_y"].max()) + 1
+    if arrays["test_y"].max() >= classes:
+        raise UserError(f"{path}: array 'test_y' has label {int(arrays['test_y'].max())}, but the training labels "
+                        f"only go up to {classes - 1}")
+    shape = tuple(int(v) for v in arrays["train_x"].shape[1:])
+    flat = [arrays[key].reshape(len(arrays[key]), -1) if key.endswith("_x") else arrays[key].astype(np.int64)
+            for key in NPZ_ARRAYS]
+    return Dataset(path.stem, *flat, shape)
+
+
+def load_dataset(name: str, data_dir: Path | str | None = None) -> Dataset:
+    """Load ``digits``, ``fashion-mnist`` (Debian's IDX files or ``data_dir``), ``npz`` or ``auto``.
+
+    ``data_dir`` names a folder of IDX files, or an ``.npz`` file of the user's own data (then
+    the dataset is that file, whatever ``name`` says except ``digits``). ``auto`` picks the file
+    or folder given, else Fashion-MNIST when its files are present, else digits.
+    """
+    if data_dir is not None and name != "digits" and (Path(data_dir).suffix == ".npz" or Path(data_dir).is_file()):
+        return load_npz_dataset(data_dir)
+    if name == "npz":
+        raise UserError("--dataset npz needs --data FILE.npz")
     if name == "auto":
         folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR
         name = "fashion-mnist" if folder.is_dir() else "digits"

@@ -129,3 +129,31 @@ def test_conv_and_teacher_errors(tmp_path):
     assert teacher.returncode == 0, teacher.stderr
     assert_user_error(hwgen("train", "--dataset", "digits", "--hidden", "16", "--teacher", tmp_path / "f.pt",
                             "-o", tmp_path / "m.pt"), "differs from this run's", "--hidden and --conv")
+
+
+def test_own_three_channel_data_through_conv_export_and_rtl(tmp_path):
+    """--data FILE.npz with 12x12x3 uint8 images: train a binary CNN, export (torch == golden), RTL."""
+    from test_data import synthetic_rgb
+
+    x, y = synthetic_rgb(np.random.default_rng(0), 600)
+    data = tmp_path / "rgb.npz"
+    np.savez(data, train_x=x[:500], train_y=y[:500], test_x=x[500:], test_y=y[500:])
+    train = hwgen("train", "--data", data, "--conv", "8c3,m2", "--hidden", "16", "--epochs", "20", "--kind", "binary",
+                  "-o", tmp_path / "rgb.pt")
+    assert train.returncode == 0, train.stderr
+    export = hwgen("export", tmp_path / "rgb.pt", "-o", tmp_path / "rgb-model.npz")
+    assert export.returncode == 0, export.stderr
+    assert "torch fake-quant vs golden: 100/100 images agree on all 1459 integer outputs of all 4 layers" in export.stdout
+    accuracy = float(re.search(r"quantized \(integer\) accuracy on rgb test set: ([\d.]+)", export.stdout).group(1))
+    assert accuracy > 0.6
+    # the model remembers its data file: sim reads the same test set
+    assert_sim_bit_exact(tmp_path, tmp_path / "rgb-model.npz", "8x27,16x32,3x16", 20, 1296)
+
+
+def test_malformed_data_file_is_one_message(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train_x=np.zeros((4, 8, 8), np.uint8), train_y=np.zeros(4, np.int64))
+    result = hwgen("train", "--data", bad, "-o", tmp_path / "m.pt")
+    assert_user_error(result, f"error: {bad}: array 'test_x' is missing; the file needs train_x, train_y, test_x, "
+                              "test_y\n")
+    assert not (tmp_path / "m.pt").exists()
