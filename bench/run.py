@@ -137,7 +137,7 @@ def bench_golden_vs_torch(model: IntegerModel, images: np.ndarray) -> dict:
     """Item 2: golden images/s against torch's float forward of the same 784-256-256-10 shape."""
     import torch
 
-    from hwgen.quant import Architecture, FloatMLP
+    from hwgen.frontends.templates import Architecture, FloatMLP
 
     torch.manual_seed(0)
     net = FloatMLP(Architecture((28, 28), (256, 256), 10, "float")).eval()

@@ -74,7 +74,7 @@ def cli() -> None:
 
 
 def _parse_conv(text: str) -> tuple[str, ...]:
-    from .quant import parse_conv_item
+    from .frontends.templates import parse_conv_item
     items = tuple(part.strip() for part in text.split(",") if part.strip())
     for item in items:
         parse_conv_item(item)
@@ -83,8 +83,8 @@ def _parse_conv(text: str) -> tuple[str, ...]:
 
 def _load_teacher(path: str, arch, ds):
     """A float checkpoint of the same shape, trained on the same dataset, to distil from."""
-    from . import quant
-    teacher, teacher_info = quant.load_checkpoint(path)
+    from .frontends import templates
+    teacher, teacher_info = templates.load_checkpoint(path)
     if teacher.arch.kind != "float":
         raise UserError(f"--teacher {path}: field 'arch.kind' is {teacher.arch.kind!r}; the teacher must be a "
                         "float checkpoint (train one with `hwgen train --kind float`)")
@@ -128,11 +128,11 @@ def _load_teacher(path: str, arch, ds):
 def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, float_baseline, teacher,
           distill, temperature, distill_weight, output) -> None:
     """Train a quantized network (uint8 pixels in, integer scores out)."""
-    from . import quant
+    from .frontends import templates
     from .data import load_dataset
 
     ds = load_dataset(dataset, data_dir)
-    arch = quant.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind, _parse_conv(conv))
+    arch = templates.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind, _parse_conv(conv))
     arch.widths  # validates the conv front end against the image size
     if distill and kind not in ("binary", "mixed"):
         raise UserError(f"--distill trains a binary or mixed student; --kind {kind} has no float teacher to learn from")
@@ -142,32 +142,32 @@ def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, f
     reference = None
     if teacher:
         reference, teacher_info = _load_teacher(teacher, arch, ds)
-        info["float_accuracy"] = quant.float_accuracy(reference, ds.test_x, ds.test_y)
+        info["float_accuracy"] = templates.float_accuracy(reference, ds.test_x, ds.test_y)
         info["teacher"] = {"path": str(teacher), "epochs": teacher_info.get("epochs"), "seed": teacher_info.get("seed")}
         click.echo(f"float accuracy ({shape}, from {teacher}): {info['float_accuracy']:.4f}")
     elif float_baseline or kind in ("int8", "float") or distill:
-        reference = quant.build_model(arch.with_kind("float"), seed)
-        info["float_accuracy"] = quant.train(reference, ds, epochs=epochs, seed=seed, lr=lr or 1e-3)
+        reference = templates.build_model(arch.with_kind("float"), seed)
+        info["float_accuracy"] = templates.train(reference, ds, epochs=epochs, seed=seed, lr=lr or 1e-3)
         click.echo(f"float accuracy ({shape}): {info['float_accuracy']:.4f}")
     if kind == "float":
         model = reference
     elif kind == "int8":
-        model = quant.int8_from_float(reference, ds.train_x[:10000])
-        info["ptq_accuracy"] = quant.float_accuracy(model, ds.test_x, ds.test_y)
+        model = templates.int8_from_float(reference, ds.train_x[:10000])
+        info["ptq_accuracy"] = templates.float_accuracy(model, ds.test_x, ds.test_y)
         click.echo(f"int8 after calibration (fake-quant forward): {info['ptq_accuracy']:.4f}")
         if qat_epochs:
-            info["qat_accuracy"] = quant.train(model, ds, epochs=qat_epochs, seed=seed, lr=(lr or 1e-3) / 10)
+            info["qat_accuracy"] = templates.train(model, ds, epochs=qat_epochs, seed=seed, lr=(lr or 1e-3) / 10)
             click.echo(f"int8 after {qat_epochs} QAT epochs (fake-quant forward): {info['qat_accuracy']:.4f}")
     else:
-        model = quant.build_model(arch, seed)
+        model = templates.build_model(arch, seed)
         if distill:
             info["distillation"] = {"temperature": temperature, "weight": distill_weight}
-        info[f"{kind}_accuracy"] = quant.train(model, ds, epochs=epochs, seed=seed, lr=lr or 1e-2,
+        info[f"{kind}_accuracy"] = templates.train(model, ds, epochs=epochs, seed=seed, lr=lr or 1e-2,
                                                teacher=reference if distill else None,
                                                temperature=temperature, distill_weight=distill_weight)
         click.echo(f"{kind} accuracy (fake-quant forward{', distilled' if distill else ''}): "
                    f"{info[f'{kind}_accuracy']:.4f}")
-    quant.save_checkpoint(output, model, info)
+    templates.save_checkpoint(output, model, info)
     click.echo(f"wrote {output}")
 
 
@@ -183,12 +183,13 @@ def export(checkpoint, output, dataset, data_dir) -> None:
     The torch side computes every layer's integers with its own arithmetic; the golden model must
     give the same value for every output of every layer of every test image.
     """
-    from . import golden, quant
+    from . import golden
+    from .frontends import templates
 
-    model, info = quant.load_checkpoint(checkpoint)
+    model, info = templates.load_checkpoint(checkpoint)
     ds = _dataset_for(info, dataset, data_dir)
-    integer_model = quant.export(model, info)
-    torch_outputs = quant.integer_forward(model, ds.test_x)
+    integer_model = templates.export(model, info)
+    torch_outputs = templates.integer_forward(model, ds.test_x)
     result = golden.run(integer_model, ds.test_x)
     agree = np.ones(len(ds.test_x), dtype=bool)
     for layer, a, b in zip(integer_model.layers, torch_outputs, result.outputs):

@@ -1,6 +1,6 @@
-"""Quantization-aware training in torch and export to the integer model.
+"""hwgen's own network templates: quantization-aware training in torch and export to the integer model.
 
-The only module of hwgen that imports torch. Four kinds of MLP (``Architecture.kind``):
+One front end among several (see ``hwgen/frontends/``); with the QONNX importer, the only code that imports torch. Four kinds of MLP (``Architecture.kind``):
 
 * ``float``: the reference (ReLU + BN), and the starting point of post-training int8 quantization;
 * ``int8``: BN folded into weights and bias, int8 weights (symmetric, per output channel, the
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import Dataset
-from .errors import UserError
-from .ir import (INT8_WEIGHT_LIMIT, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer, Requant,
+from ..data import Dataset
+from ..errors import UserError
+from ..ir import (INT8_WEIGHT_LIMIT, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer, Requant,
                  fold_batchnorm_sign, quantize_multiplier, write_atomically)
 
 UINT8_MAX = 255
