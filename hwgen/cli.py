@@ -183,12 +183,18 @@ def export(checkpoint, output, dataset, data_dir) -> None:
     The torch side computes every layer's integers with its own arithmetic; the golden model must
     give the same value for every output of every layer of every test image.
     """
-    from . import golden
     from .frontends import templates
 
     model, info = templates.load_checkpoint(checkpoint)
     ds = _dataset_for(info, dataset, data_dir)
-    integer_model = templates.export(model, info)
+    _check_torch_and_save(model, templates.export(model, info), ds, output)
+
+
+def _check_torch_and_save(model, integer_model, ds, output: str) -> None:
+    """torch fake-quant == golden on every integer output of every test image, then write the model."""
+    from . import golden
+    from .frontends import templates
+
     torch_outputs = templates.integer_forward(model, ds.test_x)
     result = golden.run(integer_model, ds.test_x)
     agree = np.ones(len(ds.test_x), dtype=bool)
@@ -210,6 +216,45 @@ def export(checkpoint, output, dataset, data_dir) -> None:
         raise UserError("torch and golden disagree; the model was not written")
     integer_model.save(output)
     click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("program_path", metavar="MODEL.pt2", type=click.Path(dir_okay=False))
+@click.option("--kind", type=click.Choice(["int8", "binary", "mixed"]), default="int8", show_default=True,
+              help="int8: post-training quantization. binary/mixed: fine-tuning from the float weights.")
+@click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(), default=None, help=DATA_HELP)
+@click.option("--input-scale", type=float, default=1 / 255, show_default="1/255",
+              help="The model's input is the uint8 sample times this ...")
+@click.option("--input-offset", type=float, default=0.0, show_default=True, help="... plus this.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="binary/mixed fine-tuning.")
+@click.option("--qat-epochs", type=click.IntRange(min=0), default=0, show_default=True, help="int8 only.")
+@click.option("--distill/--no-distill", default=True, show_default=True,
+              help="binary/mixed: distil from the float model itself (soft targets at T, loss x T^2).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Integer model to write (.npz).")
+def quantize(program_path, kind, dataset, data_dir, input_scale, input_offset, epochs, qat_epochs, distill,
+             temperature, seed, output) -> None:
+    """Quantize or binarize your own trained float model, saved with torch.export.save (.pt2).
+
+    Supported: Linear, Conv2d, BatchNorm1d/2d, ReLU, Hardtanh, MaxPool2d, Flatten. The result is
+    checked like `hwgen export`: torch fake-quant == golden on every integer output of every test image.
+    """
+    from .data import load_dataset
+    from .frontends import torch_import
+
+    ds = load_dataset(dataset, data_dir)
+    if kind == "int8":
+        network = torch_import.quantize(program_path, ds, input_scale=input_scale, input_offset=input_offset,
+                                        qat_epochs=qat_epochs, seed=seed)
+    else:
+        network = torch_import.binarize(program_path, ds, kind, epochs=epochs, distill=distill,
+                                        temperature=temperature, seed=seed, input_scale=input_scale,
+                                        input_offset=input_offset)
+    network.info.update(data_dir=data_dir, float_model=str(program_path))
+    click.echo(f"float accuracy of {program_path} on {ds.name}: {network.info['float_accuracy']:.4f}")
+    _check_torch_and_save(network.model, network.export(), ds, output)
 
 
 def _test_set_options(function):
