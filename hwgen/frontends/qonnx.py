@@ -100,9 +100,9 @@ def _check_acyclic(graph, path: Path) -> None:
     state: dict[int, int] = {}     # 1: on the current path, 2: finished
 
     for root in range(len(graph.node)):
-        stack = [(root, iter(graph.node[root].input))]
         if state.get(root):
             continue
+        stack = [(root, iter(graph.node[root].input))]
         state[root] = 1
         while stack:
             index, inputs = stack[-1]

@@ -217,10 +217,7 @@ def float_template(program, input_shape: tuple[int, ...], *, input_scale: float 
     if classes is not None and out_features != classes:
         raise UserError(f"the model has {out_features} outputs, the data has {classes} classes")
     arch = templates.Architecture(tuple(input_shape), tuple(hidden), out_features, "float", tuple(conv_items))
-    try:
-        arch.widths
-    except UserError:
-        raise
+    arch.widths          # refuses a conv front end that shrinks the input to nothing
     model = templates.build_model(arch)
     convs, linears = iter(model.convs), iter(model.linears)
     conv_norms, norms = iter(model.conv_norms), iter(model.norms)
