@@ -96,6 +96,14 @@ def _load_teacher(path: str, arch, ds):
     return teacher, teacher_info
 
 
+def _augmentation_options(function):
+    """``--shift`` and ``--flip``: random training-time changes to image samples."""
+    function = click.option("--flip/--no-flip", default=False, show_default=True,
+                            help="Mirror half the training images left-right (not for digits or text).")(function)
+    return click.option("--shift", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Shift training images by up to this many pixels each way (border: pixel 0).")(function)
+
+
 @cli.command()
 @click.option("--dataset", type=DATASET_CHOICES, default="auto", show_default=True,
               help="auto: Fashion-MNIST if its IDX files are present, else sklearn digits.")
@@ -124,14 +132,16 @@ def _load_teacher(path: str, arch, ds):
               help="Distillation temperature T (the soft loss is scaled by T^2).")
 @click.option("--distill-weight", type=click.FloatRange(0, 1), default=0.7, show_default=True,
               help="Weight of the soft loss; the hard cross-entropy gets 1 - this.")
+@_augmentation_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.pt).")
 def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, float_baseline, teacher,
-          distill, temperature, distill_weight, output) -> None:
+          distill, temperature, distill_weight, shift, flip, output) -> None:
     """Train a quantized network (uint8 pixels in, integer scores out)."""
     from .frontends import templates
     from .data import load_dataset
 
     ds = load_dataset(dataset, data_dir)
+    augmentation = templates.Augmentation(shift, flip)
     arch = templates.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind, _parse_conv(conv))
     arch.widths  # validates the conv front end against the image size
     if distill and kind not in ("binary", "mixed"):
@@ -139,6 +149,8 @@ def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, f
     click.echo(f"dataset {ds.name}: {len(ds.train_x)} train / {len(ds.test_x)} test images of {ds.image_shape}")
     shape = ",".join([*arch.conv, *map(str, arch.widths[1:])])
     info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs, "kind": kind}
+    if augmentation.active:
+        info["augmentation"] = {"shift": shift, "flip": flip}
     reference = None
     if teacher:
         reference, teacher_info = _load_teacher(teacher, arch, ds)
@@ -147,7 +159,8 @@ def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, f
         click.echo(f"float accuracy ({shape}, from {teacher}): {info['float_accuracy']:.4f}")
     elif float_baseline or kind in ("int8", "float") or distill:
         reference = templates.build_model(arch.with_kind("float"), seed)
-        info["float_accuracy"] = templates.train(reference, ds, epochs=epochs, seed=seed, lr=lr or 1e-3)
+        info["float_accuracy"] = templates.train(reference, ds, epochs=epochs, seed=seed, lr=lr or 1e-3,
+                                                 augmentation=augmentation)
         click.echo(f"float accuracy ({shape}): {info['float_accuracy']:.4f}")
     if kind == "float":
         model = reference
@@ -164,7 +177,8 @@ def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, f
             info["distillation"] = {"temperature": temperature, "weight": distill_weight}
         info[f"{kind}_accuracy"] = templates.train(model, ds, epochs=epochs, seed=seed, lr=lr or 1e-2,
                                                teacher=reference if distill else None,
-                                               temperature=temperature, distill_weight=distill_weight)
+                                               temperature=temperature, distill_weight=distill_weight,
+                                               augmentation=augmentation)
         click.echo(f"{kind} accuracy (fake-quant forward{', distilled' if distill else ''}): "
                    f"{info[f'{kind}_accuracy']:.4f}")
     templates.save_checkpoint(output, model, info)
@@ -232,17 +246,20 @@ def _check_torch_and_save(model, integer_model, ds, output: str) -> None:
 @click.option("--distill/--no-distill", default=True, show_default=True,
               help="binary/mixed: distil from the float model itself (soft targets at T, loss x T^2).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
+              help="binary/mixed: Adam learning rate (cosine schedule).")
+@_augmentation_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Integer model to write (.npz).")
 def quantize(program_path, kind, dataset, data_dir, input_scale, input_offset, epochs, qat_epochs, distill,
-             temperature, seed, output) -> None:
+             temperature, lr, shift, flip, seed, output) -> None:
     """Quantize or binarize your own trained float model, saved with torch.export.save (.pt2).
 
     Supported: Linear, Conv2d, BatchNorm1d/2d, ReLU, Hardtanh, MaxPool2d, Flatten. The result is
     checked like `hwgen export`: torch fake-quant == golden on every integer output of every test image.
     """
     from .data import load_dataset
-    from .frontends import torch_import
+    from .frontends import templates, torch_import
 
     ds = load_dataset(dataset, data_dir)
     if kind == "int8":
@@ -250,8 +267,9 @@ def quantize(program_path, kind, dataset, data_dir, input_scale, input_offset, e
                                         qat_epochs=qat_epochs, seed=seed)
     else:
         network = torch_import.binarize(program_path, ds, kind, epochs=epochs, distill=distill,
-                                        temperature=temperature, seed=seed, input_scale=input_scale,
-                                        input_offset=input_offset)
+                                        temperature=temperature, lr=lr, seed=seed, input_scale=input_scale,
+                                        input_offset=input_offset,
+                                        augmentation=templates.Augmentation(shift, flip))
     network.info.update(data_dir=data_dir, float_model=str(program_path))
     click.echo(f"float accuracy of {program_path} on {ds.name}: {network.info['float_accuracy']:.4f}")
     _check_torch_and_save(network.model, network.export(), ds, output)

@@ -258,3 +258,34 @@ def test_distillation_matches_the_teacher_soft_targets(float_reference, digits):
     x = torch.from_numpy(digits.test_x.astype(np.float32))
     agree = float((templates._logits(student, x).argmax(1) == templates._logits(teacher, x).argmax(1)).float().mean())
     assert agree > 0.9
+
+
+def test_augmentation_shifts_with_a_zero_border_and_mirrors_exactly():
+    """Each augmented sample is its image moved by (dy, dx) within ±shift, perhaps mirrored; nothing else."""
+    shape = (5, 6, 2)
+    images = torch.arange(1, 4 * 60 + 1, dtype=torch.float32).view(4, 60)
+    out = templates.Augmentation(shift=2, flip=True).apply(images, shape, torch.Generator().manual_seed(3))
+    for image, changed in zip(images.view(4, *shape).numpy(), out.view(4, *shape).numpy()):
+        candidates = []
+        for mirrored in (image, image[:, ::-1]):
+            padded = np.pad(mirrored, ((2, 2), (2, 2), (0, 0)))
+            candidates += [padded[dy:dy + 5, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(np.array_equal(changed, c) for c in candidates)
+    assert not torch.equal(out, images)
+    assert torch.equal(templates.Augmentation().apply(images, shape, torch.Generator()), images)
+    flat = torch.ones(3, 7)
+    assert torch.equal(templates.Augmentation(2, True).apply(flat, (7,), torch.Generator()), flat)
+    with pytest.raises(UserError, match="augmentation shift -1"):
+        templates.Augmentation(shift=-1)
+
+
+def test_augmented_distillation_is_seeded_and_changes_training(float_reference, digits):
+    arch = templates.Architecture(digits.image_shape, (64,), digits.classes)
+    runs = [templates.build_model(arch, seed=4) for _ in range(3)]
+    for model, augmentation in zip(runs, (templates.Augmentation(1, False), templates.Augmentation(1, False),
+                                          templates.Augmentation())):
+        templates.train(model, digits, epochs=1, seed=4, progress=False, teacher=float_reference[0],
+                        augmentation=augmentation)
+    weights = [m.state_dict()["linears.0.weight"] for m in runs]
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])

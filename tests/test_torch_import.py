@@ -125,8 +125,8 @@ def test_cli_quantize_a_torch_export_archive_and_binarize_a_cnn(tmp_path, digits
     torch.manual_seed(4)
     archive = tmp_path / "cnn.pt2"
     torch.export.save(torch.export.export(fit(UserCNN()), (torch.zeros(1, 1, 8, 8),)), archive)   # static batch
-    result = run_hwgen("quantize", archive, "--kind", "binary", "--epochs", "4", "--dataset", "digits",
-                       "-o", tmp_path / "cnn.npz")
+    result = run_hwgen("quantize", archive, "--kind", "binary", "--epochs", "4", "--shift", "1", "--lr", "5e-3",
+                       "--dataset", "digits", "-o", tmp_path / "cnn.npz")
     assert result.returncode == 0, result.stderr
     assert "torch fake-quant vs golden: 449/449 images agree on all" in result.stdout
     sim = run_hwgen("sim", tmp_path / "cnn.npz", "--images", "16", "--build-dir", tmp_path / "sim")

@@ -440,15 +440,52 @@ def build_model(arch: Architecture, seed: int = 0) -> nn.Module:
     return KINDS[arch.kind](arch)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Random training-time changes to image samples: a shift of up to ``shift`` pixels in each
+    direction (the uncovered border is pixel 0) and, with ``flip``, a left-right mirror of half the
+    samples. Samples that are flat vectors are never changed."""
+
+    shift: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shift < 0:
+            raise UserError(f"augmentation shift {self.shift}: give 0 or more pixels")
+
+    @property
+    def active(self) -> bool:
+        return self.shift > 0 or self.flip
+
+    def apply(self, x: torch.Tensor, image_shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Flat samples ``(B, prod(image_shape))`` stored ``(H, W[, C])``, changed and flattened again."""
+        if not self.active or len(image_shape) < 2:
+            return x
+        height, width = image_shape[:2]
+        maps = x.view(len(x), height, width, -1)
+        if self.shift:
+            s = self.shift
+            padded = F.pad(maps, (0, 0, s, s, s, s))
+            rows = torch.arange(height) + torch.randint(0, 2 * s + 1, (len(x), 1), generator=generator)
+            cols = torch.arange(width) + torch.randint(0, 2 * s + 1, (len(x), 1), generator=generator)
+            maps = padded[torch.arange(len(x))[:, None, None], rows[:, :, None], cols[:, None, :]]
+        if self.flip:
+            mirrored = torch.rand(len(x), generator=generator) < 0.5
+            maps = torch.where(mirrored[:, None, None, None], maps.flip(2), maps)
+        return maps.reshape(len(x), -1)
+
+
 def train(model: nn.Module, dataset: Dataset, *, epochs: int, seed: int = 0, lr: float = 1e-2,
           batch_size: int = 256, progress: bool = True, teacher: nn.Module | None = None,
-          temperature: float = 4.0, distill_weight: float = 0.7) -> float:
+          temperature: float = 4.0, distill_weight: float = 0.7,
+          augmentation: Augmentation = Augmentation()) -> float:
     """Train with Adam and a cosine schedule, seeded; returns the test accuracy of the model's forward.
 
     With a ``teacher`` (knowledge distillation, Hinton et al. 2015) the loss is
     ``(1 - distill_weight) * CE(student, labels) + distill_weight * T**2 * KL(teacher_T || student_T)``
     where ``_T`` are the softmax at ``temperature``; the ``T**2`` keeps the soft gradients on the
-    scale of the hard ones. The teacher is frozen (eval mode) and its logits are computed once.
+    scale of the hard ones. The teacher is frozen (eval mode); its logits are computed once, or per
+    batch on the augmented samples when ``augmentation`` is active.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -459,7 +496,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, seed: int = 0, lr:
         if not temperature > 0 or not 0 <= distill_weight <= 1:
             raise UserError(f"distillation needs temperature > 0 (got {temperature}) and a weight in [0, 1] "
                             f"(got {distill_weight})")
-        soft_targets = F.log_softmax(_logits(teacher, x) / temperature, dim=1)
+        if not augmentation.active:
+            soft_targets = F.log_softmax(_logits(teacher, x) / temperature, dim=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
@@ -470,10 +508,13 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, seed: int = 0, lr:
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
             index = order[start:start + batch_size]
-            logits = model(x[index])
+            samples = augmentation.apply(x[index], dataset.image_shape, generator)
+            logits = model(samples)
             loss = F.cross_entropy(logits, y[index])
-            if soft_targets is not None:
-                soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft_targets[index],
+            if teacher is not None:
+                targets = (soft_targets[index] if soft_targets is not None else
+                           F.log_softmax(_logits(teacher, samples) / temperature, dim=1))
+                soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), targets,
                                 reduction="batchmean", log_target=True)
                 loss = (1 - distill_weight) * loss + distill_weight * temperature ** 2 * soft
             optimizer.zero_grad()

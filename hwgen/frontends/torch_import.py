@@ -357,12 +357,14 @@ def quantize(model, calibration, kind: str = "int8", *, input_scale: float = 1 /
 
 def binarize(model, train_data, kind: str = "binary", *, epochs: int = 10, distill: bool = True,
              temperature: float = 4.0, distill_weight: float = 0.7, lr: float = 1e-2, seed: int = 0,
-             input_scale: float = 1 / 255, input_offset: float = 0.0) -> QuantizedNetwork:
+             input_scale: float = 1 / 255, input_offset: float = 0.0,
+             augmentation: templates.Augmentation = templates.Augmentation()) -> QuantizedNetwork:
     """Quantization-aware fine-tuning to ``binary`` (W1A1) or ``mixed`` from the float weights.
 
     The student starts from the float model's weights (scaled into the latent [-1, 1]) and, with
     ``distill``, learns from the float model itself as teacher: soft targets at ``temperature``,
-    soft loss scaled by T² (:func:`hwgen.frontends.templates.train`).
+    soft loss scaled by T² (:func:`hwgen.frontends.templates.train`). ``augmentation`` (random
+    shifts, mirroring) changes the training samples for student and teacher alike.
     """
     if kind not in ("binary", "mixed"):
         raise UserError(f"kind {kind!r}: binarize makes 'binary' or 'mixed' networks (quantize makes 'int8')")
@@ -386,7 +388,9 @@ def binarize(model, train_data, kind: str = "binary", *, epochs: int = 10, disti
             "float_accuracy": templates.float_accuracy(user, ds.test_x, ds.test_y)}
     if distill:
         info["distillation"] = {"temperature": temperature, "weight": distill_weight, "teacher": "the float model"}
+    if augmentation.active:
+        info["augmentation"] = {"shift": augmentation.shift, "flip": augmentation.flip}
     info[f"{kind}_accuracy"] = templates.train(student, ds, epochs=epochs, seed=seed, lr=lr,
                                                teacher=user if distill else None, temperature=temperature,
-                                               distill_weight=distill_weight)
+                                               distill_weight=distill_weight, augmentation=augmentation)
     return QuantizedNetwork(student, user, info)
