@@ -150,7 +150,7 @@ def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, f
     shape = ",".join([*arch.conv, *map(str, arch.widths[1:])])
     info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs, "kind": kind}
     if augmentation.active:
-        info["augmentation"] = {"shift": shift, "flip": flip}
+        info["augmentation"] = augmentation.as_dict()
     reference = None
     if teacher:
         reference, teacher_info = _load_teacher(teacher, arch, ds)

@@ -457,6 +457,10 @@ class Augmentation:
     def active(self) -> bool:
         return self.shift > 0 or self.flip
 
+    def as_dict(self) -> dict:
+        """What a checkpoint's or model's info records of it."""
+        return {"shift": self.shift, "flip": self.flip}
+
     def apply(self, x: torch.Tensor, image_shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Flat samples ``(B, prod(image_shape))`` stored ``(H, W[, C])``, changed and flattened again."""
         if not self.active or len(image_shape) < 2:

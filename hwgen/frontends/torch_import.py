@@ -389,7 +389,7 @@ def binarize(model, train_data, kind: str = "binary", *, epochs: int = 10, disti
     if distill:
         info["distillation"] = {"temperature": temperature, "weight": distill_weight, "teacher": "the float model"}
     if augmentation.active:
-        info["augmentation"] = {"shift": augmentation.shift, "flip": augmentation.flip}
+        info["augmentation"] = augmentation.as_dict()
     info[f"{kind}_accuracy"] = templates.train(student, ds, epochs=epochs, seed=seed, lr=lr,
                                                teacher=user if distill else None, temperature=temperature,
                                                distill_weight=distill_weight, augmentation=augmentation)
