@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from amaranth.hdl import Value
+from amaranth.hdl import Module, Signal, Value
 
 
 class MemoryShape(NamedTuple):
@@ -31,6 +31,50 @@ def tree_sum(terms: list[Value]) -> Value:
         paired = [a + b for a, b in zip(level[0::2], level[1::2])]
         level = paired + level[len(paired) * 2:]
     return level[0]
+
+
+def tree_depth(count: int) -> int:
+    """Adder levels of a balanced tree over ``count`` terms, ``ceil(log2(count))``."""
+    return max(0, (count - 1).bit_length())
+
+
+def tree_stages(count: int, levels_per_stage: int, levels_before: int = 0) -> int:
+    """Registers :func:`pipelined_tree_sum` puts between its terms and its registered sum."""
+    return max(1, -(-(levels_before + tree_depth(count)) // levels_per_stage))
+
+
+def pipelined_tree_sum(m: Module, terms: list[Value], *, levels_per_stage: int, enable: Value, name: str,
+                       levels_before: int = 0, keep: bool = True) -> Signal:
+    """A balanced adder tree with a register after every ``levels_per_stage`` levels and at its end.
+
+    Every register loads when ``enable`` is high. ``levels_before`` counts logic levels the terms
+    already went through in the first stage (a shared pre-addition). With ``keep``, each level's
+    sums are kept as signals so that yosys maps every two-input addition onto a carry chain
+    instead of merging the whole tree into one multi-operand adder, which it builds from LUT full
+    adders at about twice the LUTs. The result is registered; :func:`tree_stages` gives how many
+    registers lie on the way.
+    """
+    if not terms:
+        raise ValueError("pipelined_tree_sum needs at least one term")
+    level, depth = list(terms), levels_before
+
+    def register(values: list[Value], tag: str) -> list[Signal]:
+        regs = [Signal(v.shape(), name=f"{name}_{tag}_{i}") for i, v in enumerate(values)]
+        with m.If(enable):
+            m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
+        return regs
+
+    while len(level) > 1:
+        paired = [a + b for a, b in zip(level[0::2], level[1::2])]
+        if keep:
+            kept = [Signal(v.shape(), name=f"{name}_sum{depth}_{i}", attrs={"keep": 1}) for i, v in enumerate(paired)]
+            m.d.comb += [k.eq(v) for k, v in zip(kept, paired)]
+            paired = kept
+        level = paired + level[len(paired) * 2:]
+        depth += 1
+        if depth % levels_per_stage == 0 and len(level) > 1:
+            level = register(level, f"level{depth}")
+    return register(level, "total")[0]
 
 
 def divisors(n: int) -> list[int]:

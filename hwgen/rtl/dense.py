@@ -7,23 +7,55 @@ from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
-from .arith import MemoryShape, check_positive_int, divisors, tree_sum
+from .arith import MemoryShape, check_positive_int, divisors, pipelined_tree_sum, tree_stages
 
-__all__ = ["FoldedDense", "weight_words", "channel_words"]
+__all__ = ["FoldedDense", "weight_words", "channel_words", "uses_pair_signs", "pair_sign_corrections"]
 
-#: Registered stages between issuing the last read of an image and its last output being valid:
-#: memory read, partial sums, accumulate-and-compare (int8 multiplies add a product stage).
-PIPELINE_STAGES = 3
+#: Adder-tree levels between pipeline registers. Measured on ECP5 (nextpnr, README "Pipelining"):
+#: three levels of carry-chain adders after a registered block-RAM output stay inside the clock
+#: target; more levels per stage cost Fmax, fewer cost flip-flops.
+DEFAULT_TREE_LEVELS = 3
+
+#: Stages besides the adder tree: memory read, memory-output register, accumulate, output register.
+FIXED_STAGES = 4
+
+#: Width of a pair sum or difference of two bytes, and of the lane terms built from them.
+PAIR_BITS = 10
+
+
+def uses_pair_signs(layer: DenseLayer) -> bool:
+    """Whether lanes take byte inputs with ±1 weights, summed in pairs (see :class:`FoldedDense`)."""
+    return layer.weight_kind == "binary" and layer.input_kind != "bits"
+
+
+def _pair_sign_bits(bits: np.ndarray) -> np.ndarray:
+    """Weight bits along the last (SIMD) axis re-coded for pair lanes: bit ``2k`` keeps the first
+    weight of pair ``k`` (1 = +1), bit ``2k + 1`` says whether the second weight equals it; an odd
+    last element keeps its own bit."""
+    coded = bits.copy()
+    coded[..., 1::2] = bits[..., 1::2] == bits[..., 0:bits.shape[-1] - 1:2]
+    return coded
+
+
+def pair_sign_corrections(layer: DenseLayer, simd: int) -> np.ndarray:
+    """Per output channel: how many pair terms are ones' complements (first weight -1), so that
+    their +1 each can start the accumulator instead of being added in every lane."""
+    n_out, n_in = layer.weights.shape
+    firsts = layer.weights.reshape(n_out, n_in // simd, simd)[..., 0::2]
+    return (firsts == 0).sum(axis=(1, 2)).astype(np.int64)
 
 
 def weight_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
     """Weight ROM contents: word ``f_out * (N_in/SIMD) + f_in`` holds PE rows of SIMD weights.
 
     Weight ``p * SIMD + s`` of that word (a bit, or a two's-complement byte) belongs to output
-    channel ``f_out * PE + p`` and input ``f_in * SIMD + s``.
+    channel ``f_out * PE + p`` and input ``f_in * SIMD + s``. Byte inputs with ±1 weights store
+    each row's bits re-coded in pairs (:func:`uses_pair_signs`).
     """
     n_out, n_in = layer.weights.shape
     tiles = layer.weights.reshape(n_out // pe, pe, n_in // simd, simd).transpose(0, 2, 1, 3)
+    if uses_pair_signs(layer):
+        tiles = _pair_sign_bits(tiles)
     rows = np.ascontiguousarray(tiles.reshape(-1, pe * simd))
     if layer.weight_kind == "binary":
         rows = np.packbits(rows, axis=1, bitorder="little")
@@ -49,6 +81,16 @@ class FoldedDense(wiring.Component):
     its accumulator. After the last input word a lane's result is compared with its threshold
     (``acc >= T``, one output bit) or emitted as a raw score.
 
+    The pipeline: memory read, a register on the memory outputs, the lanes' adder trees with a
+    register every ``tree_levels`` levels, the accumulator, and the output register (which takes
+    the comparison of the finished accumulator), so that no stage holds more than a few adder
+    levels. Int8 products get a stage of their own.
+
+    Byte inputs with ±1 weights use ``w_a·a + w_b·b = w_a·(a ± b)``: the pair sum ``a + b`` and
+    difference ``a - b`` are computed once per cycle for all lanes, and each lane picks one and
+    conditionally inverts it (one LUT4 per bit, from two re-coded weight bits). An inverted term
+    is ``-(a ± b) - 1``; the missing +1s are a per-channel constant that starts the accumulator.
+
     Parameters
     ----------
     layer : :class:`hwgen.ir.DenseLayer`
@@ -60,6 +102,8 @@ class FoldedDense(wiring.Component):
     vectors : int
         Input vectors per image: 1 for a dense layer, ``Ho * Wo`` windows for a convolution.
         Only the per-image cycle formula depends on it.
+    tree_levels : int
+        Adder levels between pipeline registers in the lanes' trees.
 
     Attributes
     ----------
@@ -69,11 +113,14 @@ class FoldedDense(wiring.Component):
         Output elements for channels ``f_out * PE + p``, ``p`` in beat order.
     """
 
-    def __init__(self, layer: DenseLayer, *, pe: int, simd: int, vectors: int = 1):
+    def __init__(self, layer: DenseLayer, *, pe: int, simd: int, vectors: int = 1,
+                 tree_levels: int = DEFAULT_TREE_LEVELS):
         check_positive_int("pe", pe)
         check_positive_int("simd", simd)
         check_positive_int("vectors", vectors)
+        check_positive_int("tree_levels", tree_levels)
         self._vectors = vectors
+        self._tree_levels = tree_levels
         if layer.in_features % simd:
             raise ValueError(f"layer {layer.name!r}: SIMD={simd} does not divide in_features={layer.in_features}; "
                              f"valid SIMD values: {divisors(layer.in_features)}")
@@ -138,10 +185,30 @@ class FoldedDense(wiring.Component):
         return self._layer.weight_kind == "int8" and self._layer.input_kind != "bits"
 
     @property
+    def pair_signs(self) -> bool:
+        """Whether lanes sum byte inputs with ±1 weights in pairs (:func:`uses_pair_signs`)."""
+        return uses_pair_signs(self._layer)
+
+    @property
+    def lane_terms(self) -> int:
+        """Terms each lane's adder tree sums per cycle: SIMD, or ``ceil(SIMD / 2)`` pair terms."""
+        return -(-self._simd // 2) if self.pair_signs else self._simd
+
+    @property
+    def _levels_before_tree(self) -> int:
+        """The shared pair addition counts as one level of the first tree stage (when that has room)."""
+        return int(self.pair_signs and self._tree_levels > 1)
+
+    @property
+    def tree_stages(self) -> int:
+        """Registers in a lane's adder tree: ``max(1, ceil((pre + ceil(log2(terms))) / tree_levels))``."""
+        return tree_stages(self.lane_terms, self._tree_levels, self._levels_before_tree)
+
+    @property
     def pipeline_stages(self) -> int:
         """Registered stages from issuing an image's last read to its last output being valid:
-        memory read, [products,] lane sums, accumulate-and-output."""
-        return PIPELINE_STAGES + int(self.multiplies)
+        memory read, memory-output register, [products,] the adder tree's stages, accumulate, output."""
+        return FIXED_STAGES + int(self.multiplies) + self.tree_stages
 
     @property
     def memories(self) -> list[MemoryShape]:
@@ -149,13 +216,24 @@ class FoldedDense(wiring.Component):
         layer, pe, simd = self._layer, self._pe, self._simd
         shapes = [MemoryShape("buffer", 2 * self.input_beats, simd * layer.input_bits, rom=False),
                   MemoryShape("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits, rom=True)]
-        if layer.bias is not None:
-            width = signed_width(int(layer.bias.min()), int(layer.bias.max()))
+        start = self._start_values
+        if start is not None:
+            width = signed_width(int(start.min()), int(start.max()))
             shapes.append(MemoryShape("bias", self.output_beats, pe * width, rom=True))
         if layer.output_kind == "threshold":
             width = signed_width(layer.acc_min, layer.acc_max + 1)
             shapes.append(MemoryShape("thresholds", self.output_beats, pe * width, rom=True))
         return shapes
+
+    @property
+    def _start_values(self) -> np.ndarray | None:
+        """Per-channel accumulator start: the bias plus the pair lanes' corrections (None: all zero, no ROM)."""
+        layer = self._layer
+        start = None if layer.bias is None else np.asarray(layer.bias, dtype=np.int64)
+        if self.pair_signs:
+            corrections = pair_sign_corrections(layer, self._simd)
+            start = corrections if start is None else start + corrections
+        return start
 
     @property
     def output_element_bits(self) -> int:
@@ -175,8 +253,32 @@ class FoldedDense(wiring.Component):
         word = data[lane * simd * bits:(lane + 1) * simd * bits]
         return [word[k] for k in range(simd)] if bits == 1 else [word.word_select(k, 8).as_signed() for k in range(simd)]
 
+    def _pair_operands(self, m: Module, x: Signal) -> list[tuple]:
+        """Per pair of input elements, the shared ``(a + b, a - b)``; an odd last element alone."""
+        xs = self._inputs(x)
+        operands = []
+        for k in range(0, self._simd - 1, 2):
+            total = Signal(signed(PAIR_BITS), name=f"pair_sum{k // 2}")
+            difference = Signal(signed(PAIR_BITS), name=f"pair_difference{k // 2}")
+            m.d.comb += [total.eq(xs[k] + xs[k + 1]), difference.eq(xs[k] - xs[k + 1])]
+            operands.append((total, difference))
+        if self._simd % 2:
+            operands.append((xs[-1],))
+        return operands
+
+    def _pair_terms(self, m: Module, operands: list[tuple], w: Signal, lane: int) -> list[Signal]:
+        """A lane's pair terms: the chosen sum or difference, inverted where the first weight is -1."""
+        word = w[lane * self._simd:(lane + 1) * self._simd]
+        terms = []
+        for k, pair in enumerate(operands):
+            term = Signal(signed(PAIR_BITS), name=f"term{lane}_{k}")
+            chosen = Mux(word[2 * k + 1], pair[0], pair[1]) if len(pair) == 2 else pair[0]
+            m.d.comb += term.eq(chosen ^ Mux(word[2 * k], 0, -1))
+            terms.append(term)
+        return terms
+
     def _terms(self, m: Module, x: Signal, w: Signal, lane: int) -> list:
-        """The SIMD terms a lane adds: XNOR bits, ±x, ±w, or products (registered by the caller)."""
+        """The SIMD terms a lane adds: XNOR bits, ±w, or products (registered by the caller)."""
         layer = self._layer
         if layer.is_popcount:
             # Iterate the bits of a Signal, never of a wide expression (see TOOLCHAIN.md).
@@ -184,8 +286,6 @@ class FoldedDense(wiring.Component):
             m.d.comb += agree.eq(~(x ^ w[lane * self._simd:(lane + 1) * self._simd]))
             return [agree[k] for k in range(self._simd)]
         xs, ws = self._inputs(x), self._weights(w, lane)
-        if layer.weight_kind == "binary":
-            return [Mux(wk, xk, -xk) for xk, wk in zip(xs, ws)]
         if layer.input_kind == "bits":
             return [Mux(xk, wk, -wk) for xk, wk in zip(xs, ws)]
         return [xk * wk for xk, wk in zip(xs, ws)]
@@ -256,9 +356,20 @@ class FoldedDense(wiring.Component):
                 m.d.sync += [reg.eq(value) for reg, value in zip(regs, flags)]
             return regs
 
-        # Stage 1: memory words are out. Int8 multiplies get a register stage of their own.
-        flags = stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))
-        lane_terms = [self._terms(m, read.data, weight_read.data, p) for p in range(pe)]
+        # Stage 1: memory words are out; stage 2: they are registered, so that the block RAMs'
+        # clock-to-output delay does not add to the adder trees'.
+        flags = [stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))]
+        data = Signal(read.data.shape(), name="input_word")
+        weight_word = Signal(weight_read.data.shape(), name="weight_word")
+        with m.If(advance):
+            m.d.sync += [data.eq(read.data), weight_word.eq(weight_read.data)]
+        flags.append(stage("s2", flags[-1]))
+
+        if self.pair_signs:
+            operands = self._pair_operands(m, data)
+            lane_terms = [self._pair_terms(m, operands, weight_word, p) for p in range(pe)]
+        else:
+            lane_terms = [self._terms(m, data, weight_word, p) for p in range(pe)]
         if self.multiplies:
             registered = []
             for p, terms in enumerate(lane_terms):
@@ -267,47 +378,49 @@ class FoldedDense(wiring.Component):
                     m.d.sync += [product.eq(term) for product, term in zip(products, terms)]
                 registered.append(products)
             lane_terms = registered
-            flags = stage("s1p", flags)
-        side_index = flags[3]     # thresholds and bias are read so that they arrive with the sums
+            flags.append(stage("s2p", flags[-1]))
 
-        # Stage 2: per-lane partial sums of SIMD terms, registered.
-        sum_exprs = [tree_sum(terms) for terms in lane_terms]
-        partials = [Signal(expr.shape(), name=f"partial{p}") for p, expr in enumerate(sum_exprs)]
-        with m.If(advance):
-            m.d.sync += [partial.eq(expr) for partial, expr in zip(partials, sum_exprs)]
-        s2_valid, s2_first, s2_last, _ = stage("s2", flags)
+        # The lanes' adder trees, registered every tree_levels levels and at the end.
+        partials = [pipelined_tree_sum(m, terms, levels_per_stage=self._tree_levels, enable=advance,
+                                       name=f"lane{p}", levels_before=self._levels_before_tree,
+                                       keep=not layer.is_popcount)
+                    for p, terms in enumerate(lane_terms)]
+        for t in range(self.tree_stages):
+            flags.append(stage(f"tree{t}", flags[-1]))
+        tree_valid, tree_first, tree_last, _ = flags[-1]
 
-        # Stage 3: accumulate (from the bias on an image's first word); on its last word, output.
+        # Accumulate (from the start value on an image's first word). Per-channel constants are
+        # read one stage before they are used, so that they arrive with the values.
         if layer.is_popcount:
             acc_shape = unsigned(layer.in_features.bit_length())
         else:
-            acc_shape = signed(signed_width(layer.acc_min, layer.acc_max))
+            # Pair lanes carry their not-yet-added +1s in the start value: up to N_in more.
+            extra = layer.in_features if self.pair_signs else 0
+            acc_shape = signed(signed_width(layer.acc_min, layer.acc_max + extra))
         start = [Const(0, acc_shape)] * pe
-        if layer.bias is not None:
-            bias_width = signed_width(int(layer.bias.min()), int(layer.bias.max()))
-            bias_read = self._side_rom(m, "bias", layer.bias, bias_width, side_index, advance)
-            start = [bias_read.data.word_select(p, bias_width).as_signed() for p in range(pe)]
-        sums = []
-        for p in range(pe):
-            acc = Signal(acc_shape, name=f"acc{p}")
-            total = Signal(acc_shape, name=f"total{p}")
-            m.d.comb += total.eq(Mux(s2_first, start[p], acc) + partials[p])
-            with m.If(advance & s2_valid):
-                m.d.sync += acc.eq(total)
-            sums.append(total)
+        start_values = self._start_values
+        if start_values is not None:
+            width = signed_width(int(start_values.min()), int(start_values.max()))
+            start_read = self._side_rom(m, "bias", start_values, width, flags[-2][3], advance)
+            start = [start_read.data.word_select(p, width).as_signed() for p in range(pe)]
+        accs = [Signal(acc_shape, name=f"acc{p}") for p in range(pe)]
+        with m.If(advance & tree_valid):
+            m.d.sync += [acc.eq(Mux(tree_first, start[p], acc) + partials[p]) for p, acc in enumerate(accs)]
+        acc_valid, _, acc_last, _ = stage("acc", flags[-1])
 
+        # Output register: the finished accumulators, compared with their thresholds or as scores.
         if layer.output_kind == "threshold":
             width = signed_width(layer.acc_min, layer.acc_max + 1)
-            threshold_read = self._side_rom(m, "thresholds", layer.thresholds, width, side_index, advance)
-            result = Cat(sums[p] >= threshold_read.data.word_select(p, width).as_signed() for p in range(pe))
+            threshold_read = self._side_rom(m, "thresholds", layer.thresholds, width, flags[-1][3], advance)
+            result = Cat(acc >= threshold_read.data.word_select(p, width).as_signed() for p, acc in enumerate(accs))
         else:
             scores = [Signal(signed(self.output_element_bits), name=f"score{p}") for p in range(pe)]
-            m.d.comb += [score.eq(total) for score, total in zip(scores, sums)]
+            m.d.comb += [score.eq(acc) for score, acc in zip(scores, accs)]
             result = Cat(scores)
 
         with m.If(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
-        with m.If(advance & s2_valid & s2_last):
+        with m.If(advance & acc_valid & acc_last):
             m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(result)]
         return m
 
