@@ -169,7 +169,11 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         lanes.ffs += products * 16
         per_lane = 18 * simd + (products - on_dsp) * costs.multiplier_luts / pe
     else:
-        per_lane = 20 * simd       # +-x: a negation and a multiplexer per term, then the adder tree
+        # Pair lanes (byte inputs, ±1 weights): a LUT4 per bit of each pair term, then a carry-chain
+        # tree; bench/lanes.py measures 14.9 LUT4 per MAC for a whole 784x256 layer at 16x28.
+        per_lane = 10.5 * simd
+    # Pipeline registers of the adder trees and the registered memory outputs (bench/lanes.py).
+    lanes.ffs += pe * simd * (0.8 if layer.is_popcount else 1.75) * stage.tree_stages
     lanes.luts += pe * (per_lane + 2 * acc_bits)
     return lanes
 
