@@ -35,6 +35,8 @@ def nand2_area(cells: dict[str, int]) -> tuple[float, int]:
     costed (memories, which an ASIC flow implements as macros)."""
     area, uncosted = 0.0, 0
     for cell, count in cells.items():
+        if cell == "$scopeinfo":
+            continue    # yosys's record of the flattened hierarchy: no hardware
         if cell in NAND2_EQUIVALENTS:
             area += NAND2_EQUIVALENTS[cell] * count
         elif "DFF" in cell or "DLATCH" in cell:

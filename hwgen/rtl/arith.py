@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from amaranth.hdl import Module, Signal, Value
+from amaranth.hdl import Const, Module, Signal, Value, unsigned
+from amaranth.lib import memory
 
 
 class MemoryShape(NamedTuple):
@@ -17,6 +18,25 @@ class MemoryShape(NamedTuple):
     @property
     def bits(self) -> int:
         return self.depth * self.width
+
+
+def rom_shapes(name: str, depth: int, width: int) -> list[MemoryShape]:
+    """The ROM a block lists for :func:`read_rom`'s contents: none for a single word, which is a constant."""
+    return [] if depth == 1 else [MemoryShape(name, depth, width, rom=True)]
+
+
+def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value) -> Value:
+    """The word of ``words`` at ``addr``, one cycle after ``enable``; a single word is a constant.
+
+    A one-word ``Memory`` would be removed by yosys once its output register is merged, so a report
+    listing it would not match the netlist; a constant is what the hardware holds either way.
+    """
+    if len(words) == 1:
+        return Const(words[0], unsigned(width))
+    m.submodules[name] = rom = memory.Memory(shape=unsigned(width), depth=len(words), init=words)
+    port = rom.read_port()
+    m.d.comb += [port.addr.eq(addr), port.en.eq(enable)]
+    return port.data
 
 
 def tree_sum(terms: list[Value]) -> Value:

@@ -7,7 +7,7 @@ from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
-from .arith import MemoryShape, check_positive_int, divisors, pipelined_tree_sum, tree_stages
+from .arith import MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, rom_shapes, tree_stages
 
 __all__ = ["FoldedDense", "weight_words", "channel_words", "uses_pair_signs", "pair_sign_corrections"]
 
@@ -215,14 +215,14 @@ class FoldedDense(wiring.Component):
         """The input double buffer, the weight ROM and the per-channel constant ROMs."""
         layer, pe, simd = self._layer, self._pe, self._simd
         shapes = [MemoryShape("buffer", 2 * self.input_beats, simd * layer.input_bits, rom=False),
-                  MemoryShape("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits, rom=True)]
+                  *rom_shapes("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits)]
         start = self._start_values
         if start is not None:
             width = signed_width(int(start.min()), int(start.max()))
-            shapes.append(MemoryShape("bias", self.output_beats, pe * width, rom=True))
+            shapes += rom_shapes("bias", self.output_beats, pe * width)
         if layer.output_kind == "threshold":
             width = signed_width(layer.acc_min, layer.acc_max + 1)
-            shapes.append(MemoryShape("thresholds", self.output_beats, pe * width, rom=True))
+            shapes += rom_shapes("thresholds", self.output_beats, pe * width)
         return shapes
 
     @property
@@ -298,10 +298,6 @@ class FoldedDense(wiring.Component):
         m.submodules.buffer = buffer = memory.Memory(
             shape=unsigned(simd * layer.input_bits), depth=2 * beats_in, init=[])
         write, read = buffer.write_port(), buffer.read_port()
-        m.submodules.weights = weights = memory.Memory(
-            shape=unsigned(pe * simd * layer.weight_bits), depth=beats_in * beats_out,
-            init=weight_words(layer, pe, simd))
-        weight_read = weights.read_port()
 
         # The whole compute pipeline moves only when the output register can take a result;
         # valid never depends on ready because o.valid is a register.
@@ -334,9 +330,9 @@ class FoldedDense(wiring.Component):
             fire.eq(advance & full.bit_select(read_bank, 1)),
             read.addr.eq(Mux(read_bank, beats_in, 0) + in_index),
             read.en.eq(advance),
-            weight_read.addr.eq(weight_addr),
-            weight_read.en.eq(advance),
         ]
+        weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), pe * simd * layer.weight_bits,
+                               weight_addr, advance)
         with m.If(fire):
             m.d.sync += weight_addr.eq(Mux(weight_addr == beats_in * beats_out - 1, 0, weight_addr + 1))
             with m.If(in_index == beats_in - 1):
@@ -360,9 +356,9 @@ class FoldedDense(wiring.Component):
         # clock-to-output delay does not add to the adder trees'.
         flags = [stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))]
         data = Signal(read.data.shape(), name="input_word")
-        weight_word = Signal(weight_read.data.shape(), name="weight_word")
+        weight_word = Signal(pe * simd * layer.weight_bits, name="weight_word")
         with m.If(advance):
-            m.d.sync += [data.eq(read.data), weight_word.eq(weight_read.data)]
+            m.d.sync += [data.eq(read.data), weight_word.eq(weight_data)]
         flags.append(stage("s2", flags[-1]))
 
         if self.pair_signs:
@@ -401,8 +397,8 @@ class FoldedDense(wiring.Component):
         start_values = self._start_values
         if start_values is not None:
             width = signed_width(int(start_values.min()), int(start_values.max()))
-            start_read = self._side_rom(m, "bias", start_values, width, flags[-2][3], advance)
-            start = [start_read.data.word_select(p, width).as_signed() for p in range(pe)]
+            start_words = read_rom(m, "bias", channel_words(start_values, pe, width), pe * width, flags[-2][3], advance)
+            start = [start_words.word_select(p, width).as_signed() for p in range(pe)]
         accs = [Signal(acc_shape, name=f"acc{p}") for p in range(pe)]
         with m.If(advance & tree_valid):
             m.d.sync += [acc.eq(Mux(tree_first, start[p], acc) + partials[p]) for p, acc in enumerate(accs)]
@@ -411,8 +407,9 @@ class FoldedDense(wiring.Component):
         # Output register: the finished accumulators, compared with their thresholds or as scores.
         if layer.output_kind == "threshold":
             width = signed_width(layer.acc_min, layer.acc_max + 1)
-            threshold_read = self._side_rom(m, "thresholds", layer.thresholds, width, flags[-1][3], advance)
-            result = Cat(acc >= threshold_read.data.word_select(p, width).as_signed() for p, acc in enumerate(accs))
+            thresholds = read_rom(m, "thresholds", channel_words(layer.thresholds, pe, width), pe * width,
+                                  flags[-1][3], advance)
+            result = Cat(acc >= thresholds.word_select(p, width).as_signed() for p, acc in enumerate(accs))
         else:
             scores = [Signal(signed(self.output_element_bits), name=f"score{p}") for p in range(pe)]
             m.d.comb += [score.eq(acc) for score, acc in zip(scores, accs)]
@@ -423,12 +420,3 @@ class FoldedDense(wiring.Component):
         with m.If(advance & acc_valid & acc_last):
             m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(result)]
         return m
-
-    def _side_rom(self, m: Module, name: str, values, width: int, addr: Signal, advance: Signal):
-        """A ROM of PE per-channel constants per word (thresholds or bias), read at ``addr``."""
-        m.submodules[name] = rom = memory.Memory(
-            shape=unsigned(self._pe * width), depth=self.output_beats, init=channel_words(values, self._pe, width))
-        port = rom.read_port()
-        m.d.comb += [port.addr.eq(addr), port.en.eq(advance)]
-        return port
-

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import memory, stream, wiring
+from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
-from .arith import MemoryShape, check_positive_int, divisors
+from .arith import MemoryShape, check_positive_int, divisors, read_rom, rom_shapes
 from .dense import channel_words
 
 __all__ = ["Requantizer"]
@@ -73,7 +73,7 @@ class Requantizer(wiring.Component):
     @property
     def memories(self) -> list[MemoryShape]:
         """The per-channel multiplier-and-shift ROM."""
-        return [MemoryShape("constants", self._layer.out_features, 31 + _SHIFT_BITS, rom=True)]
+        return rom_shapes("constants", self._layer.out_features, 31 + _SHIFT_BITS)
 
     @property
     def latency(self) -> int:
@@ -85,10 +85,6 @@ class Requantizer(wiring.Component):
         layer, pe, width = self._layer, self._pe, self._acc_bits
         q = layer.requant
         constants = (q.multiplier.astype(np.int64) << _SHIFT_BITS) | (30 - q.shift.astype(np.int64))
-        m.submodules.constants = rom = memory.Memory(
-            shape=unsigned(31 + _SHIFT_BITS), depth=layer.out_features,
-            init=channel_words(constants, 1, 31 + _SHIFT_BITS))
-        constant = rom.read_port()
 
         advance = Signal()
         m.d.comb += advance.eq(~self.o.valid | self.o.ready)
@@ -103,8 +99,6 @@ class Requantizer(wiring.Component):
         m.d.comb += [
             take.eq(have & advance),
             self.i.ready.eq(~have | (take & last_piece)),
-            constant.addr.eq(channel),
-            constant.en.eq(advance),
         ]
         with m.If(take):
             m.d.sync += [piece.eq(piece + 1),
@@ -119,8 +113,10 @@ class Requantizer(wiring.Component):
         s1_acc = Signal(signed(width))
         with m.If(advance):
             m.d.sync += [s1_valid.eq(take), s1_acc.eq(held.word_select(piece, width))]
-        multiplier = constant.data[_SHIFT_BITS:]
-        shift_less_one = constant.data[:_SHIFT_BITS]
+        constant = read_rom(m, "constants", channel_words(constants, 1, 31 + _SHIFT_BITS), 31 + _SHIFT_BITS,
+                            channel, advance)
+        multiplier = constant[_SHIFT_BITS:]
+        shift_less_one = constant[:_SHIFT_BITS]
 
         # Stage 2: the product (acc < 2**31, M0 < 2**31).
         s2_valid = Signal()
