@@ -35,11 +35,15 @@ AUTO_ROUTING_SHARE = 0.75
 
 @dataclass(frozen=True)
 class FamilyCosts:
-    """LUT costs of the family's logic, in its own LUTs (LUT4 on iCE40/ECP5, LUT6 on 7-series)."""
+    """LUT costs of the family's logic, in its own LUTs (LUT4 on iCE40/ECP5, LUT6 on 7-series), and
+    the costs yosys's ``memory_libmap`` weighs when it places a memory (its ``cost`` lines in
+    ``share/ice40/brams.txt``, ``share/lattice/brams_16kd.txt`` and ``lutrams_trellis.txt``)."""
 
     lut_scale: float            # placed LUTs per LUT4 of the model below (carry chains and packing included)
-    rom_logic_depth: int        # ROMs this shallow stay in logic (one LUT4 holds 16 entries of a bit)
-    ram_logic_depth: int        # RAMs this shallow become distributed RAM (0: the family has none)
+    bram_cost: int              # memory_libmap's cost of one block RAM
+    lutram_cost: int | None     # ... of one 16x4 distributed RAM (RAMs only; None: the family has none)
+    lut_bits: int               # bits of a ROM one LUT holds (16 for LUT4, 64 for LUT6)
+    ffs_take_own_luts: bool     # a flip-flop not fed by a LUT takes a logic cell of its own (iCE40 LCs)
     multiplier_luts: int        # an 8x8 multiply when no DSP is left
     # yosys (synth_ecp5, synth_ice40 -dsp) maps every multiply to a DSP block however many the
     # device has, so past the budget the design does not place; Vivado (-max_dsp defaults to the
@@ -52,12 +56,13 @@ class FamilyCosts:
 
 
 FAMILY_COSTS = {
-    "ice40": FamilyCosts(lut_scale=1.15, rom_logic_depth=16, ram_logic_depth=0, multiplier_luts=90,
-                         multiplies_spill_to_luts=False),
-    "ecp5": FamilyCosts(lut_scale=1.35, rom_logic_depth=16, ram_logic_depth=32, multiplier_luts=90,
-                        multiplies_spill_to_luts=False),
-    "xc7": FamilyCosts(lut_scale=0.7, rom_logic_depth=32, ram_logic_depth=64, multiplier_luts=60,
-                       multiplies_spill_to_luts=True),
+    "ice40": FamilyCosts(lut_scale=1.15, bram_cost=64, lutram_cost=None, lut_bits=16, ffs_take_own_luts=True,
+                         multiplier_luts=90, multiplies_spill_to_luts=False),
+    "ecp5": FamilyCosts(lut_scale=1.35, bram_cost=128, lutram_cost=4, lut_bits=16, ffs_take_own_luts=False,
+                        multiplier_luts=90, multiplies_spill_to_luts=False),
+    # Vivado's own memory inference: modelled with the same rule, LUT6 ROMs and 64x1 LUT RAMs.
+    "xc7": FamilyCosts(lut_scale=0.7, bram_cost=128, lutram_cost=1, lut_bits=64, ffs_take_own_luts=False,
+                       multiplier_luts=60, multiplies_spill_to_luts=True),
 }
 
 
@@ -141,17 +146,36 @@ def bram_blocks_for(shape: MemoryShape, budget: Budget) -> int:
                for depth, width in budget.bram_shapes)
 
 
+def memory_placement(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> str:
+    """Where yosys puts a memory: ``"block"`` RAM, ``"distributed"`` (LUT) RAM or ``"logic"``.
+
+    ``memory_libmap`` costs logic at one per bit of a RAM (flip-flops) and one per 16 bits of a
+    ROM (LUTs), a library memory at its cost line per block, and takes a library memory only when
+    it is strictly cheaper; a memory of any size can so end up in logic.
+    """
+    options = {"logic": shape.bits / (16 if shape.rom else 1)}
+    if budget.bram_blocks:
+        options["block"] = bram_blocks_for(shape, budget) * costs.bram_cost
+    if costs.lutram_cost is not None and not shape.rom:
+        options["distributed"] = math.ceil(shape.depth / 16) * math.ceil(shape.width / 4) * costs.lutram_cost
+    best = min(options.values())
+    return "logic" if options["logic"] <= best else min(options, key=options.get)
+
+
 def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Resources:
-    """Where yosys puts a memory: shallow ROMs in LUTs, shallow RAMs in distributed RAM where the
-    family has it, tiny RAMs in flip-flops, everything else in block RAM."""
-    sixteenths = math.ceil(shape.depth / 16)
-    if shape.rom and shape.depth <= costs.rom_logic_depth:
-        return Resources(luts=shape.width * sixteenths)
-    if not shape.rom and shape.depth <= costs.ram_logic_depth:
-        return Resources(luts=shape.width * sixteenths * 1.5, ffs=shape.width)
-    if not shape.rom and shape.bits <= 64:
-        return Resources(luts=shape.bits / 2 + shape.width, ffs=shape.bits)
-    return Resources(luts=8, bram_blocks=bram_blocks_for(shape, budget))
+    """What a memory costs where :func:`memory_placement` puts it (its read register included)."""
+    placement = memory_placement(shape, budget, costs)
+    if placement == "block":
+        return Resources(luts=8, bram_blocks=bram_blocks_for(shape, budget))
+    if placement == "distributed":
+        return Resources(luts=shape.width * math.ceil(shape.depth / 16) * 1.5, ffs=shape.width)
+    if shape.rom:
+        # LUT tables of lut_bits entries per bit, then a mux tree joining them.
+        tables = math.ceil(shape.depth / costs.lut_bits)
+        return Resources(luts=shape.width * (2 * tables - 1), ffs=shape.width)
+    # Flip-flops written straight from the input (on iCE40 each in a logic cell of its own) and a read mux.
+    mux = shape.width * (shape.depth - 1) / 2
+    return Resources(luts=mux + (shape.bits if costs.ffs_take_own_luts else 0), ffs=shape.bits + shape.width)
 
 
 def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resources:
@@ -172,8 +196,14 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         # Pair lanes (byte inputs, ±1 weights): a LUT4 per bit of each pair term, then a carry-chain
         # tree; bench/lanes.py measures 14.9 LUT4 per MAC for a whole 784x256 layer at 16x28.
         per_lane = 10.5 * simd
-    # Pipeline registers of the adder trees and the registered memory outputs (bench/lanes.py).
+    # Pipeline registers of the adder trees (bench/lanes.py).
     lanes.ffs += pe * simd * (0.8 if layer.is_popcount else 1.75) * stage.tree_stages
+    # The memory-output registers (input_word, weight_word) take their D from a register or a
+    # block RAM, not a LUT: on iCE40 each flip-flop is a logic cell of its own.
+    word_registers = simd * layer.input_bits + pe * simd * layer.weight_bits
+    lanes.ffs += word_registers
+    if costs.ffs_take_own_luts:
+        lanes.luts += word_registers
     lanes.luts += pe * (per_lane + 2 * acc_bits)
     return lanes
 
