@@ -126,22 +126,26 @@ def test_score_serializer_words_ties_and_rate(pe):
     assert out_cycles[-1] - out_cycles[-12] == dut.cycles_per_image
 
 
-@pytest.mark.parametrize("pe, stall", [(1, 0.0), (4, 0.0), (4, 0.5)])
-def test_requantizer_equals_golden_and_formulas(pe, stall):
+@pytest.mark.parametrize("pe, lanes, stall", [(1, 1, 0.0), (4, 1, 0.0), (4, 1, 0.5), (4, 2, 0.0), (8, 4, 0.5), (8, 8, 0.0)])
+def test_requantizer_equals_golden_and_formulas(pe, lanes, stall):
     rng = np.random.default_rng(pe)
     layer = random_layer(rng, "r", "uint8", "requant", 16, 8, "int8")
     lo, hi = layer.channel_acc_bounds
     accs = np.concatenate([rng.integers(lo, hi + 1, (5, 8)), lo[None, :], hi[None, :]])  # extremes too
     width = Requantizer(layer, pe)._acc_bits
     beats = [pack(row[k:k + pe] & ((1 << width) - 1), width) for row in accs for k in range(0, 8, pe)]
-    dut = Requantizer(layer, pe)
-    outputs, in_cycles, out_cycles = run_streams(dut, beats, accs.size, stall_in=stall, stall_out=stall, seed=pe)
+    dut = Requantizer(layer, pe, lanes=lanes)
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, accs.size // lanes, stall_in=stall, stall_out=stall,
+                                                 seed=pe)
+    elements = [(word >> (8 * lane)) & 0xFF for word in outputs for lane in range(lanes)]
     want = golden.layer_output(layer, accs).reshape(-1)
     signed = layer.requant.out_kind == "int8"
-    assert [v - 256 if signed and v > 127 else v for v in outputs] == want.tolist()
+    assert [v - 256 if signed and v > 127 else v for v in elements] == want.tolist()
+    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 4
     if stall == 0.0:
-        assert out_cycles[7] - in_cycles[8 // pe - 1] == dut.latency
-        assert out_cycles[-1] - out_cycles[-9] == dut.cycles_per_image
+        per_image = 8 // lanes
+        assert out_cycles[per_image - 1] - in_cycles[8 // pe - 1] == dut.latency
+        assert out_cycles[-1] - out_cycles[-1 - per_image] == dut.cycles_per_image
 
 
 @pytest.mark.parametrize("rounding", ["half_up", "half_even"])
@@ -187,6 +191,10 @@ def test_parameter_validation_messages():
         ScoreSerializer(10, 8, 3)
     with pytest.raises(ValueError, match=r"^layer 'dense1' has output 'scores'; a Requantizer needs 'requant'$"):
         Requantizer(layer, 1)
+    requant = random_layer(np.random.default_rng(0), "dense2", "uint8", "requant", 16, 8, "int8")
+    with pytest.raises(ValueError, match=r"^layer 'dense2': 3 requantizer lanes do not divide PE=4; "
+                                         r"valid lane counts: \[1, 2, 4\]$"):
+        Requantizer(requant, 4, lanes=3)
 
 
 @pytest.mark.parametrize("height, width, channels, kernel, stride, padding", [

@@ -83,6 +83,29 @@ def default_folds(model: IntegerModel, max_pe: int = 16, max_simd: int = 32) -> 
     return folds
 
 
+def requantizer_lanes(out_features: int, vectors: int, pe: int, bound: int, receives: int | None) -> int:
+    """Lanes for a layer's requantizer: the fewest (each costs a multiplier) that keep it within
+    ``bound`` cycles per image (its dense layer's, or the sliding window's if that is slower) and
+    whose output beats the next stage can take (``receives`` elements per beat, None: any); 1
+    always qualifies."""
+    for lanes in divisors(pe):
+        if out_features * vectors <= bound * lanes and (receives is None or _compatible(lanes, receives)):
+            return lanes
+    return 1
+
+
+def _receives(model: IntegerModel, index: int, folds: list[Fold]) -> int | None:
+    """Elements per beat the layer after ``model.layers[index]`` regroups its input to: a pooling or
+    convolution layer's channels, a dense layer's SIMD; None after the last layer."""
+    if index + 1 >= len(model.layers):
+        return None
+    following = model.layers[index + 1]
+    if isinstance(following, (MaxPool2dLayer, Conv2dLayer)):
+        return following.in_shape[2]
+    position = compute_layers(model).index(following)
+    return folds[position].simd
+
+
 class NetworkTop(wiring.Component):
     """The whole network as one streaming component with AXI-Stream-style ports.
 
@@ -127,7 +150,7 @@ class NetworkTop(wiring.Component):
                                  f"{incoming} elements per beat the previous stage emits")
             stages.append(StreamResizer(bits, incoming, to, elements))
 
-        for layer in model.layers:
+        for layer_index, layer in enumerate(model.layers):
             if isinstance(layer, MaxPool2dLayer):
                 channels = layer.in_shape[2]
                 regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
@@ -161,8 +184,13 @@ class NetworkTop(wiring.Component):
                 stages.append(compute)
                 incoming = fold.pe
                 if layer.output_kind == "requant":
-                    stages.append(Requantizer(dense, fold.pe, vectors))
-                    incoming = 1
+                    # A requantizer emitting one element per cycle would set the interval where
+                    # PE channels arrive faster (a convolution over few input channels).
+                    bound = max(compute.cycles_per_image, window.cycles_per_image if vectors > 1 else 0)
+                    lanes = requantizer_lanes(dense.out_features, vectors, fold.pe, bound,
+                                              _receives(model, layer_index, self._folds))
+                    stages.append(Requantizer(dense, fold.pe, vectors, lanes=lanes))
+                    incoming = lanes
             stage_layers += [layer.name] * (len(stages) - len(stage_layers))
         last = model.layers[-1]
         stages.append(ScoreSerializer(last.out_features, last.output_bits, self._folds[-1].pe))
