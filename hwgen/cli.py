@@ -423,13 +423,16 @@ def verify(model_path, fold, images, jobs, stall, dataset, data_dir, float_input
         sys.exit(1)
 
 
-def _board_folds(model, fold: str, board):
-    """Folds for a board build: ``auto`` searches; otherwise parse them and check the fit."""
+def _board_folds(model, fold: str, board, target_fps: float | None = None):
+    """Folds for a board build: ``auto`` searches (for ``target_fps`` if given); otherwise parse
+    them and check the fit."""
     from .fit import auto_folds, check_fit, estimate
     from .rtl.network import parse_folds
 
-    if fold == "auto":
-        return auto_folds(model, board)
+    if target_fps is not None and fold not in ("auto", "default"):
+        raise UserError(f"--target-fps picks the folds itself: leave out --fold {fold}")
+    if fold == "auto" or target_fps is not None:
+        return auto_folds(model, board, target_fps=target_fps)
     est = estimate(model, parse_folds(fold, model), board)
     check_fit(est)
     return est
@@ -441,11 +444,13 @@ def _board_folds(model, fold: str, board):
               help="icebreaker, ulx3s-85f, arty-a7-35t (see boards/), or asic for generic synthesis.")
 @click.option("--fold", default="default", show_default=True,
               help="PExSIMD per layer, 'default', or 'auto' (the fastest folding the board's budget holds).")
+@click.option("--target-fps", type=float, default=None,
+              help="Instead of the fastest: the cheapest folding that makes this many images/s at the board clock.")
 @click.option("--baud", type=click.IntRange(min=1), default=115_200, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Build folder (default: build/<board>).")
 @click.option("--no-pnr", is_flag=True, help="Write the folder and scripts but do not run yosys/nextpnr.")
-def build(model_path, board_name, fold, baud, output, no_pnr) -> None:
+def build(model_path, board_name, fold, target_fps, baud, output, no_pnr) -> None:
     """Build for a board: Verilog, board top (UART in/out, LEDs), constraints, bitstream, report."""
     from .boards import ASIC, load_board
     from .build import build_asic, build_board
@@ -461,7 +466,7 @@ def build(model_path, board_name, fold, baud, output, no_pnr) -> None:
         click.echo((result.folder / "REPORT.md").read_text())
         return
     board = load_board(board_name)
-    est = _board_folds(model, fold, board)
+    est = _board_folds(model, fold, board, target_fps)
     click.echo(f"{board.description}: folds {', '.join(map(str, est.folds))} "
                f"({est.cycles_per_image} cycles per image); estimate {est.total.as_dict()}")
     if board.open_flow and not no_pnr:

@@ -213,9 +213,11 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
     if isinstance(stage, FoldedDense):
         return "dense", _dense_cost(stage, dsps_left, costs)
     if isinstance(stage, Requantizer):
-        # acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and clamp.
-        on_dsp = costs.dsps_for(4, dsps_left)
-        return "requant", Resources(luts=250 + (4 - on_dsp) * 4 * costs.multiplier_luts, ffs=200, dsps=on_dsp)
+        # Per lane, acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and clamp.
+        products = 4 * stage.lanes
+        on_dsp = costs.dsps_for(products, dsps_left)
+        return "requant", Resources(luts=250 * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,
+                                    ffs=200 * stage.lanes, dsps=on_dsp)
     if isinstance(stage, SlidingWindow):
         return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)
     if isinstance(stage, MaxPool):
@@ -281,13 +283,29 @@ class _FoldOption(NamedTuple):
     used: dict[str, int]        # the layer's resources
 
 
-def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_ROUTING_SHARE) -> Estimate:
-    """The folds with the lowest initiation interval whose estimate fits ``board``.
+def _interval_for(target_fps: float, board: Board, floor: int, fastest: int) -> int:
+    """The largest initiation interval, in board-clock cycles, that makes ``target_fps`` images/s."""
+    if not target_fps > 0:
+        raise UserError(f"--target-fps {target_fps:g}: give a number of images per second above 0")
+    interval, best = math.floor(board.clock_hz / target_fps), max(floor, fastest, 1)
+    if interval < best:
+        raise UserError(f"--target-fps {target_fps:g}: at {board.clock_hz / 1e6:g} MHz on {board.name} the network "
+                        f"takes at least {best} cycles per image even fully unfolded, at most "
+                        f"{board.clock_hz / best:,.0f} images/s")
+    return interval
+
+
+def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_ROUTING_SHARE, *,
+               target_fps: float | None = None) -> Estimate:
+    """The folds with the lowest initiation interval whose estimate fits ``board``, or with
+    ``target_fps`` the cheapest folds that reach that many images per second at the board clock.
 
     Every fold of every layer is costed once, with the other layers at 1x1. Then, for each
     candidate interval from the fastest up, each layer takes its cheapest fold (by its scarcest
-    resource) that meets the interval; the first choice whose whole-network estimate fits within
-    budget (LUTs and DSPs up to ``routing_share``, leaving room for routing) wins.
+    resource) that meets the interval, so that no layer is faster than the interval needs (extra
+    speed there would be wasted area); the first choice whose whole-network estimate fits within
+    budget (LUTs and DSPs up to ``routing_share``, leaving room for routing) wins. With
+    ``target_fps`` the only candidate is the interval ``floor(clock / fps)`` (FINN's target_fps rule).
     """
     options = _fold_options(model)
     base = [Fold(1, 1)] * len(options)       # always chains: 1 divides every beat size
@@ -314,6 +332,9 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
                                    default=0))
         costed.append(sorted(rows, key=lambda row: (row.share, row.cycles)))
     targets = sorted({row.cycles for rows in costed for row in rows if row.cycles >= floor} | {floor})
+    if target_fps is not None:
+        unfolded = [min(rows, key=lambda row: row.cycles).fold for rows in costed]
+        targets = [_interval_for(target_fps, board, floor, estimate(model, unfolded, board).cycles_per_image)]
     last_problems: list[str] = []
     for target in targets:
         folds = []
@@ -329,6 +350,8 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
         except (ValueError, TypeError):
             continue
         last_problems = est.over_budget(routing_share)
+        if target_fps is not None and est.cycles_per_image > target:
+            last_problems.append(f"a stage besides the dense layers takes {est.cycles_per_image} cycles per image")
         if not last_problems:
             return est
     # A resource whose own smallest folding (each layer at the fold using least of it) still
@@ -341,6 +364,12 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
         raise UserError(f"no folding fits {board.name}: these exceed it even at the folding that needs "
                         f"least of each: " + "; ".join(unfixable)
                         + ". Use a larger board or a smaller network")
+    if target_fps is not None:
+        fastest = auto_folds(model, board, routing_share)
+        raise UserError(f"{target_fps:g} images/s on {board.name} needs an interval of {targets[0]} cycles at "
+                        f"{board.clock_hz / 1e6:g} MHz, and no folding that fast fits: "
+                        + "; ".join(last_problems) + f". The fastest that fits ({','.join(map(str, fastest.folds))}) "
+                        f"makes {board.clock_hz / fastest.cycles_per_image:,.0f} images/s")
     cheapest = [rows[0].fold for rows in costed]
     problems = estimate(model, cheapest, board).over_budget()
     raise UserError(f"no folding fits {board.name}; even the cheapest ({','.join(map(str, cheapest))}) "

@@ -15,7 +15,7 @@ from hwgen.boards import board_names, load_board
 from hwgen.build import build_asic, build_board
 from hwgen.data import load_dataset
 from hwgen.errors import UserError
-from hwgen.fit import auto_folds, bram_blocks_for, check_fit, estimate
+from hwgen.fit import FAMILY_COSTS, auto_folds, bram_blocks_for, check_fit, estimate, memory_placement
 from hwgen.host import BoardLink
 from hwgen.protocol import IDENTITY_BYTES, identity, parse_identity
 from hwgen.rtl.arith import MemoryShape
@@ -174,6 +174,33 @@ def test_bram_blocks_pick_the_cheapest_shape():
     assert bram_blocks_for(MemoryShape("w", 784, 256, True), ecp5) == 15       # 1024x18, 15 wide
 
 
+def test_memories_go_where_yosys_memory_libmap_puts_them():
+    """Logic unless a library memory is strictly cheaper (libmap costs: RAM bit 1, ROM bit 1/16,
+    SB_RAM40_4K 64, DP16KD 128, TRELLIS_DPR16X4 4)."""
+    ice40, ecp5 = load_board("icebreaker").budget, load_board("ulx3s-85f").budget
+    assert memory_placement(MemoryShape("buffer", 4, 256, False), ice40, FAMILY_COSTS["ice40"]) == "logic"   # 1024 = 16 x 64
+    assert memory_placement(MemoryShape("buffer", 8, 128, False), ice40, FAMILY_COSTS["ice40"]) == "block"   # 512 < 1024
+    assert memory_placement(MemoryShape("w", 32, 256, True), ice40, FAMILY_COSTS["ice40"]) == "logic"        # 512 < 1024
+    assert memory_placement(MemoryShape("w", 784, 256, True), ice40, FAMILY_COSTS["ice40"]) == "block"
+    assert memory_placement(MemoryShape("buffer", 16, 32, False), ecp5, FAMILY_COSTS["ecp5"]) == "distributed"
+    assert memory_placement(MemoryShape("w", 16, 32, True), ecp5, FAMILY_COSTS["ecp5"]) == "logic"   # LUT RAM takes no ROMs
+
+
+def test_target_fps_picks_the_cheapest_folding_that_reaches_it():
+    model = random_model(np.random.default_rng(4), [64, 32, 10])
+    board = load_board("icebreaker")
+    fastest = auto_folds(model, board)
+    est = auto_folds(model, board, target_fps=200_000)          # 60 cycles per image at 12 MHz
+    assert [str(fold) for fold in est.folds] == ["4x16", "1x8"]  # 40 cycles; 2x16 (64) would miss it
+    assert est.cycles_per_image == 40 and est.total.luts < fastest.total.luts
+    with pytest.raises(UserError, match=r"^1e\+06 images/s on icebreaker needs an interval of 12 cycles at 12 MHz, "
+                                        r"and no folding that fast fits: LUTs: estimated .*The fastest that fits "
+                                        r"\(8x16,1x32\) makes 750,000 images/s$"):
+        auto_folds(model, board, target_fps=1e6)
+    with pytest.raises(UserError, match=r"takes at least 11 cycles per image even fully unfolded, at most 1,090,909 images/s$"):
+        auto_folds(model, board, target_fps=2e7)
+
+
 def test_too_big_for_icebreaker_then_auto_fold_fits(tmp_path):
     model = random_model(np.random.default_rng(2), [64, 128, 128, 10])
     board = load_board("icebreaker")
@@ -230,6 +257,9 @@ def test_icebreaker_build_places_routes_and_reports(tmp_path):
     report = json.loads((folder / "hwgen_report.json").read_text())
     assert report["placed"]["luts"]["available"] == 5280 and 0 < report["placed"]["luts"]["used"] < 5280
     assert report["placed"]["bram_blocks"]["available"] == 30
+    # The estimate tracks the placement (bench/fit.py measures more shapes): LUTs within 15 %, block RAMs exactly.
+    assert abs(est.total.luts / report["placed"]["luts"]["used"] - 1) <= 0.15
+    assert est.total.bram_blocks == report["placed"]["bram_blocks"]["used"]
     assert report["fmax_mhz"] > 12
     assert report["images_per_s_at_board_clock"] == 12e6 / report["cycles_per_image"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())     # no staging folder left
