@@ -42,6 +42,7 @@ class Board:
     clock_resource: str
     clock_hz: int
     clock_pin: str
+    network_hz: int | None          # the network's default PLL clock (None: the board clock, no PLL)
     uart_resource: str
     uart_pins: tuple[str, str]
     led_resource: str
@@ -102,6 +103,7 @@ def load_board(name: str) -> Board:
             platform=field(data, "platform", str, ""), toolchain=toolchain,
             clock_resource=field(clock, "resource", str, "clock."), clock_hz=field(clock, "hz", int, "clock."),
             clock_pin=field(clock, "pin", str, "clock."),
+            network_hz=field(clock, "network_hz", int, "clock.") if "network_hz" in clock else None,
             uart_resource=field(uart, "resource", str, "uart."),
             uart_pins=(field(uart, "rx", str, "uart."), field(uart, "tx", str, "uart.")),
             led_resource=field(leds, "resource", str, "leds."),

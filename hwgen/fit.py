@@ -283,22 +283,23 @@ class _FoldOption(NamedTuple):
     used: dict[str, int]        # the layer's resources
 
 
-def _interval_for(target_fps: float, board: Board, floor: int, fastest: int) -> int:
-    """The largest initiation interval, in board-clock cycles, that makes ``target_fps`` images/s."""
+def _interval_for(target_fps: float, board: Board, clock_hz: float, floor: int, fastest: int) -> int:
+    """The largest initiation interval, in cycles of ``clock_hz``, that makes ``target_fps`` images/s."""
     if not target_fps > 0:
         raise UserError(f"--target-fps {target_fps:g}: give a number of images per second above 0")
-    interval, best = math.floor(board.clock_hz / target_fps), max(floor, fastest, 1)
+    interval, best = math.floor(clock_hz / target_fps), max(floor, fastest, 1)
     if interval < best:
-        raise UserError(f"--target-fps {target_fps:g}: at {board.clock_hz / 1e6:g} MHz on {board.name} the network "
+        raise UserError(f"--target-fps {target_fps:g}: at {clock_hz / 1e6:g} MHz on {board.name} the network "
                         f"takes at least {best} cycles per image even fully unfolded, at most "
-                        f"{board.clock_hz / best:,.0f} images/s")
+                        f"{clock_hz / best:,.0f} images/s")
     return interval
 
 
 def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_ROUTING_SHARE, *,
-               target_fps: float | None = None) -> Estimate:
+               target_fps: float | None = None, clock_hz: float | None = None) -> Estimate:
     """The folds with the lowest initiation interval whose estimate fits ``board``, or with
-    ``target_fps`` the cheapest folds that reach that many images per second at the board clock.
+    ``target_fps`` the cheapest folds that reach that many images per second at ``clock_hz``
+    (the network's clock; default the board's).
 
     Every fold of every layer is costed once, with the other layers at 1x1. Then, for each
     candidate interval from the fastest up, each layer takes its cheapest fold (by its scarcest
@@ -334,7 +335,8 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     targets = sorted({row.cycles for rows in costed for row in rows if row.cycles >= floor} | {floor})
     if target_fps is not None:
         unfolded = [min(rows, key=lambda row: row.cycles).fold for rows in costed]
-        targets = [_interval_for(target_fps, board, floor, estimate(model, unfolded, board).cycles_per_image)]
+        clock_hz = clock_hz or board.clock_hz
+        targets = [_interval_for(target_fps, board, clock_hz, floor, estimate(model, unfolded, board).cycles_per_image)]
     last_problems: list[str] = []
     for target in targets:
         folds = []
@@ -367,9 +369,9 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     if target_fps is not None:
         fastest = auto_folds(model, board, routing_share)
         raise UserError(f"{target_fps:g} images/s on {board.name} needs an interval of {targets[0]} cycles at "
-                        f"{board.clock_hz / 1e6:g} MHz, and no folding that fast fits: "
+                        f"{clock_hz / 1e6:g} MHz, and no folding that fast fits: "
                         + "; ".join(last_problems) + f". The fastest that fits ({','.join(map(str, fastest.folds))}) "
-                        f"makes {board.clock_hz / fastest.cycles_per_image:,.0f} images/s")
+                        f"makes {clock_hz / fastest.cycles_per_image:,.0f} images/s")
     cheapest = [rows[0].fold for rows in costed]
     problems = estimate(model, cheapest, board).over_budget()
     raise UserError(f"no folding fits {board.name}; even the cheapest ({','.join(map(str, cheapest))}) "

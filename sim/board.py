@@ -11,6 +11,7 @@ import numpy as np
 from hwgen.ir import IntegerModel
 from hwgen.protocol import IDENTIFY, IDENTITY_BYTES, encode_image
 from hwgen.rtl.board import UARTBoardTop
+from hwgen.rtl.clocks import NETWORK_DOMAIN
 from hwgen.rtl.network import Fold, generate_verilog
 
 from .runner import VerilatorDesign
@@ -43,12 +44,17 @@ class BoardSimulator:
         Clock cycles per UART bit (small values keep simulations short; the logic is the same).
     led_count : int
     build_dir : path
+    network_period_ps : int or None
+        With a period, the network runs in a clock domain of its own at that period (the UART's
+        clock has 10 ns), across the board top's clock-domain crossing, as on a PLL clock.
     """
 
     def __init__(self, model: IntegerModel, folds: list[Fold], build_dir: Path | str, *,
-                 divisor: int = 8, led_count: int = 8):
+                 divisor: int = 8, led_count: int = 8, network_period_ps: int | None = None):
         self.model = model
-        self.top = UARTBoardTop(model, folds, divisor=divisor, led_count=led_count)
+        self.network_period_ps = network_period_ps
+        domain = "sync" if network_period_ps is None else NETWORK_DOMAIN
+        self.top = UARTBoardTop(model, folds, divisor=divisor, led_count=led_count, network_domain=domain)
         self.build_dir = Path(build_dir).resolve()
         self.design = VerilatorDesign(generate_verilog(self.top, BOARD_TOP_NAME), BOARD_TOP_NAME,
                                       self.build_dir / "verilator").build()
@@ -60,6 +66,8 @@ class BoardSimulator:
         run_dir.mkdir(parents=True, exist_ok=True)
         per_image = self.top.input_cycles_per_image + self.top.network.cycles_per_image
         config = {"divisor": self.top.divisor, "max_cycles": (budget_images + 2) * per_image * 2 + 10_000, **extra}
+        if self.network_period_ps is not None:
+            config["network_period_ps"] = self.network_period_ps
         return config, run_dir
 
     def classify(self, images: np.ndarray) -> BoardRun:

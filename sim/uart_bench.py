@@ -13,6 +13,9 @@ Configuration (JSON at ``HWGEN_SIM_CONFIG``):
     TCP, as pyserial's ``socket://`` URLs speak it).
 ``max_cycles``
     cycles after which the run stops as hung.
+``network_period_ps``
+    (optional) the period of ``net_clk`` for a board top whose network has its own clock
+    domain; ``clk`` (the UART's) runs at 10 ns. Both resets are released together.
 
 Results (JSON at ``HWGEN_SIM_RESULTS``): the reply bytes, the cycle at which each reply's start
 bit began, the LED value after each reply, whether the receiver overran, and the cycle count.
@@ -66,10 +69,16 @@ async def uart_board(dut):
     divisor = int(config["divisor"])
     max_cycles = int(config["max_cycles"])
     cocotb.start_soon(Clock(dut.clk, PERIOD_NS, unit="ns").start())
+    network_clock = "network_period_ps" in config
+    if network_clock:
+        cocotb.start_soon(Clock(dut.net_clk, int(config["network_period_ps"]), unit="ps").start())
+        dut.net_rst.value = 1
     dut.rst.value = 1
     dut.rx.value = 1
     await ClockCycles(dut.clk, 3)
     dut.rst.value = 0
+    if network_clock:
+        dut.net_rst.value = 0
     await ClockCycles(dut.clk, 2 * divisor)
 
     replies: list[int] = []

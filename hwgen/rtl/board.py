@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from amaranth.hdl import Array, Const, Module, Signal
+from amaranth.hdl import Array, Const, DomainRenamer, Module, Signal
 from amaranth.lib import wiring
+from amaranth.lib.fifo import AsyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from ..ir import IntegerModel
@@ -32,6 +33,10 @@ class UARTBoardTop(wiring.Component):
         Clock cycles per UART bit.
     led_count : int
         LEDs available for the class index (0 for none).
+    network_domain : str
+        Clock domain of the network: ``"sync"`` (the UART's), or another (a PLL clock, see
+        :class:`~hwgen.rtl.clocks.BoardPLL`) reached through two byte-wide ``AsyncFIFO`` queues: pixels in,
+        class indices out.
 
     Attributes
     ----------
@@ -42,9 +47,16 @@ class UARTBoardTop(wiring.Component):
         Sticky: a received byte was lost because the network could not take it.
     """
 
-    def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, divisor: int, led_count: int = 0):
+    #: Entries of each clock-crossing FIFO (a power of two, as AsyncFIFO needs).
+    CROSSING_DEPTH = 4
+
+    def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, divisor: int, led_count: int = 0,
+                 network_domain: str = "sync"):
         if not isinstance(led_count, int) or led_count < 0:
             raise TypeError(f"led_count must be a non-negative integer, not {led_count!r}")
+        if not isinstance(network_domain, str) or not network_domain:
+            raise TypeError(f"network_domain must be a clock domain name, not {network_domain!r}")
+        self._network_domain = network_domain
         self._identity = identity(model)
         self._model = model
         self._network = NetworkTop(model, folds)
@@ -80,11 +92,8 @@ class UARTBoardTop(wiring.Component):
         model, network = self._model, self._network
         m.submodules.receiver = receiver = self._receiver
         m.submodules.transmitter = transmitter = self._transmitter
-        m.submodules.network = network
         element_bits = model.layers[0].input_bits
-        m.submodules.packer = packer = StreamResizer(
-            element_bits, 1, network.input_elements_per_beat, model.in_features)
-
+        packer = StreamResizer(element_bits, 1, network.input_elements_per_beat, model.in_features)
         m.d.comb += [
             receiver.rx.eq(self.rx),
             self.tx.eq(transmitter.tx),
@@ -92,8 +101,47 @@ class UARTBoardTop(wiring.Component):
             network.s_axis_tdata.eq(packer.o.payload),
             network.s_axis_tvalid.eq(packer.o.valid),
             packer.o.ready.eq(network.s_axis_tready),
-            packer.i.payload.eq(receiver.o.payload[:element_bits]),
         ]
+
+        # Pixels go into the packer and network, and the class index (the output word with tlast)
+        # comes out: directly, or across the clock domains, one byte wide either way (the UART's
+        # rate is low). In the UART's domain a pixel is offered as (pixel_valid, pixel_ready) and
+        # a class index as (class_valid, class_data), taken with class_take.
+        pixel_valid, pixel_ready = Signal(), Signal()
+        class_valid, class_data, class_take = Signal(), Signal(8), Signal()
+        if self._network_domain == "sync":
+            m.submodules.packer = packer
+            m.submodules.network = network
+            m.d.comb += [
+                packer.i.payload.eq(receiver.o.payload[:element_bits]),
+                packer.i.valid.eq(pixel_valid),
+                pixel_ready.eq(packer.i.ready),
+                class_valid.eq(network.m_axis_tvalid & network.m_axis_tlast),
+                class_data.eq(network.m_axis_tdata[:8]),
+                network.m_axis_tready.eq(~network.m_axis_tlast | class_take),
+            ]
+        else:
+            domain = self._network_domain
+            m.submodules.packer = DomainRenamer({"sync": domain})(packer)
+            m.submodules.network = DomainRenamer({"sync": domain})(network)
+            m.submodules.pixels_in = pixels_in = AsyncFIFO(
+                width=element_bits, depth=self.CROSSING_DEPTH, w_domain="sync", r_domain=domain)
+            m.submodules.classes_out = classes_out = AsyncFIFO(
+                width=8, depth=self.CROSSING_DEPTH, w_domain=domain, r_domain="sync")
+            m.d.comb += [
+                pixels_in.w_data.eq(receiver.o.payload[:element_bits]),
+                pixels_in.w_en.eq(pixel_valid),
+                pixel_ready.eq(pixels_in.w_rdy),
+                packer.i.payload.eq(pixels_in.r_data),
+                packer.i.valid.eq(pixels_in.r_rdy),
+                pixels_in.r_en.eq(packer.i.ready),
+                classes_out.w_data.eq(network.m_axis_tdata[:8]),
+                classes_out.w_en.eq(network.m_axis_tvalid & network.m_axis_tlast),
+                network.m_axis_tready.eq(~network.m_axis_tlast | classes_out.w_rdy),
+                class_valid.eq(classes_out.r_rdy),
+                class_data.eq(classes_out.r_data),
+                classes_out.r_en.eq(class_take),
+            ]
 
         # Command decoder: outside an image every byte is a command; inside, a pixel.
         remaining = Signal(range(model.in_features + 1))
@@ -106,16 +154,16 @@ class UARTBoardTop(wiring.Component):
                 with m.Elif(receiver.o.payload == IDENTIFY):
                     m.d.sync += identify_pending.eq(1)
         with m.Else():
-            m.d.comb += [packer.i.valid.eq(receiver.o.valid), receiver.o.ready.eq(packer.i.ready)]
-            with m.If(receiver.o.valid & packer.i.ready):
+            m.d.comb += [pixel_valid.eq(receiver.o.valid), receiver.o.ready.eq(pixel_ready)]
+            with m.If(receiver.o.valid & pixel_ready):
                 m.d.sync += remaining.eq(remaining - 1)
 
-        # Of the output words only the class index (the word with tlast) is kept.
+        # The class index is held until sent; the next one waits behind it.
         class_index = Signal(8)
         class_pending = Signal()
-        m.d.comb += network.m_axis_tready.eq(~class_pending | ~network.m_axis_tlast)
-        with m.If(network.m_axis_tvalid & network.m_axis_tready & network.m_axis_tlast):
-            m.d.sync += [class_index.eq(network.m_axis_tdata[:8]), class_pending.eq(1)]
+        m.d.comb += class_take.eq(class_valid & ~class_pending)
+        with m.If(class_take):
+            m.d.sync += [class_index.eq(class_data), class_pending.eq(1)]
         if self._led_count:
             m.d.comb += self.leds.eq(class_index[:self._led_count])
 
