@@ -12,7 +12,8 @@ from amaranth.sim import Simulator
 from helpers import random_model
 from hwgen import golden
 from hwgen.boards import board_names, load_board
-from hwgen.build import build_asic, build_board
+from hwgen.build import build_asic, build_board, network_clock_hz
+from hwgen.rtl.clocks import ecp5_pll_settings, ice40_pll_settings
 from hwgen.data import load_dataset
 from hwgen.errors import UserError
 from hwgen.fit import FAMILY_COSTS, auto_folds, bram_blocks_for, check_fit, estimate, memory_placement
@@ -199,6 +200,20 @@ def test_memories_go_where_yosys_memory_libmap_puts_them():
     assert memory_placement(MemoryShape("w", 784, 256, True), ice40, FAMILY_COSTS["ice40"]) == "block"
     assert memory_placement(MemoryShape("buffer", 16, 32, False), ecp5, FAMILY_COSTS["ecp5"]) == "distributed"
     assert memory_placement(MemoryShape("w", 16, 32, True), ecp5, FAMILY_COSTS["ecp5"]) == "logic"   # LUT RAM takes no ROMs
+
+
+def test_pll_settings_and_clock_errors():
+    assert ice40_pll_settings(12e6, 30e6) == (0, 79, 5, 1, 30e6)          # icepll -i 12 -o 30
+    assert ice40_pll_settings(12e6, 48e6) == (0, 63, 4, 1, 48e6)
+    assert ecp5_pll_settings(25e6, 60e6) == (5, 12, 7, 60e6)                # VCO 420 MHz
+    assert ecp5_pll_settings(25e6, 48e6).output_hz == 46.875e6              # the closest it makes
+    icebreaker = load_board("icebreaker")
+    assert network_clock_hz(icebreaker, None) == 30e6 and network_clock_hz(icebreaker, 48) == 48e6
+    with pytest.raises(UserError, match=r"^--clock 500 MHz: the iCE40 PLL makes 16 to 275 MHz from the 12 MHz board clock$"):
+        network_clock_hz(icebreaker, 500)
+    assert network_clock_hz(load_board("arty-a7-35t"), None) is None        # no network_hz: the board clock
+    with pytest.raises(UserError, match=r"^--clock: hwgen has no PLL for xc7 boards"):
+        network_clock_hz(load_board("arty-a7-35t"), 50)
 
 
 def test_target_fps_picks_the_cheapest_folding_that_reaches_it():
