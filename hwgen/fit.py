@@ -22,6 +22,7 @@ from .rtl.dense import FoldedDense
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
 from .rtl.requant import Requantizer
+from .rtl.scores import ScoreSerializer
 from .rtl.window import SlidingWindow
 
 __all__ = ["Resources", "StageEstimate", "Estimate", "estimate", "check_fit", "auto_folds", "RESOURCE_NAMES"]
@@ -225,7 +226,8 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         blocks = stage._in_shape[1] // stage._kernel
         return "pool", Resources(luts=width * (2 + blocks / 3), ffs=width * (blocks + 1))
     width = Shape.cast(stage.i.payload.shape()).width + Shape.cast(stage.o.payload.shape()).width
-    return "stream", Resources(luts=20 + width / 2, ffs=10 + width)
+    kind = "scores" if isinstance(stage, ScoreSerializer) else "stream"
+    return kind, Resources(luts=20 + width / 2, ffs=10 + width)
 
 
 def estimate(model: IntegerModel, folds: list[Fold], board: Board) -> Estimate:
@@ -328,8 +330,9 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
             used = cost.as_dict()
             rows.append(_FoldOption(_share(used, limits), max(s.cycles_per_image for s in mine if s.stage == "dense"),
                                     fold, used))
-            # Windows and pools move a pixel per cycle whatever the folds: no interval beats them.
-            floor = max(floor, max((s.cycles_per_image for s in est.stages if s.stage in ("window", "pool")),
+            # Windows and pools move a pixel per cycle and the serializer a class score per cycle
+            # whatever the folds: no interval beats them, so no layer needs to be faster.
+            floor = max(floor, max((s.cycles_per_image for s in est.stages if s.stage in ("window", "pool", "scores")),
                                    default=0))
         costed.append(sorted(rows, key=lambda row: (row.share, row.cycles)))
     targets = sorted({row.cycles for rows in costed for row in rows if row.cycles >= floor} | {floor})
