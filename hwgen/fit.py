@@ -57,7 +57,7 @@ class FamilyCosts:
 
 
 FAMILY_COSTS = {
-    "ice40": FamilyCosts(lut_scale=1.15, bram_cost=64, lutram_cost=None, lut_bits=16, ffs_take_own_luts=True,
+    "ice40": FamilyCosts(lut_scale=1.25, bram_cost=64, lutram_cost=None, lut_bits=16, ffs_take_own_luts=True,
                          multiplier_luts=90, multiplies_spill_to_luts=False),
     "ecp5": FamilyCosts(lut_scale=1.35, bram_cost=128, lutram_cost=4, lut_bits=16, ffs_take_own_luts=False,
                         multiplier_luts=90, multiplies_spill_to_luts=False),
@@ -147,16 +147,24 @@ def bram_blocks_for(shape: MemoryShape, budget: Budget) -> int:
                for depth, width in budget.bram_shapes)
 
 
+def _emulation_cost(shape: MemoryShape) -> int:
+    """What ``memory_libmap`` adds to a block RAM's cost for logic it emulates around it (twice its
+    emulation score): a ROM's read enable (score 1); a RAM's read-first behaviour when one address
+    is written and read in the same cycle (score 7, whatever the size: seen with ``debug
+    memory_libmap`` on the dense layers' buffers, 8x128 to 200x1)."""
+    return 2 * (1 if shape.rom else 7)
+
+
 def memory_placement(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> str:
     """Where yosys puts a memory: ``"block"`` RAM, ``"distributed"`` (LUT) RAM or ``"logic"``.
 
     ``memory_libmap`` costs logic at one per bit of a RAM (flip-flops) and one per 16 bits of a
-    ROM (LUTs), a library memory at its cost line per block, and takes a library memory only when
-    it is strictly cheaper; a memory of any size can so end up in logic.
+    ROM (LUTs), a library memory at its cost line per block plus emulated logic, and takes a
+    library memory only when it is strictly cheaper; a memory of any size can so end up in logic.
     """
     options = {"logic": shape.bits / (16 if shape.rom else 1)}
     if budget.bram_blocks:
-        options["block"] = bram_blocks_for(shape, budget) * costs.bram_cost
+        options["block"] = bram_blocks_for(shape, budget) * costs.bram_cost + _emulation_cost(shape)
     if costs.lutram_cost is not None and not shape.rom:
         options["distributed"] = math.ceil(shape.depth / 16) * math.ceil(shape.width / 4) * costs.lutram_cost
     best = min(options.values())
@@ -179,11 +187,17 @@ def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Reso
     return Resources(luts=mux + (shape.bits if costs.ffs_take_own_luts else 0), ffs=shape.bits + shape.width)
 
 
+#: Address counters, handshakes and pipeline control of one dense layer (LUT4).
+LAYER_BASE_LUTS = 100
+#: A lane's accumulator and threshold comparison, per accumulator bit (LUT4).
+LANE_ACC_LUTS = 3
+
+
 def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resources:
     layer, pe, simd = stage.layer, stage.pe, stage.simd
     acc_bits = signed_width(layer.acc_min, layer.acc_max)
     partial_bits = math.ceil(math.log2(simd + 1)) + (0 if layer.is_popcount else 9)
-    lanes = Resources(luts=280 + 3 * math.log2(max(2, stage.cycles_per_vector)),
+    lanes = Resources(luts=LAYER_BASE_LUTS + 3 * math.log2(max(2, stage.cycles_per_vector)),
                       ffs=40 + pe * (acc_bits + partial_bits + stage.output_element_bits))
     if layer.is_popcount:
         per_lane = 1.4 * simd
@@ -205,7 +219,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
     lanes.ffs += word_registers
     if costs.ffs_take_own_luts:
         lanes.luts += word_registers
-    lanes.luts += pe * (per_lane + 2 * acc_bits)
+    lanes.luts += pe * (per_lane + LANE_ACC_LUTS * acc_bits)
     return lanes
 
 

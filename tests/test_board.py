@@ -60,6 +60,27 @@ def test_unknown_board_is_a_clean_error(tmp_path):
     assert_user_error(hwgen("build", "m.npz", "--board", "de10", cwd=tmp_path), "unknown board 'de10'", "icebreaker")
 
 
+def test_build_clock_and_target_fps_options(tmp_path):
+    """`hwgen build --no-pnr`: the PLL's real frequency in the report, the folds --target-fps picks,
+    and clean errors for a clock the PLL cannot make and for --target-fps with explicit folds."""
+    random_model(np.random.default_rng(4), [64, 32, 10]).save(tmp_path / "m.npz")
+    result = hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "48", "--target-fps", "400000",
+                   "--no-pnr", "-o", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "hwgen_report.json").read_text())
+    assert report["network_clock_mhz"] == 48 and report["network_clock_source"] == "PLL"
+    assert report["folds"] == ["2x16", "1x4"] and report["cycles_per_image"] <= 48e6 / 400_000
+    assert "SB_PLL40_2_PAD" in (tmp_path / "out" / "top.il").read_text()
+    assert_user_error(hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "300", "--no-pnr", cwd=tmp_path),
+                      "--clock 300 MHz: the iCE40 PLL makes 16 to 275 MHz")
+    assert_user_error(hwgen("build", "m.npz", "--board", "icebreaker", "--fold", "1x1,1x1", "--target-fps", "10",
+                            "--no-pnr", cwd=tmp_path), "--target-fps picks the folds itself")
+    board = hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "board", "--fold", "auto", "--no-pnr", "-o", "plain",
+                  cwd=tmp_path)
+    assert board.returncode == 0, board.stderr
+    assert json.loads((tmp_path / "plain" / "hwgen_report.json").read_text())["network_clock_source"] == "board"
+
+
 def test_uart_divisor_checks_rate_error():
     assert uart_divisor(12e6, 115_200) == 104
     assert uart_divisor(25e6, 115_200) == 217

@@ -1,0 +1,101 @@
+"""The fit estimate against place and route: random networks of varied shapes on each open-flow board.
+
+``python -m bench.fit [--board NAME ...]`` builds every point with yosys + nextpnr (a few minutes
+each) and writes ``bench/fit.json``: per point the folds, the estimate and what nextpnr placed,
+and the estimate's error. Shapes have odd sizes, SIMD that is not a power of two, every lane
+kind (uint8 x ±1 pairs, XNOR-popcount, int8 multiplies) and ``--fold auto`` as well as explicit
+folds. ``tests/test_board.py`` keeps two of these builds as a test of the estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from hwgen.boards import load_board
+from hwgen.build import build_board
+from hwgen.fit import auto_folds, estimate
+from hwgen.ir import write_atomically
+from hwgen.rtl.network import Fold
+from tests.helpers import random_model
+
+#: How far an estimate may be from what nextpnr places (LUTs; block RAMs and DSPs must be equal).
+LUT_TOLERANCE = 0.15
+
+MIXED = [("int8", "requant"), ("int8", "scores")]
+
+
+class Point(NamedTuple):
+    board: str
+    seed: int
+    widths: tuple[int, ...]
+    input_kind: str = "uint8"
+    kinds: tuple | None = None
+    folds: str = "auto"         # or "PExSIMD,..."
+
+
+POINTS = [
+    Point("icebreaker", 1, (64, 100, 37, 10)),
+    Point("icebreaker", 4, (64, 32, 10)),
+    Point("icebreaker", 2, (96, 45, 10), folds="5x3,1x5"),
+    Point("icebreaker", 3, (50, 30, 10), input_kind="bits"),
+    Point("icebreaker", 5, (36, 24, 10), kinds=tuple(MIXED), folds="1x2,1x2"),
+    Point("ulx3s-85f", 1, (64, 100, 37, 10)),
+    Point("ulx3s-85f", 6, (200, 90, 10)),
+    Point("ulx3s-85f", 2, (96, 45, 10), folds="5x3,9x5"),
+    Point("ulx3s-85f", 3, (120, 60, 10), input_kind="bits"),
+    Point("ulx3s-85f", 5, (36, 24, 10), kinds=tuple(MIXED), folds="4x6,2x8"),
+]
+
+
+def measure(point: Point, workdir: Path) -> dict:
+    """Estimate and build one point; the estimate's relative error per resource."""
+    board = load_board(point.board)
+    model = random_model(np.random.default_rng(point.seed), list(point.widths), point.input_kind,
+                         list(point.kinds) if point.kinds else None)
+    if point.folds == "auto":
+        est = auto_folds(model, board)
+    else:
+        est = estimate(model, [Fold(*map(int, fold.split("x"))) for fold in point.folds.split(",")], board)
+    start = time.perf_counter()
+    report = build_board(model, "calibration", board, est.folds, workdir / f"{point.board}-{point.seed}",
+                         est=est).report
+    estimated = est.total.as_dict()
+    placed = {key: value["used"] for key, value in report["placed"].items() if key in estimated}
+    return {"board": point.board, "widths": list(point.widths), "input_kind": point.input_kind,
+            "kinds": "mixed" if point.kinds else "binary", "seed": point.seed, "fold_rule": point.folds,
+            "folds": [str(fold) for fold in est.folds], "estimate": estimated, "placed": placed,
+            "lut_error": round(estimated["luts"] / placed["luts"] - 1, 3), "fmax_mhz": report["fmax_mhz"],
+            "seconds": round(time.perf_counter() - start)}
+
+
+def within_tolerance(row: dict) -> bool:
+    """LUTs within :data:`LUT_TOLERANCE` of placed, block RAMs and DSPs exactly."""
+    return (abs(row["lut_error"]) <= LUT_TOLERANCE and row["estimate"]["bram_blocks"] == row["placed"]["bram_blocks"]
+            and row["estimate"]["dsps"] == row["placed"].get("dsps", 0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--board", action="append", help="only these boards (default: all points)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("bench/fit.json"))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hwgen-fit-") as folder:
+        for point in POINTS:
+            if args.board and point.board not in args.board:
+                continue
+            rows.append(measure(point, Path(folder)))
+            rows[-1]["within_tolerance"] = within_tolerance(rows[-1])
+            print(json.dumps(rows[-1]), flush=True)
+            write_atomically(args.output, json.dumps(rows, indent=2) + "\n")
+    print(f"{sum(row['within_tolerance'] for row in rows)} of {len(rows)} points within tolerance")
+
+
+if __name__ == "__main__":
+    main()
