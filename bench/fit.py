@@ -74,6 +74,10 @@ def measure(point: Point, workdir: Path) -> dict:
             "seconds": round(time.perf_counter() - start)}
 
 
+def _key(row: dict) -> tuple:
+    return (row["board"], row["seed"], tuple(row["widths"]), row.get("fold_rule", row.get("folds")))
+
+
 def within_tolerance(row: dict) -> bool:
     """LUTs within :data:`LUT_TOLERANCE` of placed, block RAMs and DSPs exactly."""
     return (abs(row["lut_error"]) <= LUT_TOLERANCE and row["estimate"]["bram_blocks"] == row["placed"]["bram_blocks"]
@@ -85,10 +89,13 @@ def main() -> None:
     parser.add_argument("--board", action="append", help="only these boards (default: all points)")
     parser.add_argument("-o", "--output", type=Path, default=Path("bench/fit.json"))
     args = parser.parse_args()
-    rows = []
+    # Points already measured (same board, seed, shape and fold rule) are kept, not rebuilt:
+    # delete the file to measure everything again.
+    rows = json.loads(args.output.read_text()) if args.output.exists() else []
+    done = {_key(row) for row in rows}
     with tempfile.TemporaryDirectory(prefix="hwgen-fit-") as folder:
         for point in POINTS:
-            if args.board and point.board not in args.board:
+            if (args.board and point.board not in args.board) or _key(point._asdict()) in done:
                 continue
             rows.append(measure(point, Path(folder)))
             rows[-1]["within_tolerance"] = within_tolerance(rows[-1])
