@@ -101,7 +101,22 @@ def main() -> None:
             rows[-1]["within_tolerance"] = within_tolerance(rows[-1])
             print(json.dumps(rows[-1]), flush=True)
             write_atomically(args.output, json.dumps(rows, indent=2) + "\n")
+    print(markdown(rows))
     print(f"{sum(row['within_tolerance'] for row in rows)} of {len(rows)} points within tolerance")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The comparison as the README's table."""
+    lines = ["| board | network | input | folds | LUT est / placed | BRAM est / placed | DSP est / placed | error | Fmax |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        est, placed = row["estimate"], row["placed"]
+        rule = "auto: " if row["fold_rule"] == "auto" else ""
+        lines.append(f"| {row['board']} | {'-'.join(map(str, row['widths']))} {row['kinds']} | {row['input_kind']} "
+                     f"| {rule}{','.join(row['folds'])} | {est['luts']:,} / {placed['luts']:,} "
+                     f"| {est['bram_blocks']} / {placed['bram_blocks']} | {est['dsps']} / {placed.get('dsps', 0)} "
+                     f"| {row['lut_error']:+.1%} | {row['fmax_mhz']} MHz |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
