@@ -47,7 +47,7 @@ POINTS = [
     Point("icebreaker", 5, (36, 24, 10), kinds=tuple(MIXED), folds="1x2,1x2"),
     Point("ulx3s-85f", 1, (64, 100, 37, 10)),
     Point("ulx3s-85f", 6, (200, 90, 10)),
-    Point("ulx3s-85f", 2, (96, 45, 10), folds="9x3,2x15"),
+    Point("ulx3s-85f", 2, (96, 45, 10), folds="9x3,2x9"),
     Point("ulx3s-85f", 3, (120, 60, 10), input_kind="bits"),
     Point("ulx3s-85f", 5, (36, 24, 10), kinds=tuple(MIXED), folds="4x6,2x8"),
 ]
