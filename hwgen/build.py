@@ -18,7 +18,7 @@ from .errors import UserError
 from .fit import Estimate, check_fit, estimate
 from .ir import IntegerModel
 from .rtl.board import UARTBoardTop
-from .rtl.clocks import NETWORK_DOMAIN, BoardPLL, board_domains, ecp5_pll_settings, ice40_pll_settings
+from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, pll_settings
 from .rtl.network import Fold, build_top, generate_verilog
 from .rtl.uart import FRAME_BITS, uart_divisor
 from .synth import yowasp_tool
@@ -45,7 +45,7 @@ _PLACED_CELLS = {
 
 
 class PlatformTop(Elaboratable):
-    """Pins of a board (its UART and LEDs) around a :class:`UARTBoardTop`; with ``pll``, the
+    """Pins of a board (its UART and LEDs) around a :class:`UARTBoardTop`; with ``network_hz``, the
     network's clock domain comes from the FPGA's PLL and the UART's from the oscillator."""
 
     def __init__(self, board: Board, core: UARTBoardTop, network_hz: float | None = None):
@@ -75,12 +75,11 @@ def network_clock_hz(board: Board, clock_mhz: float | None) -> float | None:
     requested = board.network_hz if clock_mhz is None else clock_mhz * 1e6
     if requested is None:
         return None
-    if board.family not in ("ice40", "ecp5"):
+    if board.family not in PLL_FAMILIES:
         raise UserError(f"--clock: hwgen has no PLL for {board.family} boards; the network runs at the board "
                         f"clock ({board.clock_hz / 1e6:g} MHz)")
-    settings = ice40_pll_settings if board.family == "ice40" else ecp5_pll_settings
     try:
-        return settings(board.clock_hz, requested).output_hz
+        return pll_settings(board.family, board.clock_hz, requested).output_hz
     except ValueError as error:
         raise UserError(str(error)) from None
 

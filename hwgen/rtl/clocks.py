@@ -11,7 +11,8 @@ from typing import NamedTuple
 from amaranth.hdl import ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, Signal
 from amaranth.lib.cdc import ResetSynchronizer
 
-__all__ = ["Ice40PLLSettings", "Ecp5PLLSettings", "ice40_pll_settings", "ecp5_pll_settings", "BoardPLL",
+__all__ = ["Ice40PLLSettings", "Ecp5PLLSettings", "ice40_pll_settings", "ecp5_pll_settings", "pll_settings",
+           "PLL_FAMILIES", "BoardPLL",
            "board_domains", "NETWORK_DOMAIN"]
 
 #: Clock domain of the network when it runs on a PLL clock.
@@ -83,9 +84,21 @@ def ecp5_pll_settings(input_hz: float, output_hz: float) -> Ecp5PLLSettings:
     return best
 
 
+def pll_settings(family: str, input_hz: float, output_hz: float) -> Ice40PLLSettings | Ecp5PLLSettings:
+    """The PLL dividers of ``family`` closest to ``output_hz``; ValueError for a family without one."""
+    if family not in _SETTINGS:
+        raise ValueError(f"no PLL for family {family!r}; one of {', '.join(map(repr, _SETTINGS))}")
+    return _SETTINGS[family](input_hz, output_hz)
+
+
 def board_domains() -> list[ClockDomain]:
     """The domains :class:`BoardPLL` drives, for its parent to define."""
     return [ClockDomain("sync", reset_less=True), ClockDomain(NETWORK_DOMAIN)]
+
+
+_SETTINGS = {"ice40": ice40_pll_settings, "ecp5": ecp5_pll_settings}
+#: Families whose board top can put the network on a PLL clock.
+PLL_FAMILIES = tuple(_SETTINGS)
 
 
 class BoardPLL(Elaboratable):
@@ -106,12 +119,10 @@ class BoardPLL(Elaboratable):
     """
 
     def __init__(self, family: str, clock_pin, input_hz: float, output_hz: float):
-        if family not in ("ice40", "ecp5"):
-            raise ValueError(f"no PLL for family {family!r}; one of 'ice40', 'ecp5'")
+        self.settings = pll_settings(family, input_hz, output_hz)
         self.family = family
         self.clock_pin = clock_pin
         self.input_hz = input_hz
-        self.settings = (ice40_pll_settings if family == "ice40" else ecp5_pll_settings)(input_hz, output_hz)
 
     @property
     def output_hz(self) -> float:
