@@ -83,18 +83,21 @@ class StreamResizer(wiring.Component):
         return m
 
     def _gather(self, m: Module, ratio: int, beat_width: int) -> None:
-        held = Signal((ratio - 1) * beat_width)
-        count = Signal(range(ratio))
-        closing = count == ratio - 1
-        m.d.comb += self.i.ready.eq(~closing | ~self.o.valid | self.o.ready)
+        # Each beat is written straight into its slot, picked by a one-hot register, so that each
+        # slot's enable drives one beat's flip-flops (a shift register would put every held bit on
+        # one enable net); the output word is the slots themselves.
+        slots = [Signal(beat_width, name=f"slot{k}") for k in range(ratio)]
+        slot = Signal(ratio, init=1)
+        m.d.comb += [self.i.ready.eq(~self.o.valid | self.o.ready), self.o.payload.eq(Cat(slots))]
         with m.If(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
         with m.If(self.i.valid & self.i.ready):
-            with m.If(closing):
-                m.d.sync += [self.o.payload.eq(Cat(held, self.i.payload)), self.o.valid.eq(1), count.eq(0)]
-            with m.Else():
-                # New beats enter at the top, so after ratio - 1 beats the first sits lowest.
-                m.d.sync += [held.eq(Cat(held[beat_width:], self.i.payload)), count.eq(count + 1)]
+            m.d.sync += slot.eq(slot.rotate_left(1))
+            for k, held in enumerate(slots):
+                with m.If(slot[k]):
+                    m.d.sync += held.eq(self.i.payload)
+            with m.If(slot[ratio - 1]):
+                m.d.sync += self.o.valid.eq(1)
 
     def _split(self, m: Module, ratio: int, beat_width: int) -> None:
         held = Signal(ratio * beat_width)
