@@ -19,6 +19,7 @@ from .fit import Estimate, check_fit, estimate
 from .ir import IntegerModel
 from .rtl.board import UARTBoardTop
 from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, pll_settings
+from .rtl.dense import tree_levels_for
 from .rtl.network import Fold, build_top, generate_verilog
 from .rtl.uart import FRAME_BITS, uart_divisor
 from .synth import yowasp_tool
@@ -182,13 +183,14 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
     output = Path(output)
     est = est or estimate(model, folds, board)
     check_fit(est)
-    network = build_top(model, folds)
+    tree_levels = tree_levels_for(board.family)
+    network = build_top(model, folds, tree_levels=tree_levels)
     try:
         divisor = uart_divisor(board.clock_hz, baud)
     except (ValueError, TypeError) as error:
         raise UserError(f"--baud: {error}") from None
     core = UARTBoardTop(model, folds, divisor=divisor, led_count=len(board.led_pins),
-                        network_domain=NETWORK_DOMAIN if network_hz else "sync")
+                        network_domain=NETWORK_DOMAIN if network_hz else "sync", tree_levels=tree_levels)
     with staged_folder(output) as staging:
         (staging / "hwgen_network.v").write_text(generate_verilog(network))
         platform = board.amaranth_platform()
@@ -212,7 +214,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                                            "clock_mhz": board.clock_hz / 1e6},
             "network_clock_mhz": round(clock_hz / 1e6, 4), "network_clock_source": "PLL" if network_hz else "board",
             "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
-            "latency_cycles": network.latency, "baud": baud,
+            "latency_cycles": network.latency, "tree_levels": tree_levels, "baud": baud,
             "uart_images_per_s": baud / FRAME_BITS / (model.in_features + 1),
             "estimate": {"total": est.total.as_dict(), "layers": est.table()},
         }

@@ -18,7 +18,7 @@ from .boards import Board, Budget
 from .errors import UserError
 from .ir import Conv2dLayer, IntegerModel, signed_width
 from .rtl.arith import MemoryShape, divisors
-from .rtl.dense import FoldedDense
+from .rtl.dense import PAIR_BITS, FoldedDense, tree_levels_for
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
 from .rtl.requant import Requantizer
@@ -216,6 +216,10 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
     # The memory-output registers (input_word, weight_word) take their D from a register or a
     # block RAM, not a LUT: on iCE40 each flip-flop is a logic cell of its own.
     word_registers = simd * layer.input_bits + pe * simd * layer.weight_bits
+    if stage.pair_signs:
+        # The weight word's copy that travels beside the registered pair sums, and those sums.
+        word_registers += pe * simd
+        lanes.ffs += simd * PAIR_BITS
     lanes.ffs += word_registers
     if costs.ffs_take_own_luts:
         lanes.luts += word_registers
@@ -246,7 +250,7 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
 
 def estimate(model: IntegerModel, folds: list[Fold], board: Board) -> Estimate:
     """Estimate every stage of ``model`` folded by ``folds`` on ``board``."""
-    top = NetworkTop(model, folds)
+    top = NetworkTop(model, folds, tree_levels=tree_levels_for(board.family))
     costs = FAMILY_COSTS[board.family]
     budget = board.budget
     stages = []

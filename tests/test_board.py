@@ -246,7 +246,7 @@ def test_target_fps_picks_the_cheapest_folding_that_reaches_it():
     assert est.cycles_per_image == 40 and est.total.luts < fastest.total.luts
     with pytest.raises(UserError, match=r"^1e\+06 images/s on icebreaker needs an interval of 12 cycles at 12 MHz, "
                                         r"and no folding that fast fits: LUTs: estimated .*The fastest that fits "
-                                        r"\(8x16,1x32\) makes 750,000 images/s$"):
+                                        r"\(8x16,1x16\) makes 600,000 images/s$"):
         auto_folds(model, board, target_fps=1e6)
     with pytest.raises(UserError, match=r"takes at least 11 cycles per image even fully unfolded, at most 1,090,909 images/s$"):
         auto_folds(model, board, target_fps=2e7)

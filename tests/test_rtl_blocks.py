@@ -51,8 +51,8 @@ def test_folded_dense_outputs_and_cycle_formulas(weight_kind, input_kind, output
 
 @pytest.mark.parametrize("weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, tree_levels, stages", [
     ("binary", "uint8", "scores", 32, 4, 2, 16, 1, 3),      # 8 pair terms: 3 levels, one register each
-    ("binary", "uint8", "threshold", 42, 4, 4, 21, 2, 3),   # 11 terms (one odd): pre-add + 4 levels
-    ("binary", "int8", "scores", 18, 2, 2, 9, 3, 2),
+    ("binary", "uint8", "threshold", 42, 4, 4, 21, 2, 2),   # 11 terms (one odd): 4 levels
+    ("binary", "int8", "scores", 18, 2, 2, 9, 3, 1),
     ("binary", "bits", "threshold", 64, 4, 2, 64, 2, 3),
     ("int8", "uint8", "scores", 18, 4, 2, 9, 2, 2),
     ("int8", "bits", "threshold", 20, 2, 1, 20, 3, 2),
@@ -71,7 +71,7 @@ def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, si
     acc = golden.accumulate(layer, images)
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
     dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels)
-    assert dut.pipeline_stages == 4 + dut.tree_stages + (weight_kind == "int8" and input_kind != "bits")
+    assert dut.pipeline_stages == 5 + dut.tree_stages + (input_kind != "bits")
     beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, layer.input_bits)
              for image in images for k in range(0, n_in, simd)]
     outputs, in_cycles, out_cycles = run_streams(dut, beats, 4 * dut.output_beats)

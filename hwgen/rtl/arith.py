@@ -58,17 +58,16 @@ def tree_depth(count: int) -> int:
     return max(0, (count - 1).bit_length())
 
 
-def tree_stages(count: int, levels_per_stage: int, levels_before: int = 0) -> int:
+def tree_stages(count: int, levels_per_stage: int) -> int:
     """Registers :func:`pipelined_tree_sum` puts between its terms and its registered sum."""
-    return max(1, -(-(levels_before + tree_depth(count)) // levels_per_stage))
+    return max(1, -(-tree_depth(count) // levels_per_stage))
 
 
-def pipelined_tree_sum(m: Module, terms: list[Value], *, levels_per_stage: int, enable: Value, name: str,
-                       levels_before: int = 0, keep: bool = True) -> Signal:
+def pipelined_tree_sum(m: Module, terms: list[Value], *, levels_per_stage: int, name: str,
+                       keep: bool = True) -> Signal:
     """A balanced adder tree with a register after every ``levels_per_stage`` levels and at its end.
 
-    Every register loads when ``enable`` is high. ``levels_before`` counts logic levels the terms
-    already went through in the first stage (a shared pre-addition). With ``keep``, each level's
+    The registers load every cycle (the caller's pipeline has no clock enable). With ``keep``, each level's
     sums are kept as signals so that yosys maps every two-input addition onto a carry chain
     instead of merging the whole tree into one multi-operand adder, which it builds from LUT full
     adders at about twice the LUTs. The result is registered; :func:`tree_stages` gives how many
@@ -76,12 +75,11 @@ def pipelined_tree_sum(m: Module, terms: list[Value], *, levels_per_stage: int, 
     """
     if not terms:
         raise ValueError("pipelined_tree_sum needs at least one term")
-    level, depth = list(terms), levels_before
+    level, depth = list(terms), 0
 
     def register(values: list[Value], tag: str) -> list[Signal]:
         regs = [Signal(v.shape(), name=f"{name}_{tag}_{i}") for i, v in enumerate(values)]
-        with m.If(enable):
-            m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
+        m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
         return regs
 
     while len(level) > 1:

@@ -5,11 +5,12 @@ from typing import Sequence
 
 from amaranth.hdl import Array, Const, DomainRenamer, Module, Signal
 from amaranth.lib import wiring
-from amaranth.lib.fifo import AsyncFIFO
+from amaranth.lib.fifo import AsyncFIFO, AsyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..ir import IntegerModel
 from ..protocol import IDENTIFY, IMAGE, identity
+from .dense import DEFAULT_TREE_LEVELS
 from .network import Fold, NetworkTop
 from .resize import StreamResizer
 from .uart import FRAME_BITS, UARTReceiver, UARTTransmitter
@@ -37,6 +38,8 @@ class UARTBoardTop(wiring.Component):
         Clock domain of the network: ``"sync"`` (the UART's), or another (a PLL clock, see
         :class:`~hwgen.rtl.clocks.BoardPLL`) reached through two byte-wide ``AsyncFIFO`` queues: pixels in,
         class indices out.
+    tree_levels : int
+        Adder levels between pipeline registers in the network's lanes.
 
     Attributes
     ----------
@@ -47,11 +50,12 @@ class UARTBoardTop(wiring.Component):
         Sticky: a received byte was lost because the network could not take it.
     """
 
-    #: Entries of each clock-crossing FIFO (a power of two, as AsyncFIFO needs).
+    #: Entries of each clock-crossing FIFO (a power of two, as AsyncFIFO needs). The pixel FIFO
+    #: has one more, its output register: the network's first stage then sees a registered valid.
     CROSSING_DEPTH = 4
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, divisor: int, led_count: int = 0,
-                 network_domain: str = "sync"):
+                 network_domain: str = "sync", tree_levels: int = DEFAULT_TREE_LEVELS):
         if not isinstance(led_count, int) or led_count < 0:
             raise TypeError(f"led_count must be a non-negative integer, not {led_count!r}")
         if not isinstance(network_domain, str) or not network_domain:
@@ -59,7 +63,7 @@ class UARTBoardTop(wiring.Component):
         self._network_domain = network_domain
         self._identity = identity(model)
         self._model = model
-        self._network = NetworkTop(model, folds)
+        self._network = NetworkTop(model, folds, tree_levels=tree_levels)
         self._receiver = UARTReceiver(divisor)
         self._transmitter = UARTTransmitter(divisor)
         self._led_count = led_count
@@ -124,8 +128,8 @@ class UARTBoardTop(wiring.Component):
             domain = self._network_domain
             m.submodules.packer = DomainRenamer({"sync": domain})(packer)
             m.submodules.network = DomainRenamer({"sync": domain})(network)
-            m.submodules.pixels_in = pixels_in = AsyncFIFO(
-                width=element_bits, depth=self.CROSSING_DEPTH, w_domain="sync", r_domain=domain)
+            m.submodules.pixels_in = pixels_in = AsyncFIFOBuffered(
+                width=element_bits, depth=self.CROSSING_DEPTH + 1, w_domain="sync", r_domain=domain)
             m.submodules.classes_out = classes_out = AsyncFIFO(
                 width=8, depth=self.CROSSING_DEPTH, w_domain=domain, r_domain="sync")
             m.d.comb += [

@@ -3,24 +3,38 @@ from __future__ import annotations
 
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import memory, stream, wiring
+from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
 from .arith import MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, rom_shapes, tree_stages
 
-__all__ = ["FoldedDense", "weight_words", "channel_words", "uses_pair_signs", "pair_sign_corrections"]
+__all__ = ["FoldedDense", "tree_levels_for", "weight_words", "channel_words", "uses_pair_signs", "pair_sign_corrections"]
 
 #: Adder-tree levels between pipeline registers. Measured on ECP5 (nextpnr, README "Pipelining"):
 #: three levels of carry-chain adders after a registered block-RAM output stay inside the clock
 #: target; more levels per stage cost Fmax, fewer cost flip-flops.
 DEFAULT_TREE_LEVELS = 3
 
-#: Stages besides the adder tree: memory read, memory-output register, accumulate, output register.
-FIXED_STAGES = 4
+#: Adder-tree levels per register stage by FPGA family (see :func:`tree_levels_for`).
+TREE_LEVELS_BY_FAMILY = {"ecp5": 2, "ice40": 3}
+
+#: Stages besides the adder tree: memory read, memory-output register, accumulate, and the two of
+#: the output queue (its write, and its output register).
+FIXED_STAGES = 5
 
 #: Width of a pair sum or difference of two bytes, and of the lane terms built from them.
 PAIR_BITS = 10
+
+
+def tree_levels_for(family: str) -> int:
+    """Adder levels per pipeline stage for an FPGA family; :data:`DEFAULT_TREE_LEVELS` for others.
+
+    Measured with nextpnr on ECP5: once the rest of the layer was pipelined, a stage of three
+    carry-chain adders (most of its delay routing) was the critical path, so ECP5 registers every
+    two levels. iCE40 keeps three, the value it was first measured with.
+    """
+    return TREE_LEVELS_BY_FAMILY.get(family, DEFAULT_TREE_LEVELS)
 
 
 def uses_pair_signs(layer: DenseLayer) -> bool:
@@ -82,9 +96,15 @@ class FoldedDense(wiring.Component):
     (``acc >= T``, one output bit) or emitted as a raw score.
 
     The pipeline: memory read, a register on the memory outputs, the lanes' adder trees with a
-    register every ``tree_levels`` levels, the accumulator, and the output register (which takes
-    the comparison of the finished accumulator), so that no stage holds more than a few adder
-    levels. Int8 products get a stage of their own.
+    register every ``tree_levels`` levels, the accumulator, and an output queue (which takes the
+    comparison of the finished accumulator), so that no stage holds more than a few adder levels.
+    Int8 products and shared pair sums get a stage of their own.
+
+    The pipeline never stalls, so its registers need no clock enable (which would be a net to
+    every flip-flop of the layer). Instead a read is issued only while the output queue has room
+    for every result in flight: a credit is taken when the last read of an output beat is issued
+    and returned when that beat leaves on ``o``. The queue holds
+    :attr:`output_queue_depth` beats, enough that credits never slow an unstalled layer.
 
     Byte inputs with ±1 weights use ``w_a·a + w_b·b = w_a·(a ± b)``: the pair sum ``a + b`` and
     difference ``a - b`` are computed once per cycle for all lanes, and each lane picks one and
@@ -195,26 +215,33 @@ class FoldedDense(wiring.Component):
         return -(-self._simd // 2) if self.pair_signs else self._simd
 
     @property
-    def _levels_before_tree(self) -> int:
-        """The shared pair addition counts as one level of the first tree stage (when that has room)."""
-        return int(self.pair_signs and self._tree_levels > 1)
-
-    @property
     def tree_stages(self) -> int:
-        """Registers in a lane's adder tree: ``max(1, ceil((pre + ceil(log2(terms))) / tree_levels))``."""
-        return tree_stages(self.lane_terms, self._tree_levels, self._levels_before_tree)
+        """Registers in a lane's adder tree: ``max(1, ceil(ceil(log2(terms)) / tree_levels))``."""
+        return tree_stages(self.lane_terms, self._tree_levels)
 
     @property
     def pipeline_stages(self) -> int:
         """Registered stages from issuing an image's last read to its last output being valid:
-        memory read, memory-output register, [products,] the adder tree's stages, accumulate, output."""
-        return FIXED_STAGES + int(self.multiplies) + self.tree_stages
+        memory read, memory-output register, [products or pair sums,] the adder tree's stages,
+        accumulate, and the output queue's two."""
+        return FIXED_STAGES + int(self.multiplies or self.pair_signs) + self.tree_stages
+
+    @property
+    def output_queue_depth(self) -> int:
+        """Output beats the queue holds: the results a full-rate pipeline has in flight, plus one.
+
+        A credit taken at an output beat's last read comes back ``pipeline_stages`` cycles later at
+        the earliest, and a new beat needs one every ``N_in / SIMD`` cycles.
+        """
+        return -(-(self.pipeline_stages + 1) // self.input_beats) + 1
 
     @property
     def memories(self) -> list[MemoryShape]:
-        """The input double buffer, the weight ROM and the per-channel constant ROMs."""
+        """The input double buffer, the output queue's storage, the weight ROM and the per-channel
+        constant ROMs."""
         layer, pe, simd = self._layer, self._pe, self._simd
         shapes = [MemoryShape("buffer", 2 * self.input_beats, simd * layer.input_bits, rom=False),
+                  MemoryShape("outputs", self.output_queue_depth - 1, pe * self.output_element_bits, rom=False),
                   *rom_shapes("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits)]
         start = self._start_values
         if start is not None:
@@ -254,16 +281,19 @@ class FoldedDense(wiring.Component):
         return [word[k] for k in range(simd)] if bits == 1 else [word.word_select(k, 8).as_signed() for k in range(simd)]
 
     def _pair_operands(self, m: Module, x: Signal) -> list[tuple]:
-        """Per pair of input elements, the shared ``(a + b, a - b)``; an odd last element alone."""
+        """Per pair of input elements, the shared ``(a + b, a - b)``, registered because each fans
+        out to every lane; an odd last element alone (registered too, to stay aligned)."""
         xs = self._inputs(x)
         operands = []
         for k in range(0, self._simd - 1, 2):
             total = Signal(signed(PAIR_BITS), name=f"pair_sum{k // 2}")
             difference = Signal(signed(PAIR_BITS), name=f"pair_difference{k // 2}")
-            m.d.comb += [total.eq(xs[k] + xs[k + 1]), difference.eq(xs[k] - xs[k + 1])]
+            m.d.sync += [total.eq(xs[k] + xs[k + 1]), difference.eq(xs[k] - xs[k + 1])]
             operands.append((total, difference))
         if self._simd % 2:
-            operands.append((xs[-1],))
+            odd = Signal(signed(PAIR_BITS), name="pair_odd")
+            m.d.sync += odd.eq(xs[-1])
+            operands.append((odd,))
         return operands
 
     def _pair_terms(self, m: Module, operands: list[tuple], w: Signal, lane: int) -> list[Signal]:
@@ -299,11 +329,6 @@ class FoldedDense(wiring.Component):
             shape=unsigned(simd * layer.input_bits), depth=2 * beats_in, init=[])
         write, read = buffer.write_port(), buffer.read_port()
 
-        # The whole compute pipeline moves only when the output register can take a result;
-        # valid never depends on ready because o.valid is a register.
-        advance = Signal()
-        m.d.comb += advance.eq(~self.o.valid | self.o.ready)
-
         # Writer: fills one bank while the reader works on the other.
         full = Signal(2)
         write_bank = Signal()
@@ -320,19 +345,38 @@ class FoldedDense(wiring.Component):
             with m.Else():
                 m.d.sync += write_index.eq(write_index + 1)
 
+        # Output queue and its credits: `reserved` counts output beats in flight or queued.
+        depth = self.output_queue_depth
+        m.submodules.outputs = outputs = fifo.SyncFIFOBuffered(width=len(self.o.payload), depth=depth)
+        m.d.comb += [
+            self.o.valid.eq(outputs.r_rdy),
+            self.o.payload.eq(outputs.r_data),
+            outputs.r_en.eq(self.o.ready),
+        ]
+        reserved = Signal(range(depth + 1))
+        has_credit = Signal()
+        m.d.comb += has_credit.eq(reserved != depth)
+
         # Stage 0: address generation over (f_out, f_in); a bank is freed on the edge of its last read.
         read_bank = Signal()
         in_index = Signal(range(beats_in))
         out_index = Signal(range(beats_out))
         weight_addr = Signal(range(beats_in * beats_out))
         fire = Signal()
+        closing = Signal()
         m.d.comb += [
-            fire.eq(advance & full.bit_select(read_bank, 1)),
+            fire.eq(has_credit & full.bit_select(read_bank, 1)),
+            closing.eq(fire & (in_index == beats_in - 1)),
             read.addr.eq(Mux(read_bank, beats_in, 0) + in_index),
-            read.en.eq(advance),
+            read.en.eq(1),
         ]
+        departing = self.o.valid & self.o.ready
+        with m.If(closing & ~departing):
+            m.d.sync += reserved.eq(reserved + 1)
+        with m.Elif(departing & ~closing):
+            m.d.sync += reserved.eq(reserved - 1)
         weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), pe * simd * layer.weight_bits,
-                               weight_addr, advance)
+                               weight_addr, Const(1))
         with m.If(fire):
             m.d.sync += weight_addr.eq(Mux(weight_addr == beats_in * beats_out - 1, 0, weight_addr + 1))
             with m.If(in_index == beats_in - 1):
@@ -345,11 +389,10 @@ class FoldedDense(wiring.Component):
                 m.d.sync += in_index.eq(in_index + 1)
 
         def stage(name: str, flags: tuple) -> tuple:
-            """Register (valid, first, last, out_index) into the next stage when the pipeline advances."""
+            """Register (valid, first, last, out_index) into the next stage."""
             regs = (Signal(name=f"{name}_valid"), Signal(name=f"{name}_first"), Signal(name=f"{name}_last"),
                     Signal(range(beats_out), name=f"{name}_out_index"))
-            with m.If(advance):
-                m.d.sync += [reg.eq(value) for reg, value in zip(regs, flags)]
+            m.d.sync += [reg.eq(value) for reg, value in zip(regs, flags)]
             return regs
 
         # Stage 1: memory words are out; stage 2: they are registered, so that the block RAMs'
@@ -357,28 +400,28 @@ class FoldedDense(wiring.Component):
         flags = [stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))]
         data = Signal(read.data.shape(), name="input_word")
         weight_word = Signal(pe * simd * layer.weight_bits, name="weight_word")
-        with m.If(advance):
-            m.d.sync += [data.eq(read.data), weight_word.eq(weight_data)]
+        m.d.sync += [data.eq(read.data), weight_word.eq(weight_data)]
         flags.append(stage("s2", flags[-1]))
 
         if self.pair_signs:
             operands = self._pair_operands(m, data)
-            lane_terms = [self._pair_terms(m, operands, weight_word, p) for p in range(pe)]
+            pair_weight_word = Signal.like(weight_word, name="pair_weight_word")
+            m.d.sync += pair_weight_word.eq(weight_word)
+            flags.append(stage("s2s", flags[-1]))
+            lane_terms = [self._pair_terms(m, operands, pair_weight_word, p) for p in range(pe)]
         else:
             lane_terms = [self._terms(m, data, weight_word, p) for p in range(pe)]
         if self.multiplies:
             registered = []
             for p, terms in enumerate(lane_terms):
                 products = [Signal(signed(18), name=f"product{p}_{k}") for k in range(simd)]
-                with m.If(advance):
-                    m.d.sync += [product.eq(term) for product, term in zip(products, terms)]
+                m.d.sync += [product.eq(term) for product, term in zip(products, terms)]
                 registered.append(products)
             lane_terms = registered
             flags.append(stage("s2p", flags[-1]))
 
         # The lanes' adder trees, registered every tree_levels levels and at the end.
-        partials = [pipelined_tree_sum(m, terms, levels_per_stage=self._tree_levels, enable=advance,
-                                       name=f"lane{p}", levels_before=self._levels_before_tree,
+        partials = [pipelined_tree_sum(m, terms, levels_per_stage=self._tree_levels, name=f"lane{p}",
                                        keep=not layer.is_popcount)
                     for p, terms in enumerate(lane_terms)]
         for t in range(self.tree_stages):
@@ -397,26 +440,23 @@ class FoldedDense(wiring.Component):
         start_values = self._start_values
         if start_values is not None:
             width = signed_width(int(start_values.min()), int(start_values.max()))
-            start_words = read_rom(m, "bias", channel_words(start_values, pe, width), pe * width, flags[-2][3], advance)
+            start_words = read_rom(m, "bias", channel_words(start_values, pe, width), pe * width, flags[-2][3],
+                                   Const(1))
             start = [start_words.word_select(p, width).as_signed() for p in range(pe)]
         accs = [Signal(acc_shape, name=f"acc{p}") for p in range(pe)]
-        with m.If(advance & tree_valid):
+        with m.If(tree_valid):
             m.d.sync += [acc.eq(Mux(tree_first, start[p], acc) + partials[p]) for p, acc in enumerate(accs)]
         acc_valid, _, acc_last, _ = stage("acc", flags[-1])
 
-        # Output register: the finished accumulators, compared with their thresholds or as scores.
+        # Into the queue: the finished accumulators, compared with their thresholds or as scores.
         if layer.output_kind == "threshold":
             width = signed_width(layer.acc_min, layer.acc_max + 1)
             thresholds = read_rom(m, "thresholds", channel_words(layer.thresholds, pe, width), pe * width,
-                                  flags[-1][3], advance)
+                                  flags[-1][3], Const(1))
             result = Cat(acc >= thresholds.word_select(p, width).as_signed() for p, acc in enumerate(accs))
         else:
             scores = [Signal(signed(self.output_element_bits), name=f"score{p}") for p in range(pe)]
             m.d.comb += [score.eq(acc) for score, acc in zip(scores, accs)]
             result = Cat(scores)
-
-        with m.If(self.o.ready):
-            m.d.sync += self.o.valid.eq(0)
-        with m.If(advance & acc_valid & acc_last):
-            m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(result)]
+        m.d.comb += [outputs.w_en.eq(acc_valid & acc_last), outputs.w_data.eq(result)]
         return m

@@ -11,7 +11,7 @@ from amaranth.lib.wiring import In, Out
 from ..errors import UserError
 from ..ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from .arith import divisors
-from .dense import FoldedDense
+from .dense import DEFAULT_TREE_LEVELS, FoldedDense
 from .pool import MaxPool
 from .requant import Requantizer
 from .resize import StreamResizer
@@ -128,9 +128,13 @@ class NetworkTop(wiring.Component):
         Also bring out each hidden layer's output stream, for debugging: ``probe_<layer>_data``
         (that layer's last stage's payload) and ``probe_<layer>_valid`` (high on each transfer).
         The network logic is unchanged.
+    tree_levels : int
+        Adder levels between pipeline registers in every layer's lanes (:func:`tree_levels_for`
+        picks it for an FPGA family).
     """
 
-    def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False):
+    def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
+                 tree_levels: int = DEFAULT_TREE_LEVELS):
         layers = compute_layers(model)
         if len(folds) != len(layers):
             raise ValueError(f"{len(folds)} folds for {len(layers)} dense/conv layers")
@@ -160,7 +164,8 @@ class NetworkTop(wiring.Component):
                 fold = next(fold_iter)
                 if isinstance(layer, Conv2dLayer):
                     dense, vectors = layer.dense, layer.out_shape[0] * layer.out_shape[1]
-                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors)
+                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors,
+                                          tree_levels=tree_levels)
                     channels = layer.in_shape[2]
                     regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
                     window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
@@ -174,7 +179,7 @@ class NetworkTop(wiring.Component):
                     regroup(layer.name, layer.input_bits, fold.simd, dense.in_features * vectors, "SIMD")
                 else:
                     dense, vectors = layer, 1
-                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd)
+                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, tree_levels=tree_levels)
                     if incoming is not None and not _compatible(incoming, fold.simd):
                         raise ValueError(
                             f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
@@ -307,10 +312,11 @@ class NetworkTop(wiring.Component):
         return m
 
 
-def build_top(model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False) -> NetworkTop:
+def build_top(model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
+              tree_levels: int = DEFAULT_TREE_LEVELS) -> NetworkTop:
     """Construct the top, turning a fold that does not fit the model into a :class:`UserError`."""
     try:
-        return NetworkTop(model, folds, probes=probes)
+        return NetworkTop(model, folds, probes=probes, tree_levels=tree_levels)
     except (ValueError, TypeError) as error:
         raise UserError(f"--fold {','.join(map(str, folds))}: {error}") from None
 
