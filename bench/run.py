@@ -10,9 +10,11 @@ measured side by side here. Reference networks (Fashion-MNIST shape, 28×28 uint
     32c3,m2,64c3,m2 + 256 + 10, W1A1, random weights (simulation speed, II and resources do not
     depend on trained values; the trained CNNs' accuracy is in the README).
 
-Board figures are yosys cell counts at the default folds, or at ``--fold auto``'s choice where
-those do not fit, then ``hwgen build``'s placed counts and Fmax (``--no-pnr`` skips the builds,
-which take 4-50 minutes each under WebAssembly).
+Board figures are yosys cell counts at ``--fold auto``'s choice for that board, then ``hwgen
+build``'s placed counts and Fmax (``--no-pnr`` skips the builds, which take 4-50 minutes each
+under WebAssembly), and from those the figure hardware people compare: MACs per second per LUT
+at placed Fmax, beside FINN's published BNN-PYNQ LFC W1A1 figure. The II is measured in
+Verilator at the ULX3S's folds.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ from hwgen import golden
 from hwgen.boards import load_board
 from hwgen.data import load_dataset
 from hwgen.errors import UserError
-from hwgen.fit import auto_folds, estimate
+from hwgen.fit import auto_folds
 from hwgen.ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
+from hwgen.rtl.dense import tree_levels_for
 from hwgen.rtl.network import Fold, NetworkTop, compute_layers, default_folds, generate_verilog
 from hwgen.synth import synthesize
 
@@ -46,6 +49,16 @@ TRAINED = {"mlp-binary": "binary", "mlp-int8": "int8", "mlp-mixed": "mixed"}
 FAMILIES = {"ecp5": ("ulx3s-85f", "LUT4", "TRELLIS_FF", "DP16KD", "MULT18X18D"),
             "ice40": ("icebreaker", "SB_LUT4", "SB_DFF", "SB_RAM40_4K", "SB_MAC16")}
 FAMILIES_BOARDS = [board for board, *_ in FAMILIES.values()]
+
+#: FINN's BNN-PYNQ LFC W1A1 (784-1024-1024-1024-10) on a Zynq 7020 at 100 MHz, as published in the
+#: FINN paper (Umuroglu et al., FPGA 2017, table "max" LFC): images/s and LUT6s; its MACs per image.
+FINN_LFC = {"images_per_s": 356_633, "luts": 28_360,
+            "macs": 784 * 1024 + 1024 * 1024 + 1024 * 1024 + 1024 * 10}
+
+
+def macs_per_s_per_lut(macs: int, images_per_s: float, luts: int) -> float:
+    """Multiply-accumulates per second per LUT: the throughput-per-area figure FPGA papers compare."""
+    return macs * images_per_s / luts
 
 
 def hwgen(*args: str) -> str:
@@ -152,14 +165,9 @@ def bench_golden_vs_torch(model: IntegerModel, images: np.ndarray) -> dict:
 
 
 def board_folds(model: IntegerModel, board_name: str) -> tuple[list[Fold] | None, str]:
-    """The folds a user gets on ``board_name``: the defaults when they fit, else ``--fold auto``'s
-    choice; ``None`` and the reason when no folding fits."""
-    board = load_board(board_name)
-    folds = default_folds(model)
-    if not estimate(model, folds, board).over_budget():
-        return folds, "default"
+    """``--fold auto``'s choice on ``board_name``; ``None`` and the reason when no folding fits."""
     try:
-        return auto_folds(model, board).folds, "auto"
+        return auto_folds(model, load_board(board_name)).folds, "auto"
     except UserError as error:
         return None, str(error)
 
@@ -168,7 +176,8 @@ def bench_network(name: str, model: IntegerModel) -> dict:
     """Items 3-5 for one network: generation time, II vs formula vs ideal, synthesis per board."""
     from sim.fast import BatchSimulator
 
-    folds = default_folds(model)
+    folds, _ = board_folds(model, FAMILIES["ecp5"][0])
+    folds = folds or default_folds(model)
     seconds, verilog = timed(lambda: generate_verilog(NetworkTop(model, folds)), repeat=2)
     top = NetworkTop(model, folds)
     images = np.random.default_rng(0).integers(0, 256, (12, model.in_features)).astype(np.uint8)
@@ -186,11 +195,11 @@ def bench_network(name: str, model: IntegerModel) -> dict:
             result[board] = {"fits": False, "why": choice}
             continue
         start = time.perf_counter()
-        board_top = top if choice == "default" else NetworkTop(model, board_fold)
-        text = verilog if choice == "default" else generate_verilog(board_top)
+        board_top = NetworkTop(model, board_fold, tree_levels=tree_levels_for(family))
+        text = generate_verilog(board_top)
         cells = synthesize(text, "hwgen_network", family)
         result[board] = {"fits": True, "fold_choice": choice, "folds": [str(f) for f in board_fold],
-                         "ii_formula": board_top.cycles_per_image,
+                         "ii_formula": board_top.cycles_per_image, "macs": macs,
                          "luts": cells.get(lut, 0), "ffs": sum(v for k, v in cells.items() if k.startswith(ff)),
                          "brams": cells.get(bram, 0), "dsps": cells.get(dsp, 0),
                          "synth_s": round(time.perf_counter() - start, 1)}
@@ -215,7 +224,11 @@ def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dic
         except SystemExit as failure:          # a design the estimate passed but nextpnr refused is a result
             return {"pnr_error": str(failure)[-600:]}
         report = json.loads((output / "hwgen_report.json").read_text())
-        return {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"]}
+        row = {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"],
+               "images_per_s_at_fmax": round(report["images_per_s_at_fmax"] or 0)}
+        row["macs_per_s_per_lut"] = round(macs_per_s_per_lut(
+            networks[name]["macs"], row["images_per_s_at_fmax"], report["placed"]["luts"]["used"]))
+        return row
 
     (WORK / "boards").mkdir(parents=True, exist_ok=True)
     for name in {name for name, _ in builds}:       # once each, before builds on two boards read it
@@ -333,11 +346,15 @@ def readme_table(results: dict) -> str:
         f"{g['golden_images_per_s']:,} vs {g['torch_float_images_per_s']:,} images/s: ratio "
         f"{g['golden_over_torch']} |",
         "",
-        "Board columns: yosys LUT, FF, BRAM, DSP at the default folds, or at `--fold auto`'s choice where "
-        "those do not fit; " + ("then `hwgen build`'s placed counts and Fmax (nextpnr)." if placed
-                                else "no Fmax (run with `--no-pnr`)."),
+        "Board columns: yosys LUT, FF, BRAM, DSP at `--fold auto`'s choice for the board; "
+        + ("then `hwgen build`'s placed counts and Fmax (nextpnr), images/s at that Fmax and MACs per "
+           "second per LUT4. FINN's BNN-PYNQ LFC W1A1 (published: "
+           f"{FINN_LFC['images_per_s']:,} images/s on {FINN_LFC['luts']:,} LUT6 at 100 MHz) makes "
+           f"{macs_per_s_per_lut(FINN_LFC['macs'], FINN_LFC['images_per_s'], FINN_LFC['luts']) / 1e6:.1f} M "
+           "MACs/s per LUT6." if placed else "no Fmax (run with `--no-pnr`)."),
+        "The II columns are at the ULX3S's folds (measured in Verilator / formula / ideal = MACs ÷ lanes).",
         "",
-        "| network | folds | Verilog gen | II measured / formula / ideal | ULX3S-85F (ECP5) | "
+        "| network | folds (ULX3S) | Verilog gen | II measured / formula / ideal | ULX3S-85F (ECP5) | "
         "iCEBreaker (iCE40UP5K) | LUT per binary MAC/cycle (ECP5) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -354,6 +371,9 @@ def readme_table(results: dict) -> str:
             placed = row["placed"]
             cell += (f"; placed {placed['luts']['used']:,} LUT, {placed['bram_blocks']['used']} BRAM, "
                      f"{placed['dsps']['used']} DSP; **Fmax {row['fmax_mhz']:.1f} MHz**")
+            if row.get("macs_per_s_per_lut") is not None:
+                cell += (f", {row['images_per_s_at_fmax']:,} images/s, "
+                         f"**{row['macs_per_s_per_lut'] / 1e6:.2f} M MACs/s per LUT**")
         return cell
 
     for name, row in results["networks"].items():
