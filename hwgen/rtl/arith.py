@@ -67,7 +67,8 @@ def pipelined_tree_sum(m: Module, terms: list[Value], *, levels_per_stage: int, 
                        keep: bool = True) -> Signal:
     """A balanced adder tree with a register after every ``levels_per_stage`` levels and at its end.
 
-    The registers load every cycle (the caller's pipeline has no clock enable). With ``keep``, each level's
+    The registers load every cycle (the caller's pipeline has no clock enable) and have no reset:
+    what they hold before the first valid value is never used. With ``keep``, each level's
     sums are kept as signals so that yosys maps every two-input addition onto a carry chain
     instead of merging the whole tree into one multi-operand adder, which it builds from LUT full
     adders at about twice the LUTs. The result is registered; :func:`tree_stages` gives how many
@@ -78,7 +79,7 @@ def pipelined_tree_sum(m: Module, terms: list[Value], *, levels_per_stage: int, 
     level, depth = list(terms), 0
 
     def register(values: list[Value], tag: str) -> list[Signal]:
-        regs = [Signal(v.shape(), name=f"{name}_{tag}_{i}") for i, v in enumerate(values)]
+        regs = [Signal(v.shape(), name=f"{name}_{tag}_{i}", reset_less=True) for i, v in enumerate(values)]
         m.d.sync += [reg.eq(v) for reg, v in zip(regs, values)]
         return regs
 

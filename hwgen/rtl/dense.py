@@ -286,12 +286,12 @@ class FoldedDense(wiring.Component):
         xs = self._inputs(x)
         operands = []
         for k in range(0, self._simd - 1, 2):
-            total = Signal(signed(PAIR_BITS), name=f"pair_sum{k // 2}")
-            difference = Signal(signed(PAIR_BITS), name=f"pair_difference{k // 2}")
+            total = Signal(signed(PAIR_BITS), name=f"pair_sum{k // 2}", reset_less=True)
+            difference = Signal(signed(PAIR_BITS), name=f"pair_difference{k // 2}", reset_less=True)
             m.d.sync += [total.eq(xs[k] + xs[k + 1]), difference.eq(xs[k] - xs[k + 1])]
             operands.append((total, difference))
         if self._simd % 2:
-            odd = Signal(signed(PAIR_BITS), name="pair_odd")
+            odd = Signal(signed(PAIR_BITS), name="pair_odd", reset_less=True)
             m.d.sync += odd.eq(xs[-1])
             operands.append((odd,))
         return operands
@@ -327,19 +327,33 @@ class FoldedDense(wiring.Component):
 
         m.submodules.buffer = buffer = memory.Memory(
             shape=unsigned(simd * layer.input_bits), depth=2 * beats_in, init=[])
-        write, read = buffer.write_port(), buffer.read_port()
+        write = buffer.write_port()
+        # A one-beat vector may be read in the very cycle its registered write lands.
+        read = buffer.read_port(transparent_for=(write,) if beats_in == 1 else ())
 
-        # Writer: fills one bank while the reader works on the other.
+        # Writer: fills one bank while the reader works on the other. An accepted beat is written
+        # one cycle later from registers, so that the write enable (which goes to every cell of a
+        # wide buffer) comes straight from a flip-flop. Its bank counts as full at once: the reader
+        # starts at the bank's first word, written cycles earlier unless it is the only one.
         full = Signal(2)
         write_bank = Signal()
         write_index = Signal(range(beats_in))
+        write_addr = Signal(range(2 * beats_in), reset_less=True)
+        write_data = Signal.like(self.i.payload, name="write_data", reset_less=True)
+        write_en = Signal()
+        accepted = self.i.valid & self.i.ready
         m.d.comb += [
             self.i.ready.eq(~full.bit_select(write_bank, 1)),
-            write.addr.eq(Mux(write_bank, beats_in, 0) + write_index),
-            write.data.eq(self.i.payload),
-            write.en.eq(self.i.valid & self.i.ready),
+            write.addr.eq(write_addr),
+            write.data.eq(write_data),
+            write.en.eq(write_en),
         ]
-        with m.If(self.i.valid & self.i.ready):
+        m.d.sync += [
+            write_addr.eq(Mux(write_bank, beats_in, 0) + write_index),
+            write_data.eq(self.i.payload),
+            write_en.eq(accepted),
+        ]
+        with m.If(accepted):
             with m.If(write_index == beats_in - 1):
                 m.d.sync += [write_index.eq(0), write_bank.eq(~write_bank), full.bit_select(write_bank, 1).eq(1)]
             with m.Else():
@@ -388,24 +402,27 @@ class FoldedDense(wiring.Component):
             with m.Else():
                 m.d.sync += in_index.eq(in_index + 1)
 
+        # Only the valid flags are reset. The datapath registers are not: a reset net to every
+        # flip-flop of the layer was the critical path once the logic between them was short.
         def stage(name: str, flags: tuple) -> tuple:
             """Register (valid, first, last, out_index) into the next stage."""
-            regs = (Signal(name=f"{name}_valid"), Signal(name=f"{name}_first"), Signal(name=f"{name}_last"),
-                    Signal(range(beats_out), name=f"{name}_out_index"))
+            regs = (Signal(name=f"{name}_valid"), Signal(name=f"{name}_first", reset_less=True),
+                    Signal(name=f"{name}_last", reset_less=True),
+                    Signal(range(beats_out), name=f"{name}_out_index", reset_less=True))
             m.d.sync += [reg.eq(value) for reg, value in zip(regs, flags)]
             return regs
 
         # Stage 1: memory words are out; stage 2: they are registered, so that the block RAMs'
         # clock-to-output delay does not add to the adder trees'.
         flags = [stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))]
-        data = Signal(read.data.shape(), name="input_word")
-        weight_word = Signal(pe * simd * layer.weight_bits, name="weight_word")
+        data = Signal(read.data.shape(), name="input_word", reset_less=True)
+        weight_word = Signal(pe * simd * layer.weight_bits, name="weight_word", reset_less=True)
         m.d.sync += [data.eq(read.data), weight_word.eq(weight_data)]
         flags.append(stage("s2", flags[-1]))
 
         if self.pair_signs:
             operands = self._pair_operands(m, data)
-            pair_weight_word = Signal.like(weight_word, name="pair_weight_word")
+            pair_weight_word = Signal.like(weight_word, name="pair_weight_word", reset_less=True)
             m.d.sync += pair_weight_word.eq(weight_word)
             flags.append(stage("s2s", flags[-1]))
             lane_terms = [self._pair_terms(m, operands, pair_weight_word, p) for p in range(pe)]
@@ -414,7 +431,7 @@ class FoldedDense(wiring.Component):
         if self.multiplies:
             registered = []
             for p, terms in enumerate(lane_terms):
-                products = [Signal(signed(18), name=f"product{p}_{k}") for k in range(simd)]
+                products = [Signal(signed(18), name=f"product{p}_{k}", reset_less=True) for k in range(simd)]
                 m.d.sync += [product.eq(term) for product, term in zip(products, terms)]
                 registered.append(products)
             lane_terms = registered
@@ -443,7 +460,7 @@ class FoldedDense(wiring.Component):
             start_words = read_rom(m, "bias", channel_words(start_values, pe, width), pe * width, flags[-2][3],
                                    Const(1))
             start = [start_words.word_select(p, width).as_signed() for p in range(pe)]
-        accs = [Signal(acc_shape, name=f"acc{p}") for p in range(pe)]
+        accs = [Signal(acc_shape, name=f"acc{p}", reset_less=True) for p in range(pe)]
         with m.If(tree_valid):
             m.d.sync += [acc.eq(Mux(tree_first, start[p], acc) + partials[p]) for p, acc in enumerate(accs)]
         acc_valid, _, acc_last, _ = stage("acc", flags[-1])

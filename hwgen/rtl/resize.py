@@ -86,7 +86,7 @@ class StreamResizer(wiring.Component):
         # Each beat is written straight into its slot, picked by a one-hot register, so that each
         # slot's enable drives one beat's flip-flops (a shift register would put every held bit on
         # one enable net); the output word is the slots themselves.
-        slots = [Signal(beat_width, name=f"slot{k}") for k in range(ratio)]
+        slots = [Signal(beat_width, name=f"slot{k}", reset_less=True) for k in range(ratio)]
         slot = Signal(ratio, init=1)
         m.d.comb += [self.i.ready.eq(~self.o.valid | self.o.ready), self.o.payload.eq(Cat(slots))]
         with m.If(self.o.ready):
