@@ -76,8 +76,10 @@ class ScoreSerializer(wiring.Component):
         best = Signal(signed(width))
         best_index = Signal(range(classes))
 
+        # The beat shifts down one score per word, so the score compared is always its lowest
+        # bits: no multiplexer in front of the comparison (it was the iCE40 critical path).
         score = Signal(signed(width))
-        m.d.comb += score.eq(held.word_select(piece, width))
+        m.d.comb += score.eq(held[:width])
         last_piece = piece == pe - 1
         m.d.comb += [
             self.o.valid.eq(have | class_word),
@@ -97,7 +99,7 @@ class ScoreSerializer(wiring.Component):
                 m.d.sync += element.eq(element + 1)
                 with m.If(element == classes - 1):
                     m.d.sync += [element.eq(0), class_word.eq(1)]
-                m.d.sync += piece.eq(piece + 1)
+                m.d.sync += [piece.eq(piece + 1), held.eq(held[width:])]
                 with m.If(last_piece):
                     m.d.sync += [piece.eq(0), have.eq(0)]
         with m.If(self.i.valid & self.i.ready):
