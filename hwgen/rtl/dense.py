@@ -376,12 +376,15 @@ class FoldedDense(wiring.Component):
         in_index = Signal(range(beats_in))
         out_index = Signal(range(beats_out))
         weight_addr = Signal(range(beats_in * beats_out))
+        # The buffer address is a counter of its own, not bank base + index: an adder in front of
+        # a buffer held in logic (a wide read multiplexer) was the iCE40 critical path.
+        read_addr = Signal(range(2 * beats_in))
         fire = Signal()
         closing = Signal()
         m.d.comb += [
             fire.eq(has_credit & full.bit_select(read_bank, 1)),
             closing.eq(fire & (in_index == beats_in - 1)),
-            read.addr.eq(Mux(read_bank, beats_in, 0) + in_index),
+            read.addr.eq(read_addr),
             read.en.eq(1),
         ]
         departing = self.o.valid & self.o.ready
@@ -396,11 +399,12 @@ class FoldedDense(wiring.Component):
             with m.If(in_index == beats_in - 1):
                 m.d.sync += in_index.eq(0)
                 with m.If(out_index == beats_out - 1):
-                    m.d.sync += [out_index.eq(0), read_bank.eq(~read_bank), full.bit_select(read_bank, 1).eq(0)]
+                    m.d.sync += [out_index.eq(0), read_bank.eq(~read_bank), full.bit_select(read_bank, 1).eq(0),
+                                 read_addr.eq(Mux(read_bank, 0, beats_in))]
                 with m.Else():
-                    m.d.sync += out_index.eq(out_index + 1)
+                    m.d.sync += [out_index.eq(out_index + 1), read_addr.eq(Mux(read_bank, beats_in, 0))]
             with m.Else():
-                m.d.sync += in_index.eq(in_index + 1)
+                m.d.sync += [in_index.eq(in_index + 1), read_addr.eq(read_addr + 1)]
 
         # Only the valid flags are reset. The datapath registers are not: a reset net to every
         # flip-flop of the layer was the critical path once the logic between them was short.
