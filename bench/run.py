@@ -176,8 +176,9 @@ def bench_network(name: str, model: IntegerModel) -> dict:
     """Items 3-5 for one network: generation time, II vs formula vs ideal, synthesis per board."""
     from sim.fast import BatchSimulator
 
-    folds, _ = board_folds(model, FAMILIES["ecp5"][0])
-    folds = folds or default_folds(model)
+    # --fold auto once per board: the II is measured at the ULX3S's folds, synthesis uses each board's.
+    choices = {board: board_folds(model, board) for board in FAMILIES_BOARDS}
+    folds = choices[FAMILIES["ecp5"][0]][0] or default_folds(model)
     seconds, verilog = timed(lambda: generate_verilog(NetworkTop(model, folds)), repeat=2)
     top = NetworkTop(model, folds)
     images = np.random.default_rng(0).integers(0, 256, (12, model.in_features)).astype(np.uint8)
@@ -190,7 +191,7 @@ def bench_network(name: str, model: IntegerModel) -> dict:
               "ii_ideal": round(macs / lanes, 1)}
     all_binary = all(layer.weight_kind == "binary" for layer in compute_layers(model))
     for family, (board, lut, ff, bram, dsp) in FAMILIES.items():
-        board_fold, choice = board_folds(model, board)
+        board_fold, choice = choices[board]
         if board_fold is None:
             result[board] = {"fits": False, "why": choice}
             continue
