@@ -71,7 +71,8 @@ def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, si
     acc = golden.accumulate(layer, images)
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
     dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels)
-    assert dut.pipeline_stages == 5 + dut.tree_stages + (input_kind != "bits")
+    # Byte inputs: a product register (int8 weights), or pair sums and pair terms (±1 weights).
+    assert dut.pipeline_stages == 5 + dut.tree_stages + (input_kind != "bits") * (1 + (weight_kind == "binary"))
     beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, layer.input_bits)
              for image in images for k in range(0, n_in, simd)]
     outputs, in_cycles, out_cycles = run_streams(dut, beats, 4 * dut.output_beats)
@@ -83,6 +84,34 @@ def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, si
     finish = out_cycles[dut.output_beats - 1::dut.output_beats]
     assert [b - a for a, b in zip(finish, finish[1:])] == [dut.cycles_per_image] * 3
     return dut
+
+
+@pytest.mark.parametrize("input_kind", ["uint8", "int8"])
+@pytest.mark.parametrize("output_kind", ["threshold", "scores"])
+def test_byte_lanes_at_their_extremes(input_kind, output_kind):
+    """Byte inputs on ±1 weights at both ends: all-+1 and all--1 rows, images of only the least or
+    only the greatest byte, thresholds at both clip ends. The lanes sum signed bytes (a uint8 less
+    128) in pairs and the accumulators wrap on the way: the results must still be exact."""
+    n_in, n_out, pe, simd = 14, 6, 3, 7
+    weights = np.random.default_rng(1).integers(0, 2, (n_out, n_in)).astype(np.uint8)
+    weights[0], weights[1] = 1, 0
+    probe = DenseLayer("d", input_kind, "scores", weights, None, "binary")
+    lo, hi = probe.channel_acc_bounds
+    thresholds = None
+    if output_kind == "threshold":
+        thresholds = np.array([lo[0], hi[1] + 1, hi[2], lo[3] + 1, 0, hi[5] + 1], dtype=np.int64)
+    layer = DenseLayer("d", input_kind, output_kind, weights, thresholds, "binary")
+    least, greatest = (0, 255) if input_kind == "uint8" else (-128, 127)
+    images = np.array([[least] * n_in, [greatest] * n_in, [least, greatest] * (n_in // 2),
+                       [greatest, least] * (n_in // 2)], dtype=np.int64)
+    images = images.astype(np.uint8) if input_kind == "uint8" else images.astype(np.int8)
+    acc = golden.accumulate(layer, images)
+    want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
+    dut = FoldedDense(layer, pe=pe, simd=simd)
+    beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, 8) for image in images for k in range(0, n_in, simd)]
+    outputs, _, _ = run_streams(dut, beats, len(images) * dut.output_beats)
+    got = [v for word in outputs for v in unpack(word, dut.output_element_bits, pe, signed=output_kind != "threshold")]
+    assert got == want.reshape(-1).tolist()
 
 
 def test_folded_dense_under_stalls():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -23,8 +23,11 @@ TREE_LEVELS_BY_FAMILY = {"ecp5": 2, "ice40": 3}
 #: the output queue (its write, and its output register).
 FIXED_STAGES = 5
 
-#: Width of a pair sum or difference of two bytes, and of the lane terms built from them.
-PAIR_BITS = 10
+#: Width of a pair sum or difference of two signed bytes, and of the lane terms built from them.
+PAIR_BITS = 9
+
+#: What a uint8 input is offset by so that lanes sum signed bytes (``x - 128``: its top bit flipped).
+UINT8_OFFSET = 128
 
 
 def tree_levels_for(family: str) -> int:
@@ -52,11 +55,19 @@ def _pair_sign_bits(bits: np.ndarray) -> np.ndarray:
 
 
 def pair_sign_corrections(layer: DenseLayer, simd: int) -> np.ndarray:
-    """Per output channel: how many pair terms are ones' complements (first weight -1), so that
-    their +1 each can start the accumulator instead of being added in every lane."""
+    """Per output channel, what pair lanes leave out of the sum and the accumulator starts with.
+
+    Each pair term that is a ones' complement (first weight -1) lacks a +1. A uint8 input enters
+    the lanes as the signed byte ``x - 128``, so that pair sums and differences fit
+    :data:`PAIR_BITS`; the channel's ``128 * sum(w)`` is added back here.
+    """
     n_out, n_in = layer.weights.shape
     firsts = layer.weights.reshape(n_out, n_in // simd, simd)[..., 0::2]
-    return (firsts == 0).sum(axis=(1, 2)).astype(np.int64)
+    corrections = (firsts == 0).sum(axis=(1, 2)).astype(np.int64)
+    if layer.input_kind == "uint8":
+        plus_ones = layer.weights.astype(np.int64).sum(axis=1)
+        corrections += UINT8_OFFSET * (2 * plus_ones - n_in)
+    return corrections
 
 
 def weight_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
@@ -92,8 +103,8 @@ class FoldedDense(wiring.Component):
     a double-buffered RAM, so the next image loads while this one computes. The layer then reads
     each input word ``N_out / PE`` times against the weight ROM; every cycle each of the PE lanes
     adds ``popcount(XNOR(x, w))`` (bit inputs) or ``sum(±x)`` (uint8 inputs) of SIMD elements to
-    its accumulator. After the last input word a lane's result is compared with its threshold
-    (``acc >= T``, one output bit) or emitted as a raw score.
+    its accumulator. After the last input word a lane's result is its output bit ``acc >= T``
+    (the accumulator starts at ``-T``, so the bit is its sign, inverted) or a raw score.
 
     The pipeline: memory read, a register on the memory outputs, the lanes' adder trees with a
     register every ``tree_levels`` levels, the accumulator, and an output queue (which takes the
@@ -110,6 +121,8 @@ class FoldedDense(wiring.Component):
     difference ``a - b`` are computed once per cycle for all lanes, and each lane picks one and
     conditionally inverts it (one LUT4 per bit, from two re-coded weight bits). An inverted term
     is ``-(a ± b) - 1``; the missing +1s are a per-channel constant that starts the accumulator.
+    A uint8 input enters as the signed byte ``x - 128`` so that sums and differences take 9 bits;
+    the start value adds the channel's ``128 · Σw`` back.
 
     Parameters
     ----------
@@ -220,11 +233,17 @@ class FoldedDense(wiring.Component):
         return tree_stages(self.lane_terms, self._tree_levels)
 
     @property
+    def lane_stages(self) -> int:
+        """Registers between the memory-output register and the adder trees: the products (int8
+        weights on bytes); the shared pair sums, then each lane's pair terms (±1 weights on bytes)."""
+        return 2 if self.pair_signs else int(self.multiplies)
+
+    @property
     def pipeline_stages(self) -> int:
         """Registered stages from issuing an image's last read to its last output being valid:
-        memory read, memory-output register, [products or pair sums,] the adder tree's stages,
+        memory read, memory-output register, :attr:`lane_stages`, the adder tree's stages,
         accumulate, and the output queue's two."""
-        return FIXED_STAGES + int(self.multiplies or self.pair_signs) + self.tree_stages
+        return FIXED_STAGES + self.lane_stages + self.tree_stages
 
     @property
     def output_queue_depth(self) -> int:
@@ -243,24 +262,49 @@ class FoldedDense(wiring.Component):
         shapes = [MemoryShape("buffer", 2 * self.input_beats, simd * layer.input_bits, rom=False),
                   MemoryShape("outputs", self.output_queue_depth - 1, pe * self.output_element_bits, rom=False),
                   *rom_shapes("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits)]
-        start = self._start_values
-        if start is not None:
-            width = signed_width(int(start.min()), int(start.max()))
-            shapes += rom_shapes("bias", self.output_beats, pe * width)
-        if layer.output_kind == "threshold":
-            width = signed_width(layer.acc_min, layer.acc_max + 1)
-            shapes += rom_shapes("thresholds", self.output_beats, pe * width)
+        if self.start_values is not None:
+            shapes += rom_shapes("start", self.output_beats, pe * self.accumulator_shape.width)
         return shapes
 
     @property
-    def _start_values(self) -> np.ndarray | None:
-        """Per-channel accumulator start: the bias plus the pair lanes' corrections (None: all zero, no ROM)."""
+    def start_values(self) -> np.ndarray | None:
+        """Per output channel, what its accumulator starts from (None: all zero, no ROM).
+
+        The bias, plus the pair lanes' corrections, minus the threshold: a threshold layer's
+        accumulator then ends at ``acc - T``, and its output bit ``acc >= T`` is that value's
+        sign bit inverted, so no lane needs a comparator.
+        """
         layer = self._layer
-        start = None if layer.bias is None else np.asarray(layer.bias, dtype=np.int64)
+        start = np.zeros(layer.out_features, dtype=np.int64)
+        if layer.bias is not None:
+            start += np.asarray(layer.bias, dtype=np.int64)
         if self.pair_signs:
-            corrections = pair_sign_corrections(layer, self._simd)
-            start = corrections if start is None else start + corrections
-        return start
+            start += pair_sign_corrections(layer, self._simd)
+        if layer.output_kind == "threshold":
+            start -= np.asarray(layer.thresholds, dtype=np.int64)
+        return start if start.any() else None
+
+    @property
+    def accumulator_bounds(self) -> tuple[int, int]:
+        """The least and greatest value an accumulator ends with: ``acc``, or ``acc - T``.
+
+        Accumulators add modulo their width, so values on the way (a start value holding what pair
+        lanes have yet to add, say) may wrap: the sum of an image's words comes out exact as long
+        as the final value fits.
+        """
+        layer = self._layer
+        low, high = layer.acc_min, layer.acc_max
+        if layer.output_kind == "threshold":
+            thresholds = np.asarray(layer.thresholds, dtype=np.int64)
+            low, high = low - int(thresholds.max()), high - int(thresholds.min())
+        return low, high
+
+    @property
+    def accumulator_shape(self) -> Shape:
+        """A lane accumulator's shape: just wide enough for :attr:`accumulator_bounds`. Start values
+        are stored modulo its width."""
+        low, high = self.accumulator_bounds
+        return unsigned(high.bit_length()) if low >= 0 else signed(signed_width(low, high))
 
     @property
     def output_element_bits(self) -> int:
@@ -281,9 +325,13 @@ class FoldedDense(wiring.Component):
         return [word[k] for k in range(simd)] if bits == 1 else [word.word_select(k, 8).as_signed() for k in range(simd)]
 
     def _pair_operands(self, m: Module, x: Signal) -> list[tuple]:
-        """Per pair of input elements, the shared ``(a + b, a - b)``, registered because each fans
-        out to every lane; an odd last element alone (registered too, to stay aligned)."""
-        xs = self._inputs(x)
+        """Per pair of input elements, the shared ``(a + b, a - b)`` of signed bytes (a uint8 ``x``
+        as ``x - 128``), registered because each fans out to every lane; an odd last element alone
+        (registered too, to stay aligned)."""
+        if self._layer.input_kind == "uint8":
+            xs = [Cat(x.word_select(k, 8)[:7], ~x.word_select(k, 8)[7]).as_signed() for k in range(self._simd)]
+        else:
+            xs = self._inputs(x)
         operands = []
         for k in range(0, self._simd - 1, 2):
             total = Signal(signed(PAIR_BITS), name=f"pair_sum{k // 2}", reset_less=True)
@@ -297,13 +345,16 @@ class FoldedDense(wiring.Component):
         return operands
 
     def _pair_terms(self, m: Module, operands: list[tuple], w: Signal, lane: int) -> list[Signal]:
-        """A lane's pair terms: the chosen sum or difference, inverted where the first weight is -1."""
+        """A lane's pair terms: the chosen sum or difference, inverted where the first weight is -1.
+
+        Registered: the shared pair sums reach every lane across the layer, and that routing was
+        the critical path when the first adders followed in the same cycle."""
         word = w[lane * self._simd:(lane + 1) * self._simd]
         terms = []
         for k, pair in enumerate(operands):
-            term = Signal(signed(PAIR_BITS), name=f"term{lane}_{k}")
+            term = Signal(signed(PAIR_BITS), name=f"term{lane}_{k}", reset_less=True)
             chosen = Mux(word[2 * k + 1], pair[0], pair[1]) if len(pair) == 2 else pair[0]
-            m.d.comb += term.eq(chosen ^ Mux(word[2 * k], 0, -1))
+            m.d.sync += term.eq(chosen ^ Mux(word[2 * k], 0, -1))
             terms.append(term)
         return terms
 
@@ -430,6 +481,7 @@ class FoldedDense(wiring.Component):
             m.d.sync += pair_weight_word.eq(weight_word)
             flags.append(stage("s2s", flags[-1]))
             lane_terms = [self._pair_terms(m, operands, pair_weight_word, p) for p in range(pe)]
+            flags.append(stage("s2t", flags[-1]))
         else:
             lane_terms = [self._terms(m, data, weight_word, p) for p in range(pe)]
         if self.multiplies:
@@ -451,30 +503,22 @@ class FoldedDense(wiring.Component):
 
         # Accumulate (from the start value on an image's first word). Per-channel constants are
         # read one stage before they are used, so that they arrive with the values.
-        if layer.is_popcount:
-            acc_shape = unsigned(layer.in_features.bit_length())
-        else:
-            # Pair lanes carry their not-yet-added +1s in the start value: up to N_in more.
-            extra = layer.in_features if self.pair_signs else 0
-            acc_shape = signed(signed_width(layer.acc_min, layer.acc_max + extra))
+        acc_shape = self.accumulator_shape
         start = [Const(0, acc_shape)] * pe
-        start_values = self._start_values
+        start_values = self.start_values
         if start_values is not None:
-            width = signed_width(int(start_values.min()), int(start_values.max()))
-            start_words = read_rom(m, "bias", channel_words(start_values, pe, width), pe * width, flags[-2][3],
+            width = acc_shape.width
+            start_words = read_rom(m, "start", channel_words(start_values, pe, width), pe * width, flags[-2][3],
                                    Const(1))
-            start = [start_words.word_select(p, width).as_signed() for p in range(pe)]
+            start = [start_words.word_select(p, width) for p in range(pe)]
         accs = [Signal(acc_shape, name=f"acc{p}", reset_less=True) for p in range(pe)]
         with m.If(tree_valid):
             m.d.sync += [acc.eq(Mux(tree_first, start[p], acc) + partials[p]) for p, acc in enumerate(accs)]
         acc_valid, _, acc_last, _ = stage("acc", flags[-1])
 
-        # Into the queue: the finished accumulators, compared with their thresholds or as scores.
+        # Into the queue: the finished accumulators' sign bits (acc - T >= 0), or the scores.
         if layer.output_kind == "threshold":
-            width = signed_width(layer.acc_min, layer.acc_max + 1)
-            thresholds = read_rom(m, "thresholds", channel_words(layer.thresholds, pe, width), pe * width,
-                                  flags[-1][3], Const(1))
-            result = Cat(acc >= thresholds.word_select(p, width).as_signed() for p, acc in enumerate(accs))
+            result = Cat(~acc[-1] if acc_shape.signed else Const(1) for acc in accs)
         else:
             scores = [Signal(signed(self.output_element_bits), name=f"score{p}") for p in range(pe)]
             m.d.comb += [score.eq(acc) for score, acc in zip(scores, accs)]
