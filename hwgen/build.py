@@ -22,7 +22,7 @@ from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, p
 from .rtl.dense import tree_levels_for
 from .rtl.network import Fold, build_top, generate_verilog
 from .rtl.uart import FRAME_BITS, uart_divisor
-from .synth import yowasp_tool
+from .synth import ECP5_SYNTH_OPTIONS, yowasp_tool
 
 __all__ = ["PlatformTop", "build_board", "BuildResult", "TOOL_ENVIRONMENT", "DEFAULT_BAUD"]
 
@@ -202,6 +202,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
             if board.family == "ice40":
                 options["synth_opts"] = "-dsp"
             else:
+                options["synth_opts"] = ECP5_SYNTH_OPTIONS
                 # router1 spent over 40 minutes on a 784-256-256-10 binary MLP that router2
                 # routes in 85 s (nextpnr-ecp5 0.11 under WebAssembly).
                 options["nextpnr_opts"] += " --router router2"

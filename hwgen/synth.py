@@ -10,10 +10,15 @@ from pathlib import Path
 
 from .errors import UserError
 
+#: synth_ecp5's options. Without ``-nowidelut`` ABC builds the lanes' adder trees from wide LUTs
+#: (LUT4 pairs joined by PFUMX/L6MUX21): a 256->256 XNOR-popcount layer at 16x16 took 1,328 LUT4
+#: and 135 carry cells with them and 880 LUT4 and the same carry cells without (bench/lanes.py).
+ECP5_SYNTH_OPTIONS = "-nowidelut"
+
 #: yosys synthesis script per target family.
 SYNTH_COMMANDS = {
     "ice40": "synth_ice40 -dsp -top {top}",
-    "ecp5": "synth_ecp5 -top {top}",
+    "ecp5": f"synth_ecp5 {ECP5_SYNTH_OPTIONS} -top {{top}}",
     "generic": "synth -top {top}; abc -g NAND,NOR,AND,OR,XOR,XNOR,MUX; opt_clean",
     # Memories stay whole ($mem_v2 cells): an ASIC flow puts them in SRAM/ROM macros, not gates.
     # No ABC pass: under WebAssembly it takes minutes even for small designs, so gate counts are
