@@ -17,6 +17,7 @@ from .boards import Board
 from .errors import UserError
 from .fit import Estimate, check_fit, estimate
 from .ir import IntegerModel
+from .rtl.arith import KEEP_REGISTER_COPIES
 from .rtl.board import UARTBoardTop
 from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, pll_settings
 from .rtl.dense import tree_levels_for
@@ -199,6 +200,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
             # A design that misses the network clock still gets its bitstream and report, which
             # says so (meets_network_clock); the user picks a lower --clock.
             options["nextpnr_opts"] = "--report report.json --timing-allow-fail"
+            options["script_after_read"] = KEEP_REGISTER_COPIES
             if board.family == "ice40":
                 options["synth_opts"] = "-dsp"
             else:
@@ -262,7 +264,7 @@ def build_asic(model: IntegerModel, model_name: str, folds: list[Fold], output: 
         area, uncosted = nand2_area(cells)
         memories = [{"layer": layer, "memory": shape.name, "depth": shape.depth, "width": shape.width,
                      "rom": shape.rom} for stage, layer in zip(network.stages, network.stage_layers)
-                    for shape in getattr(stage, "memories", [])]
+                    for shape in getattr(stage, "memories", []) if not shape.in_luts]
         report = {"model": model_name, "board": {"name": "asic", "description": "generic ASIC synthesis (yosys)"},
                   "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
                   "tool_seconds": round(time.perf_counter() - start, 1), "cells": dict(sorted(cells.items())),

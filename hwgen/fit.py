@@ -17,7 +17,7 @@ from amaranth.hdl import Shape
 from .boards import Board, Budget
 from .errors import UserError
 from .ir import Conv2dLayer, IntegerModel, signed_width
-from .rtl.arith import MemoryShape, divisors
+from .rtl.arith import LUT_ROM_GROUP_BITS, MemoryShape, divisors
 from .rtl.dense import PAIR_BITS, FoldedDense, tree_levels_for
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
@@ -162,6 +162,8 @@ def memory_placement(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> 
     ROM (LUTs), a library memory at its cost line per block plus emulated logic, and takes a
     library memory only when it is strictly cheaper; a memory of any size can so end up in logic.
     """
+    if shape.in_luts:
+        return "logic"
     options = {"logic": shape.bits / (16 if shape.rom else 1)}
     if budget.bram_blocks:
         options["block"] = bram_blocks_for(shape, budget) * costs.bram_cost + _emulation_cost(shape)
@@ -178,6 +180,9 @@ def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Reso
         return Resources(luts=8, bram_blocks=bram_blocks_for(shape, budget))
     if placement == "distributed":
         return Resources(luts=shape.width * math.ceil(shape.depth / 16) * 1.5, ffs=shape.width)
+    if shape.in_luts:
+        # A LUT per bit, and a copy of the address register per group of bits (read_rom).
+        return Resources(luts=shape.width, ffs=math.ceil(shape.width / LUT_ROM_GROUP_BITS) * (shape.depth - 1).bit_length())
     if shape.rom:
         # LUT tables of lut_bits entries per bit, then a mux tree joining them.
         tables = math.ceil(shape.depth / costs.lut_bits)

