@@ -7,7 +7,8 @@ from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
-from .arith import MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, rom_shapes, tree_stages
+from .arith import (MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, register_copies,
+                    rom_shapes, tree_stages)
 
 __all__ = ["FoldedDense", "tree_levels_for", "weight_words", "channel_words", "uses_pair_signs", "pair_sign_corrections"]
 
@@ -22,6 +23,12 @@ TREE_LEVELS_BY_FAMILY = {"ecp5": 2, "ice40": 3}
 #: Stages besides the adder tree: memory read, memory-output register, accumulate, and the two of
 #: the output queue (its write, and its output register).
 FIXED_STAGES = 5
+
+#: Widest input-buffer memory: a multiple of every block RAM width (ECP5 36, 18, 9...; iCE40 16, 8...).
+BUFFER_SLICE_BITS = 144
+
+#: Accumulator bits one copy of the accumulate stage's flags drives (see FoldedDense.lanes_per_flag_copy).
+FLAG_COPY_LOADS = 64
 
 #: Width of a pair sum or difference of two signed bytes, and of the lane terms built from them.
 PAIR_BITS = 9
@@ -246,6 +253,12 @@ class FoldedDense(wiring.Component):
         return FIXED_STAGES + self.lane_stages + self.tree_stages
 
     @property
+    def lanes_per_flag_copy(self) -> int:
+        """Lanes that share one copy of the accumulate stage's valid and first flags: as many as
+        keep each copy's load within :data:`FLAG_COPY_LOADS` accumulator bits."""
+        return max(1, FLAG_COPY_LOADS // self.accumulator_shape.width)
+
+    @property
     def output_queue_depth(self) -> int:
         """Output beats the queue holds: the results a full-rate pipeline has in flight, plus one.
 
@@ -259,9 +272,11 @@ class FoldedDense(wiring.Component):
         """The input double buffer, the output queue's storage, the weight ROM and the per-channel
         constant ROMs."""
         layer, pe, simd = self._layer, self._pe, self._simd
-        shapes = [MemoryShape("buffer", 2 * self.input_beats, simd * layer.input_bits, rom=False),
-                  MemoryShape("outputs", self.output_queue_depth - 1, pe * self.output_element_bits, rom=False),
-                  *rom_shapes("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits)]
+        width = simd * layer.input_bits
+        shapes = [MemoryShape(f"buffer{index}", 2 * self.input_beats, min(BUFFER_SLICE_BITS, width - low), rom=False)
+                  for index, low in enumerate(range(0, width, BUFFER_SLICE_BITS))]
+        shapes += [MemoryShape("outputs", self.output_queue_depth - 1, pe * self.output_element_bits, rom=False),
+                   *rom_shapes("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits)]
         if self.start_values is not None:
             shapes += rom_shapes("start", self.output_beats, pe * self.accumulator_shape.width)
         return shapes
@@ -376,34 +391,41 @@ class FoldedDense(wiring.Component):
         layer, pe, simd = self._layer, self._pe, self._simd
         beats_in, beats_out = self.input_beats, self.output_beats
 
-        m.submodules.buffer = buffer = memory.Memory(
-            shape=unsigned(simd * layer.input_bits), depth=2 * beats_in, init=[])
-        write = buffer.write_port()
-        # A one-beat vector may be read in the very cycle its registered write lands.
-        read = buffer.read_port(transparent_for=(write,) if beats_in == 1 else ())
-
         # Writer: fills one bank while the reader works on the other. An accepted beat is written
-        # one cycle later from registers, so that the write enable (which goes to every cell of a
-        # wide buffer) comes straight from a flip-flop. Its bank counts as full at once: the reader
-        # starts at the bank's first word, written cycles earlier unless it is the only one.
+        # one cycle later from registers, so that the write enable comes straight from a
+        # flip-flop. Its bank counts as full at once: the reader starts at the bank's first word,
+        # written cycles earlier unless it is the only one. A wide buffer is built as several
+        # memories of at most BUFFER_SLICE_BITS, each written and read through its own copies of
+        # the addresses and enable: one address register reaching all of a 512-bit buffer's LUT
+        # RAMs was the critical path of its layer on ECP5.
+        width = simd * layer.input_bits
+        slices = [(low, min(width, low + BUFFER_SLICE_BITS)) for low in range(0, width, BUFFER_SLICE_BITS)]
         full = Signal(2)
         write_bank = Signal()
         write_index = Signal(range(beats_in))
-        write_addr = Signal(range(2 * beats_in), reset_less=True)
         write_data = Signal.like(self.i.payload, name="write_data", reset_less=True)
-        write_en = Signal()
         accepted = self.i.valid & self.i.ready
-        m.d.comb += [
-            self.i.ready.eq(~full.bit_select(write_bank, 1)),
-            write.addr.eq(write_addr),
-            write.data.eq(write_data),
-            write.en.eq(write_en),
-        ]
-        m.d.sync += [
-            write_addr.eq(Mux(write_bank, beats_in, 0) + write_index),
-            write_data.eq(self.i.payload),
-            write_en.eq(accepted),
-        ]
+        m.d.comb += self.i.ready.eq(~full.bit_select(write_bank, 1))
+        m.d.sync += write_data.eq(self.i.payload)
+        write_addrs = register_copies(m, Mux(write_bank, beats_in, 0) + write_index, len(slices), "write_addr")
+        write_ens = register_copies(m, accepted, len(slices), "write_en")
+        # The reader's address: a counter of its own (read_addr), not bank base + index (an adder
+        # in front of a buffer held in logic was the iCE40 critical path), copied per slice.
+        read_addr = Signal(range(2 * beats_in))
+        read_addr_next = Signal.like(read_addr)
+        m.d.sync += read_addr.eq(read_addr_next)
+        read_addrs = register_copies(m, read_addr_next, len(slices), "read_addr")
+        buffer_word = []
+        for index, ((low, high), write_addr, write_en, read_addr_copy) in enumerate(
+                zip(slices, write_addrs, write_ens, read_addrs)):
+            m.submodules[f"buffer{index}"] = buffer = memory.Memory(
+                shape=unsigned(high - low), depth=2 * beats_in, init=[])
+            write = buffer.write_port()
+            # A one-beat vector may be read in the very cycle its registered write lands.
+            read = buffer.read_port(transparent_for=(write,) if beats_in == 1 else ())
+            m.d.comb += [write.addr.eq(write_addr), write.data.eq(write_data[low:high]), write.en.eq(write_en),
+                         read.addr.eq(read_addr_copy), read.en.eq(1)]
+            buffer_word.append(read.data)
         with m.If(accepted):
             with m.If(write_index == beats_in - 1):
                 m.d.sync += [write_index.eq(0), write_bank.eq(~write_bank), full.bit_select(write_bank, 1).eq(1)]
@@ -427,16 +449,12 @@ class FoldedDense(wiring.Component):
         in_index = Signal(range(beats_in))
         out_index = Signal(range(beats_out))
         weight_addr = Signal(range(beats_in * beats_out))
-        # The buffer address is a counter of its own, not bank base + index: an adder in front of
-        # a buffer held in logic (a wide read multiplexer) was the iCE40 critical path.
-        read_addr = Signal(range(2 * beats_in))
         fire = Signal()
         closing = Signal()
         m.d.comb += [
             fire.eq(has_credit & full.bit_select(read_bank, 1)),
             closing.eq(fire & (in_index == beats_in - 1)),
-            read.addr.eq(read_addr),
-            read.en.eq(1),
+            read_addr_next.eq(read_addr),
         ]
         departing = self.o.valid & self.o.ready
         with m.If(closing & ~departing):
@@ -450,12 +468,14 @@ class FoldedDense(wiring.Component):
             with m.If(in_index == beats_in - 1):
                 m.d.sync += in_index.eq(0)
                 with m.If(out_index == beats_out - 1):
-                    m.d.sync += [out_index.eq(0), read_bank.eq(~read_bank), full.bit_select(read_bank, 1).eq(0),
-                                 read_addr.eq(Mux(read_bank, 0, beats_in))]
+                    m.d.sync += [out_index.eq(0), read_bank.eq(~read_bank), full.bit_select(read_bank, 1).eq(0)]
+                    m.d.comb += read_addr_next.eq(Mux(read_bank, 0, beats_in))
                 with m.Else():
-                    m.d.sync += [out_index.eq(out_index + 1), read_addr.eq(Mux(read_bank, beats_in, 0))]
+                    m.d.sync += out_index.eq(out_index + 1)
+                    m.d.comb += read_addr_next.eq(Mux(read_bank, beats_in, 0))
             with m.Else():
-                m.d.sync += [in_index.eq(in_index + 1), read_addr.eq(read_addr + 1)]
+                m.d.sync += in_index.eq(in_index + 1)
+                m.d.comb += read_addr_next.eq(read_addr + 1)
 
         # Only the valid flags are reset. The datapath registers are not: a reset net to every
         # flip-flop of the layer was the critical path once the logic between them was short.
@@ -470,9 +490,9 @@ class FoldedDense(wiring.Component):
         # Stage 1: memory words are out; stage 2: they are registered, so that the block RAMs'
         # clock-to-output delay does not add to the adder trees'.
         flags = [stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))]
-        data = Signal(read.data.shape(), name="input_word", reset_less=True)
+        data = Signal(width, name="input_word", reset_less=True)
         weight_word = Signal(pe * simd * layer.weight_bits, name="weight_word", reset_less=True)
-        m.d.sync += [data.eq(read.data), weight_word.eq(weight_data)]
+        m.d.sync += [data.eq(Cat(buffer_word)), weight_word.eq(weight_data)]
         flags.append(stage("s2", flags[-1]))
 
         if self.pair_signs:
@@ -499,7 +519,6 @@ class FoldedDense(wiring.Component):
                     for p, terms in enumerate(lane_terms)]
         for t in range(self.tree_stages):
             flags.append(stage(f"tree{t}", flags[-1]))
-        tree_valid, tree_first, tree_last, _ = flags[-1]
 
         # Accumulate (from the start value on an image's first word). Per-channel constants are
         # read one stage before they are used, so that they arrive with the values.
@@ -512,8 +531,15 @@ class FoldedDense(wiring.Component):
                                    Const(1))
             start = [start_words.word_select(p, width) for p in range(pe)]
         accs = [Signal(acc_shape, name=f"acc{p}", reset_less=True) for p in range(pe)]
-        with m.If(tree_valid):
-            m.d.sync += [acc.eq(Mux(tree_first, start[p], acc) + partials[p]) for p, acc in enumerate(accs)]
+        # Each group of lanes reads its own copy of the tree stage's valid and first flags: one
+        # flag to every accumulator bit of a wide layer was its critical path on ECP5.
+        group = self.lanes_per_flag_copy
+        copies = -(-pe // group)
+        valid_copies = register_copies(m, flags[-2][0], copies, "acc_valid")
+        first_copies = register_copies(m, flags[-2][1], copies, "acc_first")
+        for p, acc in enumerate(accs):
+            with m.If(valid_copies[p // group]):
+                m.d.sync += acc.eq(Mux(first_copies[p // group], start[p], acc) + partials[p])
         acc_valid, _, acc_last, _ = stage("acc", flags[-1])
 
         # Into the queue: the finished accumulators' sign bits (acc - T >= 0), or the scores.
