@@ -53,11 +53,16 @@ POINTS = [
 ]
 
 
+def point_model(point: Point):
+    """The random model of a point, the same on every run."""
+    return random_model(np.random.default_rng(point.seed), list(point.widths), point.input_kind,
+                        list(point.kinds) if point.kinds else None)
+
+
 def measure(point: Point, workdir: Path) -> dict:
     """Estimate and build one point; the estimate's relative error per resource."""
     board = load_board(point.board)
-    model = random_model(np.random.default_rng(point.seed), list(point.widths), point.input_kind,
-                         list(point.kinds) if point.kinds else None)
+    model = point_model(point)
     if point.folds == "auto":
         est = auto_folds(model, board)
     else:
@@ -74,6 +79,17 @@ def measure(point: Point, workdir: Path) -> dict:
             "seconds": round(time.perf_counter() - start)}
 
 
+def re_estimate(row: dict) -> dict:
+    """A measured row with the current estimate of its folds (what was placed stays as measured)."""
+    point = Point(row["board"], row["seed"], tuple(row["widths"]), row["input_kind"],
+                  tuple(MIXED) if row["kinds"] == "mixed" else None, row["fold_rule"])
+    folds = [Fold(*map(int, fold.split("x"))) for fold in row["folds"]]
+    estimated = estimate(point_model(point), folds, load_board(row["board"])).total.as_dict()
+    row = dict(row, estimate=estimated, lut_error=round(estimated["luts"] / row["placed"]["luts"] - 1, 3))
+    row["within_tolerance"] = within_tolerance(row)
+    return row
+
+
 def _key(row: dict) -> tuple:
     return (row["board"], row["seed"], tuple(row["widths"]), row.get("fold_rule", row.get("folds")))
 
@@ -88,7 +104,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--board", action="append", help="only these boards (default: all points)")
     parser.add_argument("-o", "--output", type=Path, default=Path("bench/fit.json"))
+    parser.add_argument("--re-estimate", action="store_true",
+                        help="build nothing: estimate the measured rows again with the current model "
+                             "(after refitting it; the placed numbers stay those of the builds)")
     args = parser.parse_args()
+    if args.re_estimate:
+        rows = [re_estimate(row) for row in json.loads(args.output.read_text())]
+        write_atomically(args.output, json.dumps(rows, indent=2) + "\n")
+        print(markdown(rows))
+        print(f"{sum(row['within_tolerance'] for row in rows)} of {len(rows)} points within tolerance")
+        return
     # Points already measured (same board, seed, shape and fold rule) are kept, not rebuilt:
     # delete the file to measure everything again.
     rows = json.loads(args.output.read_text()) if args.output.exists() else []
