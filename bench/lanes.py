@@ -17,11 +17,14 @@ import numpy as np
 from amaranth.back import verilog
 
 from hwgen.ir import DenseLayer, write_atomically
-from hwgen.rtl.dense import FoldedDense
+from hwgen.rtl.dense import FoldedDense, tree_levels_for
 from hwgen.synth import synthesize
 
-#: (name, input kind, in, out, PE, SIMD): mlp-binary's first layer (uint8 x ±1) and a hidden one.
-SHAPES = [("first-uint8", "uint8", 784, 256, 16, 28), ("hidden-xnor", "bits", 256, 256, 16, 16)]
+#: (name, input kind, in, out, PE, SIMD): mlp-binary's first layer (uint8 x ±1) and a hidden one,
+#: at the old default folds and at the folds `--fold auto` picks for them on the ULX3S-85F.
+SHAPES = [("first-uint8", "uint8", 784, 256, 16, 28), ("hidden-xnor", "bits", 256, 256, 16, 16),
+          ("hidden-xnor", "bits", 256, 256, 16, 32),
+          ("first-uint8", "uint8", 784, 256, 16, 196), ("hidden-xnor", "bits", 256, 256, 4, 256)]
 
 
 def layer(input_kind: str, n_in: int, n_out: int, seed: int = 0) -> DenseLayer:
@@ -36,12 +39,13 @@ def layer(input_kind: str, n_in: int, n_out: int, seed: int = 0) -> DenseLayer:
 def measure(tree_levels: int | None) -> list[dict]:
     rows = []
     for name, kind, n_in, n_out, pe, simd in SHAPES:
-        options = {} if tree_levels is None else {"tree_levels": tree_levels}
+        options = {"tree_levels": tree_levels or tree_levels_for("ecp5")}
         dut = FoldedDense(layer(kind, n_in, n_out), pe=pe, simd=simd, **options)
         start = time.perf_counter()
         cells = synthesize(verilog.convert(dut, name="dense", emit_src=False), "dense", "ecp5")
-        luts = cells.get("LUT4", 0) + 2 * cells.get("CCU2C", 0)
-        rows.append({"layer": name, "pe": pe, "simd": simd, "tree_levels": tree_levels,
+        # A LUT RAM (TRELLIS_DPR16X4) takes two LUT4s, as nextpnr places it.
+        luts = cells.get("LUT4", 0) + 2 * cells.get("CCU2C", 0) + 2 * cells.get("TRELLIS_DPR16X4", 0)
+        rows.append({"layer": name, "pe": pe, "simd": simd, "tree_levels": options["tree_levels"],
                      "lut4": cells.get("LUT4", 0), "ccu2c": cells.get("CCU2C", 0), "lut4_total": luts,
                      "lut4_per_mac": round(luts / (pe * simd), 2),
                      "ffs": sum(v for k, v in cells.items() if k.startswith("TRELLIS_FF")),
