@@ -327,10 +327,10 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     (the network's clock; default the board's).
 
     Every fold of every layer is costed once, with the other layers at 1x1. Then, for each
-    candidate interval from the fastest up, each layer takes its cheapest fold (by its scarcest
-    resource) that meets the interval, so that no layer is faster than the interval needs (extra
-    speed there would be wasted area); the first choice whose whole-network estimate fits within
-    budget (LUTs and DSPs up to ``routing_share``, leaving room for routing) wins. With
+    candidate interval from the fastest up, each layer takes the fold with the fewest lanes that
+    meets the interval (then the one using least of its scarcest resource), so that no layer is
+    faster than the interval needs (extra speed there would be wasted area); the first choice
+    whose whole-network estimate fits within budget (LUTs and DSPs up to ``routing_share``, leaving room for routing) wins. With
     ``target_fps`` the only candidate is the interval ``floor(clock / fps)`` (FINN's target_fps rule).
     """
     options = _fold_options(model)
@@ -357,7 +357,9 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
             # whatever the folds: no interval beats them, so no layer needs to be faster.
             floor = max(floor, max((s.cycles_per_image for s in est.stages if s.stage in ("window", "pool", "scores")),
                                    default=0))
-        costed.append(sorted(rows, key=lambda row: (row.share, row.cycles)))
+        # Fewest lanes first: the slowest fold that meets an interval wastes no lane on speed the
+        # network cannot use (FINN's balance); the scarcest resource breaks ties.
+        costed.append(sorted(rows, key=lambda row: (row.fold.pe * row.fold.simd, row.share, row.cycles)))
     targets = sorted({row.cycles for rows in costed for row in rows if row.cycles >= floor} | {floor})
     if target_fps is not None:
         unfolded = [min(rows, key=lambda row: row.cycles).fold for rows in costed]
