@@ -53,6 +53,14 @@ POINTS = [
     Point("ulx3s-85f", 5, (36, 24, 10), kinds=tuple(MIXED), folds="4x6,2x8"),
 ]
 
+#: Points measured after the model was last fitted to the ones above: a check it did not see.
+VALIDATION_POINTS = [
+    Point("icebreaker", 7, (80, 40, 10)),
+    Point("icebreaker", 8, (72, 60, 10), input_kind="bits", folds="4x24,2x12"),
+    Point("ulx3s-85f", 7, (150, 64, 10), input_kind="bits"),
+    Point("ulx3s-85f", 8, (100, 50, 20, 10), folds="10x20,5x10,2x10"),
+]
+
 
 def point_model(point: Point):
     """The random model of a point, the same on every run."""
@@ -122,10 +130,10 @@ def main() -> None:
     rows = json.loads(args.output.read_text()) if args.output.exists() else []
     done = {_key(row) for row in rows}
     with tempfile.TemporaryDirectory(prefix="hwgen-fit-") as folder:
-        for point in POINTS:
+        for point in POINTS + VALIDATION_POINTS:
             if (args.board and point.board not in args.board) or _key(point._asdict()) in done:
                 continue
-            rows.append(measure(point, Path(folder)))
+            rows.append(dict(measure(point, Path(folder)), validation=point in VALIDATION_POINTS))
             rows[-1]["within_tolerance"] = within_tolerance(rows[-1])
             print(json.dumps(rows[-1]), flush=True)
             write_atomically(args.output, json.dumps(rows, indent=2) + "\n")
@@ -139,7 +147,7 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         est, placed = row["estimate"], row["placed"]
-        rule = "auto: " if row["fold_rule"] == "auto" else ""
+        rule = ("auto: " if row["fold_rule"] == "auto" else "") + ("(check) " if row.get("validation") else "")
         lines.append(f"| {row['board']} | {'-'.join(map(str, row['widths']))} {row['kinds']} | {row['input_kind']} "
                      f"| {rule}{','.join(row['folds'])} | {est['luts']:,} / {placed['luts']:,} "
                      f"| {est['bram_blocks']} / {placed['bram_blocks']} | {est['dsps']} / {placed.get('dsps', 0)} "

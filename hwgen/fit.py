@@ -17,7 +17,7 @@ from amaranth.hdl import Shape
 from .boards import Board, Budget
 from .errors import UserError
 from .ir import Conv2dLayer, IntegerModel, signed_width
-from .rtl.arith import LUT_ROM_GROUP_BITS, MemoryShape, divisors
+from .rtl.arith import LUT_ROM_GROUP_BITS, MemoryShape, divisors, rom_in_luts
 from .rtl.dense import PAIR_BITS, FoldedDense, tree_levels_for
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
@@ -50,17 +50,31 @@ class FamilyCosts:
     # device has, so past the budget the design does not place; Vivado (-max_dsp defaults to the
     # device's count) puts the rest in LUTs.
     multiplies_spill_to_luts: bool
+    # An XNOR-popcount lane per input: base + per_level * log2(SIMD) (ABC maps the popcount between
+    # two tree registers as one block; the registers every two levels on ECP5 cost LUTs there).
+    xnor_luts_per_input: float = 1.8
+    xnor_luts_per_input_per_level: float = 0.0
+    # Address counters, handshakes and pipeline control of one dense layer.
+    layer_base_luts: float = 100
 
     def dsps_for(self, products: int, dsps_left: int) -> int:
         """How many of ``products`` multiplies yosys or Vivado puts in DSP blocks."""
         return min(products, dsps_left) if self.multiplies_spill_to_luts else products
 
 
+#: Placed TRELLIS_COMB per LUT4 of the model on ECP5 (carry cells, LUT RAMs and the pass-through
+#: LUTs nextpnr adds for flip-flops it cannot pack included): fitted to bench/fit.py's ECP5 builds.
+ECP5_LUT_SCALE = 1.22
+#: ECP5's XNOR-popcount lane cost per input: (base, per level of log2(SIMD)), fitted to yosys.
+ECP5_XNOR = (0.3, 0.45)
+
 FAMILY_COSTS = {
     "ice40": FamilyCosts(lut_scale=1.25, bram_cost=64, lutram_cost=None, lut_bits=16, ffs_take_own_luts=True,
                          multiplier_luts=90, multiplies_spill_to_luts=False),
-    "ecp5": FamilyCosts(lut_scale=1.35, bram_cost=128, lutram_cost=4, lut_bits=16, ffs_take_own_luts=False,
-                        multiplier_luts=90, multiplies_spill_to_luts=False),
+    "ecp5": FamilyCosts(lut_scale=ECP5_LUT_SCALE, bram_cost=128, lutram_cost=4, lut_bits=16, ffs_take_own_luts=False,
+                        multiplier_luts=90, multiplies_spill_to_luts=False,
+                        xnor_luts_per_input=ECP5_XNOR[0], xnor_luts_per_input_per_level=ECP5_XNOR[1],
+                        layer_base_luts=70),
     # Vivado's own memory inference: modelled with the same rule, LUT6 ROMs and 64x1 LUT RAMs.
     "xc7": FamilyCosts(lut_scale=0.7, bram_cost=128, lutram_cost=1, lut_bits=64, ffs_take_own_luts=False,
                        multiplier_luts=60, multiplies_spill_to_luts=True),
@@ -192,40 +206,51 @@ def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Reso
     return Resources(luts=mux + (shape.bits if costs.ffs_take_own_luts else 0), ffs=shape.bits + shape.width)
 
 
-#: Address counters, handshakes and pipeline control of one dense layer (LUT4).
-LAYER_BASE_LUTS = 100
-#: A lane's accumulator and threshold comparison, per accumulator bit (LUT4).
-LANE_ACC_LUTS = 3
+#: A lane's accumulator (its start multiplexer and adder), per accumulator bit (LUT4).
+LANE_ACC_LUTS = 2
+#: Per byte x byte product lane (DSP multiply, then an adder-tree share), LUT4s per input.
+PRODUCT_LUTS_PER_INPUT = 12
+#: A pair lane (byte inputs, ±1 weights) per input: a LUT4 per bit of each 9-bit pair term, then a
+#: carry-chain tree (bench/lanes.py).
+PAIR_LUTS_PER_INPUT = 10.0
+#: The pair sums and differences shared by a layer's lanes, per input.
+PAIR_SUM_LUTS_PER_INPUT = 5
+#: A requantizer lane besides its multipliers: rounding, shift, clamp, and its constants (LUT4).
+REQUANT_LANE_LUTS = 350
 
 
 def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resources:
     layer, pe, simd = stage.layer, stage.pe, stage.simd
-    acc_bits = signed_width(layer.acc_min, layer.acc_max)
+    acc_bits = stage.accumulator_shape.width
     partial_bits = math.ceil(math.log2(simd + 1)) + (0 if layer.is_popcount else 9)
-    lanes = Resources(luts=LAYER_BASE_LUTS + 3 * math.log2(max(2, stage.cycles_per_vector)),
+    lanes = Resources(luts=costs.layer_base_luts + 3 * math.log2(max(2, stage.cycles_per_vector)),
                       ffs=40 + pe * (acc_bits + partial_bits + stage.output_element_bits))
     if layer.is_popcount:
-        per_lane = 1.4 * simd
+        per_lane = simd * (costs.xnor_luts_per_input + costs.xnor_luts_per_input_per_level * math.log2(simd))
     elif stage.multiplies:
         products = pe * simd
         on_dsp = costs.dsps_for(products, dsps_left)
         lanes.dsps = on_dsp
         lanes.ffs += products * 16
-        per_lane = 18 * simd + (products - on_dsp) * costs.multiplier_luts / pe
+        per_lane = PRODUCT_LUTS_PER_INPUT * simd + (products - on_dsp) * costs.multiplier_luts / pe
     else:
-        # Pair lanes (byte inputs, ±1 weights): a LUT4 per bit of each pair term, then a carry-chain
-        # tree; bench/lanes.py measures 14.9 LUT4 per MAC for a whole 784x256 layer at 16x28.
-        per_lane = 10.5 * simd
+        per_lane = PAIR_LUTS_PER_INPUT * simd
+        lanes.luts += PAIR_SUM_LUTS_PER_INPUT * simd
+        # Each lane's registered pair terms.
+        lanes.ffs += pe * -(-simd // 2) * PAIR_BITS
     # Pipeline registers of the adder trees (bench/lanes.py).
     lanes.ffs += pe * simd * (0.8 if layer.is_popcount else 1.75) * stage.tree_stages
     # The memory-output registers (input_word, weight_word) take their D from a register or a
-    # block RAM, not a LUT: on iCE40 each flip-flop is a logic cell of its own.
-    word_registers = simd * layer.input_bits + pe * simd * layer.weight_bits
+    # block RAM, not a LUT: on iCE40 each flip-flop is a logic cell of its own. (A weight ROM of
+    # LUTs feeds its register from a LUT.)
+    weight_bits = pe * simd * layer.weight_bits
+    in_luts = rom_in_luts(stage.input_beats * stage.output_beats)
+    word_registers = simd * layer.input_bits + (0 if in_luts else weight_bits)
+    lanes.ffs += simd * layer.input_bits + weight_bits
     if stage.pair_signs:
         # The weight word's copy that travels beside the registered pair sums, and those sums.
         word_registers += pe * simd
-        lanes.ffs += simd * PAIR_BITS
-    lanes.ffs += word_registers
+        lanes.ffs += pe * simd + simd * PAIR_BITS
     if costs.ffs_take_own_luts:
         lanes.luts += word_registers
     lanes.luts += pe * (per_lane + LANE_ACC_LUTS * acc_bits)
@@ -240,7 +265,7 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         # Per lane, acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and clamp.
         products = 4 * stage.lanes
         on_dsp = costs.dsps_for(products, dsps_left)
-        return "requant", Resources(luts=250 * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,
+        return "requant", Resources(luts=REQUANT_LANE_LUTS * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,
                                     ffs=200 * stage.lanes, dsps=on_dsp)
     if isinstance(stage, SlidingWindow):
         return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)
