@@ -69,7 +69,7 @@ def test_build_clock_and_target_fps_options(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "hwgen_report.json").read_text())
     assert report["network_clock_mhz"] == 48 and report["network_clock_source"] == "PLL"
-    assert report["folds"] == ["2x16", "1x4"] and report["cycles_per_image"] <= 48e6 / 400_000
+    assert report["folds"] == ["4x8", "1x4"] and report["cycles_per_image"] <= 48e6 / 400_000
     assert "SB_PLL40_2_PAD" in (tmp_path / "out" / "top.il").read_text()
     assert_user_error(hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "300", "--no-pnr", cwd=tmp_path),
                       "--clock 300 MHz: the iCE40 PLL makes 16 to 275 MHz")
@@ -246,7 +246,7 @@ def test_target_fps_picks_the_cheapest_folding_that_reaches_it():
     assert est.cycles_per_image == 40 and est.total.luts < fastest.total.luts
     with pytest.raises(UserError, match=r"^1e\+06 images/s on icebreaker needs an interval of 12 cycles at 12 MHz, "
                                         r"and no folding that fast fits: LUTs: estimated .*The fastest that fits "
-                                        r"\(8x16,1x16\) makes 600,000 images/s$"):
+                                        r"\(8x16,5x4\) makes 750,000 images/s$"):
         auto_folds(model, board, target_fps=1e6)
     with pytest.raises(UserError, match=r"takes at least 11 cycles per image even fully unfolded, at most 1,090,909 images/s$"):
         auto_folds(model, board, target_fps=2e7)

@@ -448,12 +448,16 @@ class FoldedDense(wiring.Component):
         read_bank = Signal()
         in_index = Signal(range(beats_in))
         out_index = Signal(range(beats_out))
+        # Whether the indices sit on their first or last value, registered a read ahead: compared
+        # in the same cycle, they were the iCE40 critical path (index -> compare -> next address).
+        in_first, in_last = Signal(init=1), Signal(init=int(beats_in == 1))
+        out_last = Signal(init=int(beats_out == 1))
         weight_addr = Signal(range(beats_in * beats_out))
         fire = Signal()
         closing = Signal()
         m.d.comb += [
             fire.eq(has_credit & full.bit_select(read_bank, 1)),
-            closing.eq(fire & (in_index == beats_in - 1)),
+            closing.eq(fire & in_last),
             read_addr_next.eq(read_addr),
         ]
         departing = self.o.valid & self.o.ready
@@ -464,17 +468,18 @@ class FoldedDense(wiring.Component):
         weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), pe * simd * layer.weight_bits,
                                weight_addr, Const(1))
         with m.If(fire):
-            m.d.sync += weight_addr.eq(Mux(weight_addr == beats_in * beats_out - 1, 0, weight_addr + 1))
-            with m.If(in_index == beats_in - 1):
-                m.d.sync += in_index.eq(0)
-                with m.If(out_index == beats_out - 1):
-                    m.d.sync += [out_index.eq(0), read_bank.eq(~read_bank), full.bit_select(read_bank, 1).eq(0)]
+            m.d.sync += [weight_addr.eq(Mux(in_last & out_last, 0, weight_addr + 1)), in_first.eq(in_last)]
+            with m.If(in_last):
+                m.d.sync += [in_index.eq(0), in_last.eq(beats_in == 1)]
+                with m.If(out_last):
+                    m.d.sync += [out_index.eq(0), out_last.eq(beats_out == 1), read_bank.eq(~read_bank),
+                                 full.bit_select(read_bank, 1).eq(0)]
                     m.d.comb += read_addr_next.eq(Mux(read_bank, 0, beats_in))
                 with m.Else():
-                    m.d.sync += out_index.eq(out_index + 1)
+                    m.d.sync += [out_index.eq(out_index + 1), out_last.eq(out_index == beats_out - 2)]
                     m.d.comb += read_addr_next.eq(Mux(read_bank, beats_in, 0))
             with m.Else():
-                m.d.sync += in_index.eq(in_index + 1)
+                m.d.sync += [in_index.eq(in_index + 1), in_last.eq(in_index == beats_in - 2)]
                 m.d.comb += read_addr_next.eq(read_addr + 1)
 
         # Only the valid flags are reset. The datapath registers are not: a reset net to every
@@ -489,7 +494,7 @@ class FoldedDense(wiring.Component):
 
         # Stage 1: memory words are out; stage 2: they are registered, so that the block RAMs'
         # clock-to-output delay does not add to the adder trees'.
-        flags = [stage("s1", (fire, in_index == 0, in_index == beats_in - 1, out_index))]
+        flags = [stage("s1", (fire, in_first, in_last, out_index))]
         data = Signal(width, name="input_word", reset_less=True)
         weight_word = Signal(pe * simd * layer.weight_bits, name="weight_word", reset_less=True)
         m.d.sync += [data.eq(Cat(buffer_word)), weight_word.eq(weight_data)]
