@@ -18,7 +18,7 @@ from amaranth.back import verilog
 
 from hwgen.ir import DenseLayer, write_atomically
 from hwgen.rtl.dense import FoldedDense, tree_levels_for
-from hwgen.synth import synthesize
+from hwgen.synth import lut4s, synthesize
 
 #: (name, input kind, in, out, PE, SIMD): mlp-binary's first layer (uint8 x ±1) and a hidden one,
 #: at the old default folds and at the folds `--fold auto` picks for them on the ULX3S-85F.
@@ -43,8 +43,7 @@ def measure(tree_levels: int | None) -> list[dict]:
         dut = FoldedDense(layer(kind, n_in, n_out), pe=pe, simd=simd, **options)
         start = time.perf_counter()
         cells = synthesize(verilog.convert(dut, name="dense", emit_src=False), "dense", "ecp5")
-        # A LUT RAM (TRELLIS_DPR16X4) takes two LUT4s, as nextpnr places it.
-        luts = cells.get("LUT4", 0) + 2 * cells.get("CCU2C", 0) + 2 * cells.get("TRELLIS_DPR16X4", 0)
+        luts = lut4s(cells, "ecp5")
         rows.append({"layer": name, "pe": pe, "simd": simd, "tree_levels": options["tree_levels"],
                      "lut4": cells.get("LUT4", 0), "ccu2c": cells.get("CCU2C", 0), "lut4_total": luts,
                      "lut4_per_mac": round(luts / (pe * simd), 2),

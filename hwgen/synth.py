@@ -53,6 +53,16 @@ def nand2_area(cells: dict[str, int]) -> tuple[float, int]:
     return area, uncosted
 
 
+#: Cells a family's logic takes, in LUT4s, as nextpnr counts them (TRELLIS_COMB, ICESTORM_LC's
+#: LUT): an ECP5 carry cell (CCU2C) and a 16x4 LUT RAM (TRELLIS_DPR16X4) each take two.
+LUT4_WEIGHTS = {"ecp5": {"LUT4": 1, "CCU2C": 2, "TRELLIS_DPR16X4": 2}, "ice40": {"SB_LUT4": 1}}
+
+
+def lut4s(cells: dict[str, int], family: str) -> int:
+    """LUT4s of a synthesized design (:func:`synthesize`'s cell counts) on ``family``."""
+    return sum(weight * cells.get(cell, 0) for cell, weight in LUT4_WEIGHTS[family].items())
+
+
 def yowasp_tool(name: str) -> str:
     """Path of a YoWASP console script: beside this Python first (the venv), then on PATH."""
     beside = Path(sys.executable).with_name(name)
