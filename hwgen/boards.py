@@ -48,6 +48,8 @@ class Board:
     led_resource: str
     led_pins: tuple[str, ...]
     budget: Budget
+    flash_resource: str | None = None   # the SPI flash beside the FPGA (weights loaded at power-up)
+    flash_offset: int | None = None     # where in it the weight image goes
 
     @property
     def open_flow(self) -> bool:
@@ -96,6 +98,7 @@ def load_board(name: str) -> Board:
             raise UserError(f"{where}: toolchain {toolchain!r} is not one of {', '.join(_TOOLCHAINS)}")
         clock, uart, leds = (field(data, key, dict, "") for key in ("clock", "uart", "leds"))
         budget = field(data, "budget", dict, "")
+        flash = field(data, "flash", dict, "") if "flash" in data else None
         shapes = tuple((int(depth), int(width)) for depth, width in field(budget, "bram_shapes", list, "budget."))
         return Board(
             name=field(data, "name", str, ""), description=field(data, "description", str, ""),
@@ -108,6 +111,8 @@ def load_board(name: str) -> Board:
             uart_pins=(field(uart, "rx", str, "uart."), field(uart, "tx", str, "uart.")),
             led_resource=field(leds, "resource", str, "leds."),
             led_pins=tuple(field(leds, "pins", list, "leds.")),
+            flash_resource=field(flash, "resource", str, "flash.") if flash else None,
+            flash_offset=field(flash, "offset", int, "flash.") if flash else None,
             budget=Budget(**{key: field(budget, key, int, "budget.")
                              for key in ("luts", "ffs", "dsps", "bram_blocks", "bram_bits",
                                          "spram_blocks", "spram_bits")}, bram_shapes=shapes),

@@ -15,19 +15,22 @@ from amaranth.hdl import Elaboratable, Module
 
 from .boards import Board
 from .errors import UserError
-from .fit import Estimate, check_fit, estimate
+from .fit import Estimate, check_fit, fit_folds
+from .flash import loader_settings, weight_image
 from .ir import IntegerModel
 from .rtl.arith import KEEP_REGISTER_COPIES
 from .rtl.board import UARTBoardTop
 from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, pll_settings
 from .rtl.dense import tree_levels_for
-from .rtl.network import Fold, build_top, generate_verilog
+from .rtl.network import Fold, build_top, compute_layers, generate_verilog
 from .rtl.uart import FRAME_BITS, uart_divisor
 from .synth import ECP5_SYNTH_OPTIONS, yowasp_tool
 
-__all__ = ["PlatformTop", "build_board", "BuildResult", "TOOL_ENVIRONMENT", "DEFAULT_BAUD"]
+__all__ = ["PlatformTop", "build_board", "BuildResult", "TOOL_ENVIRONMENT", "DEFAULT_BAUD", "WEIGHT_IMAGE_FILE"]
 
 DEFAULT_BAUD = 115_200
+#: The weight image of SPRAM layers, beside the bitstream (see :mod:`hwgen.flash`).
+WEIGHT_IMAGE_FILE = "weights.bin"
 
 #: Environment variables through which amaranth's build scripts find the YoWASP tools.
 TOOL_ENVIRONMENT = {
@@ -65,6 +68,15 @@ class PlatformTop(Elaboratable):
             m.submodules.pll = BoardPLL(self.board.family, pin, self.board.clock_hz, self.network_hz)
         uart = platform.request(self.board.uart_resource, 0)
         m.d.comb += [core.rx.eq(uart.rx.i), uart.tx.o.eq(core.tx)]
+        if core.loader is not None:
+            # Chip select, write protect and hold are active-low pins (PinsN): 0 here leaves
+            # write protect and hold inactive.
+            flash = platform.request(self.board.flash_resource, 0)
+            m.d.comb += [flash.cs.o.eq(core.flash_cs), flash.clk.o.eq(core.flash_clk),
+                         flash.copi.o.eq(core.flash_copi), core.flash_cipo.eq(flash.cipo.i)]
+            for pin in ("wp", "hold"):
+                if hasattr(flash, pin):
+                    m.d.comb += getattr(flash, pin).o.eq(0)
         for index in range(len(self.board.led_pins)):
             led = platform.request(self.board.led_resource, index)
             m.d.comb += led.o.eq(core.leds[index])
@@ -161,10 +173,17 @@ def _report_text(report: dict) -> str:
                       "latency_us_at_network_clock") else ""]
     else:
         lines += ["No open place and route for this family: the numbers below are estimates.", ""]
-    lines += ["", "| layer | fold | cycles/image | LUTs | FFs | DSPs | BRAM blocks |", "|---|---|---:|---:|---:|---:|---:|"]
+    image = report.get("weight_image")
+    if image:
+        lines += ["", f"Weights of the SPRAM layers: {image['file']} ({image['bytes']:,} bytes, CRC-32/BZIP2 "
+                  f"{image['crc32']}), loaded from the SPI flash at power-up in {image['load_ms_at_network_clock']} ms. "
+                  "Write the bitstream and the weights to the flash with:", "",
+                  *[f"    {command}" for command in image["program"]]]
+    lines += ["", "| layer | fold | weights | cycles/image | LUTs | FFs | DSPs | BRAM blocks | SPRAM blocks |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["estimate"]["layers"]:
-        lines.append(f"| {row['layer']} | {row['fold']} | {row['cycles_per_image']} | {row['luts']} | {row['ffs']} "
-                     f"| {row['dsps']} | {row['bram_blocks']} |")
+        lines.append(f"| {row['layer']} | {row['fold']} | {row['weights']} | {row['cycles_per_image']} | {row['luts']} "
+                     f"| {row['ffs']} | {row['dsps']} | {row['bram_blocks']} | {row['spram_blocks']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,18 +201,28 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
         network_hz = network_clock_hz(board, None)
     clock_hz = network_hz or board.clock_hz
     output = Path(output)
-    est = est or estimate(model, folds, board)
+    est = est or fit_folds(model, folds, board)
     check_fit(est)
     tree_levels = tree_levels_for(board.family)
-    network = build_top(model, folds, tree_levels=tree_levels)
+    network = build_top(model, folds, tree_levels=tree_levels, weight_memories=est.weight_memories)
     try:
         divisor = uart_divisor(board.clock_hz, baud)
     except (ValueError, TypeError) as error:
         raise UserError(f"--baud: {error}") from None
+    image = loader = None
+    if network.load_words:
+        if board.flash_resource is None or board.flash_offset is None:
+            raise UserError(f"boards/{board.name}.toml names no SPI flash (its [flash] resource and offset), so "
+                            "weights in SPRAM cannot be loaded there")
+        image = weight_image(model, network)
+        loader = loader_settings(image, board.flash_offset, clock_hz)
     core = UARTBoardTop(model, folds, divisor=divisor, led_count=len(board.led_pins),
-                        network_domain=NETWORK_DOMAIN if network_hz else "sync", tree_levels=tree_levels)
+                        network_domain=NETWORK_DOMAIN if network_hz else "sync", tree_levels=tree_levels,
+                        weight_memories=est.weight_memories, loader=loader)
     with staged_folder(output) as staging:
         (staging / "hwgen_network.v").write_text(generate_verilog(network))
+        if image is not None:
+            (staging / WEIGHT_IMAGE_FILE).write_bytes(image.data)
         platform = board.amaranth_platform()
         options = {"emit_src": False}
         if board.open_flow:
@@ -218,6 +247,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
             "network_clock_mhz": round(clock_hz / 1e6, 4), "network_clock_source": "PLL" if network_hz else "board",
             "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
             "latency_cycles": network.latency, "tree_levels": tree_levels, "baud": baud,
+            "weight_memories": dict(zip([layer.name for layer in compute_layers(model)], est.weight_memories)),
             "uart_images_per_s": baud / FRAME_BITS / (model.in_features + 1),
             "estimate": {"total": est.total.as_dict(), "layers": est.table()},
         }
@@ -242,6 +272,14 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                           latency_us_at_network_clock=(round(network.latency / clock_hz * 1e6, 2)
                                                        if network.latency else None),
                           bitstream="top.bin" if board.family == "ice40" else "top.bit")
+        if image is not None:
+            bitstream = "top.bin" if board.family == "ice40" else "top.bit"
+            report["weight_image"] = {
+                "file": WEIGHT_IMAGE_FILE, "bytes": len(image.data), "flash_offset": board.flash_offset,
+                "crc32": f"{image.crc:08x}",
+                "load_ms_at_network_clock": round(core.loader.load_cycles / clock_hz * 1e3, 3),
+                "program": [f"iceprog {bitstream}", f"iceprog -o {board.flash_offset // 1024}k {WEIGHT_IMAGE_FILE}"],
+            }
         (staging / "hwgen_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (staging / "REPORT.md").write_text(_report_text(report))
     return BuildResult(output, report)

@@ -436,17 +436,36 @@ def _network_clock(board, clock: str | None) -> float | None:
     return network_clock_hz(board, mhz)
 
 
-def _board_folds(model, fold: str, board, target_fps: float | None = None, clock_hz: float | None = None):
+def _weight_memories(text: str, model, board) -> list[str] | None:
+    """``--weight-memory``: None for ``auto``, else one of rom/spram per dense or conv layer."""
+    from .rtl.dense import WEIGHT_MEMORIES
+    from .rtl.network import compute_layers
+
+    if text == "auto":
+        return None
+    layers = compute_layers(model)
+    memories = [item.strip().lower() for item in text.split(",")]
+    if len(memories) != len(layers) or any(memory not in WEIGHT_MEMORIES for memory in memories):
+        raise UserError(f"--weight-memory {text!r}: give 'auto' or one of {'/'.join(WEIGHT_MEMORIES)} for each of "
+                        f"the {len(layers)} dense/conv layers ({', '.join(layer.name for layer in layers)})")
+    if "spram" in memories and not board.budget.spram_blocks:
+        raise UserError(f"--weight-memory: {board.name} has no SPRAM; use rom for every layer")
+    return memories
+
+
+def _board_folds(model, fold: str, board, target_fps: float | None = None, clock_hz: float | None = None,
+                 weight_memories: list[str] | None = None):
     """Folds for a board build: ``auto`` searches (for ``target_fps`` at ``clock_hz`` if given);
-    otherwise parse them and check the fit."""
-    from .fit import auto_folds, check_fit, estimate
+    otherwise parse them and check the fit. Weights go where ``weight_memories`` says (None: the
+    first placement that fits, see :func:`hwgen.fit.weight_placements`)."""
+    from .fit import auto_folds, check_fit, fit_folds
     from .rtl.network import parse_folds
 
     if target_fps is not None and fold not in ("auto", "default"):
         raise UserError(f"--target-fps picks the folds itself: leave out --fold {fold}")
     if fold == "auto" or target_fps is not None:
-        return auto_folds(model, board, target_fps=target_fps, clock_hz=clock_hz)
-    est = estimate(model, parse_folds(fold, model), board)
+        return auto_folds(model, board, target_fps=target_fps, clock_hz=clock_hz, weight_memories=weight_memories)
+    est = fit_folds(model, parse_folds(fold, model), board, weight_memories)
     check_fit(est)
     return est
 
@@ -462,11 +481,15 @@ def _board_folds(model, fold: str, board, target_fps: float | None = None, clock
 @click.option("--clock", default=None,
               help="The network's clock in MHz, from the FPGA's PLL (default: the board file's network_hz), "
                    "or 'board' for the board oscillator without a PLL. The UART stays on the board clock.")
+@click.option("--weight-memory", default="auto", show_default=True,
+              help="Where each dense/conv layer's weights live: rom (block RAM or LUTs, in the bitstream) or "
+                   "spram (iCE40UP SPRAM, loaded from the SPI flash at power-up), comma-separated per layer; "
+                   "auto puts the largest layers in SPRAM only when the ROMs do not fit.")
 @click.option("--baud", type=click.IntRange(min=1), default=115_200, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Build folder (default: build/<board>).")
 @click.option("--no-pnr", is_flag=True, help="Write the folder and scripts but do not run yosys/nextpnr.")
-def build(model_path, board_name, fold, target_fps, clock, baud, output, no_pnr) -> None:
+def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, output, no_pnr) -> None:
     """Build for a board: Verilog, board top (UART in/out, LEDs), constraints, bitstream, report."""
     from .boards import ASIC, load_board
     from .build import build_asic, build_board
@@ -483,7 +506,7 @@ def build(model_path, board_name, fold, target_fps, clock, baud, output, no_pnr)
         return
     board = load_board(board_name)
     network_hz = _network_clock(board, clock)
-    est = _board_folds(model, fold, board, target_fps, network_hz)
+    est = _board_folds(model, fold, board, target_fps, network_hz, _weight_memories(weight_memory, model, board))
     click.echo(f"{board.description}: folds {', '.join(map(str, est.folds))} "
                f"({est.cycles_per_image} cycles per image); estimate {est.total.as_dict()}; network clock "
                f"{(network_hz or board.clock_hz) / 1e6:g} MHz ({'PLL' if network_hz else 'board oscillator'})")
@@ -502,22 +525,42 @@ def build(model_path, board_name, fold, target_fps, clock, baud, output, no_pnr)
 @click.option("--images", default="20", show_default=True, help="Test images to send, or 'all'.")
 @click.option("--divisor", type=click.IntRange(min=4), default=8, show_default=True,
               help="Clock cycles per UART bit in the simulation.")
+@click.option("--weight-memory", default="auto", show_default=True,
+              help="rom or spram per dense/conv layer, or auto (as `hwgen build`).")
+@click.option("--flash", "flash_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="With SPRAM layers: the bytes the simulated SPI flash holds at the weight offset (e.g. a "
+                   "build's weights.bin); default: the right weight image.")
 @_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/board-sim", show_default=True)
-def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, float_inputs, build_dir) -> None:
-    """Simulate the board top (Verilator): image bytes in on the UART line, class bytes out, vs golden."""
+def board_sim(model_path, board_name, fold, images, divisor, weight_memory, flash_path, dataset, data_dir,
+              float_inputs, build_dir) -> None:
+    """Simulate the board top (Verilator): image bytes in on the UART line, class bytes out, vs golden.
+
+    With weights in SPRAM the simulation starts at power-up: the loader reads the weight image from
+    a simulated SPI flash, and images are sent once the board no longer reports loading."""
     from . import golden
     from .boards import load_board
     from .ir import IntegerModel
-    from .protocol import identity
+    from .protocol import WEIGHTS_STATES, identity
     from sim.board import BoardSimulator
 
     model = IntegerModel.load(model_path)
     board = load_board(board_name)
-    folds = _board_folds(model, fold, board).folds
+    est = _board_folds(model, fold, board, weight_memories=_weight_memories(weight_memory, model, board))
     x, y, name = _test_images(model, dataset, data_dir, images, float_inputs)
-    simulator = BoardSimulator(model, folds, build_dir, divisor=divisor, led_count=len(board.led_pins))
-    run = simulator.classify(x)
+    simulator = BoardSimulator(model, est.folds, build_dir, divisor=divisor, led_count=len(board.led_pins),
+                               weight_memories=est.weight_memories)
+    if flash_path is not None and simulator.image is None:
+        raise UserError("--flash: this network keeps every weight in the bitstream (no SPRAM layer)")
+    flash = Path(flash_path).read_bytes() if flash_path else None
+    if flash is not None and flash != simulator.image.data:
+        # A wrong image is answered by no class at all: wait only for the identity reply.
+        run = simulator.classify(x[:1], flash=flash, replies=len(identity(model)))
+        click.echo(f"flash image {flash_path} is not this build's weight image: the board reports its weights as "
+                   f"'{WEIGHTS_STATES.get(run.weights, run.weights)}' (identity byte {run.identity[-1:].hex()}) and "
+                   f"answered {len(run.classes)} class bytes to 1 image")
+        sys.exit(1)
+    run = simulator.classify(x, flash=flash)
     expected = golden.run(model, x.reshape(len(x), -1)).classes
     agree = int((np.array(run.classes[:len(x)]) == expected[:len(run.classes)]).sum())
     ok = (run.identity == identity(model) and len(run.classes) == len(x) and agree == len(x) and not run.overrun
@@ -526,6 +569,10 @@ def board_sim(model_path, board_name, fold, images, divisor, dataset, data_dir, 
     click.echo(f"UART board top ({board.name} LEDs, {divisor} cycles per bit): identity "
                f"{'ok' if run.identity == identity(model) else 'WRONG'}; {agree}/{len(x)} {name} class bytes equal "
                f"golden; LEDs {'follow' if ok else 'check'} the class; receiver overrun: {run.overrun}")
+    if simulator.image is not None:
+        click.echo(f"weights of the SPRAM layers ({', '.join(stage.layer.name for stage in simulator.top.network.spram_stages)}) "
+                   f"loaded from the simulated SPI flash: {len(simulator.image.data):,} bytes, ready at UART-clock "
+                   f"cycle {run.weights_cycle} (state {run.weights})")
     click.echo(f"class bytes every {intervals} cycles (line time per image "
                f"{simulator.top.input_cycles_per_image}); {run.cycles} cycles in {run.wall_seconds:.1f} s")
     if not ok:

@@ -19,15 +19,18 @@ from .errors import UserError
 from .ir import Conv2dLayer, IntegerModel, signed_width
 from .rtl.arith import LUT_ROM_GROUP_BITS, MemoryShape, divisors, rom_in_luts
 from .rtl.dense import PAIR_BITS, FoldedDense, tree_levels_for
+from .rtl.spram import SPRAM_WIDTH, spram_banks, spram_blocks
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
 from .rtl.requant import Requantizer
 from .rtl.scores import ScoreSerializer
 from .rtl.window import SlidingWindow
 
-__all__ = ["Resources", "StageEstimate", "Estimate", "estimate", "check_fit", "auto_folds", "RESOURCE_NAMES"]
+__all__ = ["Resources", "StageEstimate", "Estimate", "estimate", "check_fit", "auto_folds", "fit_folds",
+           "weight_placements", "RESOURCE_NAMES"]
 
-RESOURCE_NAMES = {"luts": "LUTs", "ffs": "flip-flops", "dsps": "DSP multipliers", "bram_blocks": "block RAMs"}
+RESOURCE_NAMES = {"luts": "LUTs", "ffs": "flip-flops", "dsps": "DSP multipliers", "bram_blocks": "block RAMs",
+                  "spram_blocks": "SPRAM blocks"}
 
 #: Share of the LUTs and DSPs `--fold auto` may plan for, leaving room for routing and the board
 #: top (nextpnr-ecp5 took 6 minutes to route 128 of 156 DSPs fed from block RAM).
@@ -87,13 +90,15 @@ class Resources:
     ffs: float = 0
     dsps: int = 0
     bram_blocks: int = 0
+    spram_blocks: int = 0
 
     def __add__(self, other: "Resources") -> "Resources":
         return Resources(self.luts + other.luts, self.ffs + other.ffs, self.dsps + other.dsps,
-                         self.bram_blocks + other.bram_blocks)
+                         self.bram_blocks + other.bram_blocks, self.spram_blocks + other.spram_blocks)
 
     def as_dict(self) -> dict[str, int]:
-        return {"luts": round(self.luts), "ffs": round(self.ffs), "dsps": self.dsps, "bram_blocks": self.bram_blocks}
+        return {"luts": round(self.luts), "ffs": round(self.ffs), "dsps": self.dsps, "bram_blocks": self.bram_blocks,
+                "spram_blocks": self.spram_blocks}
 
 
 @dataclass
@@ -115,6 +120,7 @@ class Estimate:
     stages: list[StageEstimate]
     board_top: Resources
     cycles_per_image: int
+    weight_memories: list[str]          # per dense/conv layer: "rom" or "spram"
 
     @property
     def total(self) -> Resources:
@@ -146,12 +152,16 @@ class Estimate:
     def table(self) -> list[dict]:
         """Per-layer rows for reports."""
         rows = []
-        fold_of = dict(zip([s.layer for s in self.stages if s.stage == "dense"], self.folds))
+        dense = [s.layer for s in self.stages if s.stage == "dense"]
+        fold_of = dict(zip(dense, self.folds))
+        memory_of = dict(zip(dense, self.weight_memories))
         for name, r in self.per_layer().items():
             cycles = max(s.cycles_per_image for s in self.stages if s.layer == name)
             fold = fold_of.get(name)
-            rows.append({"layer": name, "fold": str(fold) if fold else "-", "cycles_per_image": cycles, **r.as_dict()})
-        rows.append({"layer": "(board top)", "fold": "-", "cycles_per_image": 0, **self.board_top.as_dict()})
+            rows.append({"layer": name, "fold": str(fold) if fold else "-", "weights": memory_of.get(name, "-"),
+                         "cycles_per_image": cycles, **r.as_dict()})
+        rows.append({"layer": "(board top)", "fold": "-", "weights": "-", "cycles_per_image": 0,
+                     **self.board_top.as_dict()})
         return rows
 
 
@@ -176,6 +186,8 @@ def memory_placement(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> 
     ROM (LUTs), a library memory at its cost line per block plus emulated logic, and takes a
     library memory only when it is strictly cheaper; a memory of any size can so end up in logic.
     """
+    if shape.spram:
+        return "spram"
     if shape.in_luts:
         return "logic"
     options = {"logic": shape.bits / (16 if shape.rom else 1)}
@@ -190,6 +202,10 @@ def memory_placement(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> 
 def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Resources:
     """What a memory costs where :func:`memory_placement` puts it (its read register included)."""
     placement = memory_placement(shape, budget, costs)
+    if placement == "spram":
+        # The blocks, and the multiplexer of the banks' outputs.
+        return Resources(luts=SPRAM_WIDTH * (spram_banks(shape.depth) - 1) * -(-shape.width // SPRAM_WIDTH),
+                         spram_blocks=spram_blocks(shape.width, shape.depth))
     if placement == "block":
         return Resources(luts=8, bram_blocks=bram_blocks_for(shape, budget))
     if placement == "distributed":
@@ -215,6 +231,9 @@ PRODUCT_LUTS_PER_INPUT = 12
 PAIR_LUTS_PER_INPUT = 10.0
 #: The pair sums and differences shared by a layer's lanes, per input.
 PAIR_SUM_LUTS_PER_INPUT = 5
+#: The SPI flash loader and the SPRAM load sequencer (logic and flip-flops).
+LOADER_LUTS = 180
+LOADER_FFS = 130
 #: A requantizer lane besides its multipliers: rounding, shift, clamp, and its constants (LUT4).
 REQUANT_LANE_LUTS = 350
 
@@ -278,9 +297,13 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
     return kind, Resources(luts=20 + width / 2, ffs=10 + width)
 
 
-def estimate(model: IntegerModel, folds: list[Fold], board: Board) -> Estimate:
-    """Estimate every stage of ``model`` folded by ``folds`` on ``board``."""
-    top = NetworkTop(model, folds, tree_levels=tree_levels_for(board.family))
+def estimate(model: IntegerModel, folds: list[Fold], board: Board, weight_memories: list[str] | None = None) -> Estimate:
+    """Estimate every stage of ``model`` folded by ``folds`` on ``board``, with each layer's weights
+    where ``weight_memories`` says (default: all ROM)."""
+    weight_memories = list(weight_memories or ["rom"] * len(folds))
+    if "spram" in weight_memories and not board.budget.spram_blocks:
+        raise UserError(f"{board.name} has no SPRAM for weights; its layers' weights go in ROM")
+    top = NetworkTop(model, folds, tree_levels=tree_levels_for(board.family), weight_memories=weight_memories)
     costs = FAMILY_COSTS[board.family]
     budget = board.budget
     stages = []
@@ -292,9 +315,12 @@ def estimate(model: IntegerModel, folds: list[Fold], board: Board) -> Estimate:
             logic = logic + _memory_cost(shape, budget, costs)
         logic.luts *= costs.lut_scale
         stages.append(StageEstimate(layer, kind, logic, stage.cycles_per_image))
-    # UART receiver and transmitter, command decoder, identity ROM, class and LED registers.
+    # UART receiver and transmitter, command decoder, identity ROM, class and LED registers; the
+    # flash loader's shift registers, CRC, header compare and counters.
     board_top = Resources(luts=180 * costs.lut_scale, ffs=120)
-    return Estimate(board, list(folds), stages, board_top, top.cycles_per_image)
+    if top.load_words:
+        board_top = board_top + Resources(luts=LOADER_LUTS * costs.lut_scale, ffs=LOADER_FFS)
+    return Estimate(board, list(folds), stages, board_top, top.cycles_per_image, weight_memories)
 
 
 def check_fit(est: Estimate) -> None:
@@ -316,12 +342,21 @@ def _fold_options(model: IntegerModel) -> list[list[Fold]]:
 def _limits(budget: Budget, routing_share: float) -> dict[str, float]:
     """What a design may use of each resource: LUTs and DSPs up to ``routing_share`` of the device."""
     return {"luts": budget.luts * routing_share, "ffs": budget.ffs, "dsps": budget.dsps * routing_share,
-            "bram_blocks": budget.bram_blocks}
+            "bram_blocks": budget.bram_blocks, "spram_blocks": budget.spram_blocks}
 
 
 def _share(used: dict[str, int], limits: dict[str, float]) -> float:
     """The scarcest resource's share of its limit (a resource not used counts 0, even on a device without it)."""
     return max(used[key] / max(limit, 1e-9) if used[key] else 0.0 for key, limit in limits.items())
+
+
+class NoFoldingFits(UserError):
+    """No folding fits the board; ``resources`` are the budget keys the error names."""
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.resources = {key for key, name in RESOURCE_NAMES.items()
+                          if any(problem.startswith(f"{name}:") for problem in problems)}
 
 
 class _FoldOption(NamedTuple):
@@ -345,8 +380,67 @@ def _interval_for(target_fps: float, board: Board, clock_hz: float, floor: int, 
     return interval
 
 
+def weight_placements(model: IntegerModel, board: Board) -> list[list[str]]:
+    """Where the layers' weights may go on ``board``, fewest SPRAM layers first: all in ROM, then
+    the largest layer's in SPRAM, then the two largest, and so on while the SPRAM blocks last
+    (one block at least per layer). SPRAM reads 16 bits per block per cycle, so a layer placed
+    there is slower than in block RAM: it is placed there only when the ROMs do not fit."""
+    layers = compute_layers(model)
+    placement = ["rom"] * len(layers)
+    placements = [list(placement)]
+    bits = [(layer.dense if isinstance(layer, Conv2dLayer) else layer).weights.size
+            * (layer.dense if isinstance(layer, Conv2dLayer) else layer).weight_bits for layer in layers]
+    blocks_left = board.budget.spram_blocks
+    for index in sorted(range(len(layers)), key=lambda i: -bits[i]):
+        need = spram_blocks(SPRAM_WIDTH, -(-bits[index] // SPRAM_WIDTH))
+        if need > blocks_left:
+            break
+        blocks_left -= need
+        placement[index] = "spram"
+        placements.append(list(placement))
+    return placements
+
+
+def fit_folds(model: IntegerModel, folds: list[Fold], board: Board, weight_memories: list[str] | None = None) -> Estimate:
+    """The estimate of ``folds`` on ``board`` with the weights where ``weight_memories`` says, or
+    (None) at the first of :func:`weight_placements` that fits (the all-ROM one if none does)."""
+    if weight_memories is not None:
+        return estimate(model, folds, board, weight_memories)
+    estimates = []
+    for placement in weight_placements(model, board):
+        try:
+            est = estimate(model, folds, board, placement)
+        except (ValueError, TypeError):
+            continue
+        if not est.over_budget():
+            return est
+        estimates.append(est)
+    return estimates[0] if estimates else estimate(model, folds, board)
+
+
 def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_ROUTING_SHARE, *,
-               target_fps: float | None = None, clock_hz: float | None = None) -> Estimate:
+               target_fps: float | None = None, clock_hz: float | None = None,
+               weight_memories: list[str] | None = None) -> Estimate:
+    """:func:`auto_folds_placed` with the weights where ``weight_memories`` says, or (None) at the
+    first of :func:`weight_placements` for which a folding fits. The next placement is tried only
+    while block RAM is among what did not fit; the error is the last placement's."""
+    if weight_memories is not None:
+        return auto_folds_placed(model, board, routing_share, target_fps=target_fps, clock_hz=clock_hz,
+                                 weight_memories=weight_memories)
+    placements = weight_placements(model, board)
+    for index, placement in enumerate(placements):
+        try:
+            return auto_folds_placed(model, board, routing_share, target_fps=target_fps, clock_hz=clock_hz,
+                                     weight_memories=placement)
+        except NoFoldingFits as error:
+            if index == len(placements) - 1 or "bram_blocks" not in error.resources:
+                raise
+    raise AssertionError("weight_placements gives at least one placement")
+
+
+def auto_folds_placed(model: IntegerModel, board: Board, routing_share: float = AUTO_ROUTING_SHARE, *,
+                      target_fps: float | None = None, clock_hz: float | None = None,
+                      weight_memories: list[str]) -> Estimate:
     """The folds with the lowest initiation interval whose estimate fits ``board``, or with
     ``target_fps`` the cheapest folds that reach that many images per second at ``clock_hz``
     (the network's clock; default the board's).
@@ -368,7 +462,7 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
         rows = []
         for fold in layer_options:
             try:
-                est = estimate(model, base[:index] + [fold] + base[index + 1:], board)
+                est = estimate(model, base[:index] + [fold] + base[index + 1:], board, weight_memories)
             except (ValueError, TypeError):
                 continue
             mine = [stage for stage in est.stages if stage.layer == names[index]]
@@ -389,7 +483,7 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     if target_fps is not None:
         unfolded = [min(rows, key=lambda row: row.cycles).fold for rows in costed]
         clock_hz = clock_hz or board.clock_hz
-        targets = [_interval_for(target_fps, board, clock_hz, floor, estimate(model, unfolded, board).cycles_per_image)]
+        targets = [_interval_for(target_fps, board, clock_hz, floor, estimate(model, unfolded, board, weight_memories).cycles_per_image)]
     last_problems: list[str] = []
     for target in targets:
         folds = []
@@ -401,7 +495,7 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
         if len(folds) != len(costed):
             continue
         try:
-            est = estimate(model, folds, board)
+            est = estimate(model, folds, board, weight_memories)
         except (ValueError, TypeError):
             continue
         last_problems = est.over_budget(routing_share)
@@ -414,18 +508,19 @@ def auto_folds(model: IntegerModel, board: Board, routing_share: float = AUTO_RO
     unfixable = []
     for key in RESOURCE_NAMES:
         least = [min(rows, key=lambda row: (row.used[key], row.cycles)).fold for rows in costed]
-        unfixable += estimate(model, least, board).over_budget(keys=(key,))
+        unfixable += estimate(model, least, board, weight_memories).over_budget(keys=(key,))
     if unfixable:
-        raise UserError(f"no folding fits {board.name}: these exceed it even at the folding that needs "
-                        f"least of each: " + "; ".join(unfixable)
-                        + ". Use a larger board or a smaller network")
+        raise NoFoldingFits(f"no folding fits {board.name}: these exceed it even at the folding that needs "
+                            f"least of each: " + "; ".join(unfixable)
+                            + ". Use a larger board or a smaller network", unfixable)
     if target_fps is not None:
-        fastest = auto_folds(model, board, routing_share)
-        raise UserError(f"{target_fps:g} images/s on {board.name} needs an interval of {targets[0]} cycles at "
-                        f"{clock_hz / 1e6:g} MHz, and no folding that fast fits: "
-                        + "; ".join(last_problems) + f". The fastest that fits ({','.join(map(str, fastest.folds))}) "
-                        f"makes {clock_hz / fastest.cycles_per_image:,.0f} images/s")
+        fastest = auto_folds_placed(model, board, routing_share, weight_memories=weight_memories)
+        raise NoFoldingFits(f"{target_fps:g} images/s on {board.name} needs an interval of {targets[0]} cycles at "
+                            f"{clock_hz / 1e6:g} MHz, and no folding that fast fits: "
+                            + "; ".join(last_problems) + f". The fastest that fits "
+                            f"({','.join(map(str, fastest.folds))}) makes {clock_hz / fastest.cycles_per_image:,.0f} "
+                            "images/s", last_problems)
     cheapest = [rows[0].fold for rows in costed]
-    problems = estimate(model, cheapest, board).over_budget()
-    raise UserError(f"no folding fits {board.name}; even the cheapest ({','.join(map(str, cheapest))}) "
-                    f"needs more than the board has: " + "; ".join(problems or last_problems))
+    problems = estimate(model, cheapest, board, weight_memories).over_budget() or last_problems
+    raise NoFoldingFits(f"no folding fits {board.name}; even the cheapest ({','.join(map(str, cheapest))}) "
+                        f"needs more than the board has: " + "; ".join(problems), problems)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import UserError
 from .ir import IntegerModel
-from .protocol import IDENTIFY, IDENTITY_BYTES, encode_image, parse_identity
+from .protocol import IDENTIFY, IDENTITY_BYTES, WEIGHTS_READY, encode_image, parse_identity
 
 __all__ = ["BoardLink", "RunResult"]
 
@@ -69,6 +69,9 @@ class BoardLink:
         if model is not None and info["digest"] != model.digest()[:4]:
             raise UserError(f"the board runs a different network (digest {info['digest'].hex()}, the model file's "
                             f"is {model.digest()[:4].hex()}); rebuild with `hwgen build` for this model")
+        if info["weights"] != WEIGHTS_READY:
+            raise UserError(f"the board's weights are not ready: {info['weights_state']}. Write the build's weight "
+                            "image to the flash with the command in its REPORT.md, then power-cycle the board")
         return info
 
     def classify(self, images: np.ndarray, model: IntegerModel, *, in_flight: int = 2,

@@ -16,9 +16,14 @@ Configuration (JSON at ``HWGEN_SIM_CONFIG``):
 ``network_period_ps``
     (optional) the period of ``net_clk`` for a board top whose network has its own clock
     domain; ``clk`` (the UART's) runs at 10 ns. Both resets are released together.
+``flash``, ``flash_base``
+    (optional, for a board top with SPRAM layers) a file of bytes a behavioural SPI flash
+    (:mod:`sim.flash_model`) holds at address ``flash_base``. Nothing is sent until the board
+    says its weights are no longer loading (its ``weights`` port), as a host polling ``?`` would.
 
 Results (JSON at ``HWGEN_SIM_RESULTS``): the reply bytes, the cycle at which each reply's start
-bit began, the LED value after each reply, whether the receiver overran, and the cycle count.
+bit began, the LED value after each reply, whether the receiver overran, and the cycle count;
+with a flash, the cycle the weights' state left "loading", that state, and the flash's log.
 """
 from __future__ import annotations
 
@@ -32,7 +37,11 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge, Timer
 from cocotb.utils import get_sim_time
 
+from sim.flash_model import spi_flash
+
 PERIOD_NS = 10
+#: The board's ``weights`` port while the loader reads the flash (hwgen.protocol.WEIGHTS_LOADING).
+WEIGHTS_LOADING = 1
 
 
 def _cycle() -> int:
@@ -75,11 +84,20 @@ async def uart_board(dut):
         dut.net_rst.value = 1
     dut.rst.value = 1
     dut.rx.value = 1
+    flash_log: dict = {}
+    if "flash" in config:      # listening before the loader leaves reset
+        cocotb.start_soon(spi_flash(dut, Path(config["flash"]).read_bytes(), int(config["flash_base"]), flash_log))
     await ClockCycles(dut.clk, 3)
     dut.rst.value = 0
     if network_clock:
         dut.net_rst.value = 0
     await ClockCycles(dut.clk, 2 * divisor)
+
+    weights = {}
+    if "flash" in config:
+        while int(dut.weights.value) == WEIGHTS_LOADING and _cycle() < max_cycles:
+            await ClockCycles(dut.clk, 64)
+        weights = {"weights_cycle": _cycle(), "weights": int(dut.weights.value), "flash": flash_log}
 
     replies: list[int] = []
     reply_cycles: list[int] = []
@@ -130,6 +148,6 @@ async def uart_board(dut):
         await Timer(1, unit="ns")
 
     results = {"replies": replies, "reply_cycles": reply_cycles, "leds": leds,
-               "overrun": int(dut.overrun.value), "cycles": _cycle(), "hung": _cycle() >= max_cycles}
+               "overrun": int(dut.overrun.value), "cycles": _cycle(), "hung": _cycle() >= max_cycles, **weights}
     with open(os.environ["HWGEN_SIM_RESULTS"], "w") as handle:
         json.dump(results, handle)

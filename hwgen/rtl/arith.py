@@ -14,6 +14,8 @@ class MemoryShape(NamedTuple):
     depth: int
     width: int
     rom: bool
+    #: Held in iCE40UP SPRAM blocks (:class:`~hwgen.rtl.spram.SPRAMWeights`), written at power-up.
+    spram: bool = False
 
     @property
     def bits(self) -> int:
@@ -22,7 +24,7 @@ class MemoryShape(NamedTuple):
     @property
     def in_luts(self) -> bool:
         """A ROM :func:`read_rom` builds from LUTs itself: logic in every netlist, never a memory."""
-        return self.rom and rom_in_luts(self.depth)
+        return self.rom and not self.spram and rom_in_luts(self.depth)
 
 
 def rom_shapes(name: str, depth: int, width: int) -> list[MemoryShape]:

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from amaranth.hdl import Array, Const, DomainRenamer, Module, Signal
+from amaranth.hdl import Array, Const, DomainRenamer, Module, Mux, Signal
 from amaranth.lib import wiring
+from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.fifo import AsyncFIFO, AsyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..ir import IntegerModel
-from ..protocol import IDENTIFY, IMAGE, identity
+from ..protocol import IDENTIFY, IMAGE, WEIGHTS_LOADING, WEIGHTS_READY, identity
 from .dense import DEFAULT_TREE_LEVELS
+from .loader import SPIFlashLoader
 from .network import Fold, NetworkTop
 from .resize import StreamResizer
 from .uart import FRAME_BITS, UARTReceiver, UARTTransmitter
@@ -40,6 +42,19 @@ class UARTBoardTop(wiring.Component):
         class indices out.
     tree_levels : int
         Adder levels between pipeline registers in the network's lanes.
+    weight_memories : sequence of str, optional
+        Per dense or convolution layer, ``"rom"`` or ``"spram"`` (see :class:`NetworkTop`).
+        With SPRAM layers, an :class:`SPIFlashLoader` in the network's domain fills them from the
+        board's SPI flash after reset, and images are taken only once the weights loaded and
+        matched: until then an image's bytes are consumed and no class is sent, the identity
+        reply gives the weights' state, and the LEDs are dark while loading and blink if loading
+        failed.
+    loader : dict, optional
+        With SPRAM layers: the :class:`SPIFlashLoader` parameters besides ``payload_bytes``
+        (``header``, ``expected_crc``, ``offset``, ``wake_cycles``).
+    blink_bit : int
+        Bit of a free-running counter of the board clock that blinks the LEDs when the weights
+        failed to load (22: about 3 Hz at 12 MHz).
 
     Attributes
     ----------
@@ -48,6 +63,10 @@ class UARTBoardTop(wiring.Component):
     leds : ``Out(max(led_count, 1))``
     overrun : ``Out(1)``
         Sticky: a received byte was lost because the network could not take it.
+    weights : ``Out(3)``
+        The weights' state (``WEIGHTS_*`` of :mod:`hwgen.protocol`) in the UART's domain.
+    flash_cs, flash_clk, flash_copi : ``Out(1)``; flash_cipo : ``In(1)``
+        With SPRAM layers only: the SPI flash (chip select active high).
     """
 
     #: Entries of each clock-crossing FIFO (a power of two, as AsyncFIFO needs). The pixel FIFO
@@ -55,7 +74,8 @@ class UARTBoardTop(wiring.Component):
     CROSSING_DEPTH = 4
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, divisor: int, led_count: int = 0,
-                 network_domain: str = "sync", tree_levels: int = DEFAULT_TREE_LEVELS):
+                 network_domain: str = "sync", tree_levels: int = DEFAULT_TREE_LEVELS,
+                 weight_memories: Sequence[str] | None = None, loader: dict | None = None, blink_bit: int = 22):
         if not isinstance(led_count, int) or led_count < 0:
             raise TypeError(f"led_count must be a non-negative integer, not {led_count!r}")
         if not isinstance(network_domain, str) or not network_domain:
@@ -63,16 +83,28 @@ class UARTBoardTop(wiring.Component):
         self._network_domain = network_domain
         self._identity = identity(model)
         self._model = model
-        self._network = NetworkTop(model, folds, tree_levels=tree_levels)
+        self._network = NetworkTop(model, folds, tree_levels=tree_levels, weight_memories=weight_memories)
         self._receiver = UARTReceiver(divisor)
         self._transmitter = UARTTransmitter(divisor)
         self._led_count = led_count
-        super().__init__({
+        if not isinstance(blink_bit, int) or blink_bit < 1:
+            raise TypeError(f"blink_bit must be a positive integer, not {blink_bit!r}")
+        self._blink_bit = blink_bit
+        self._loader = None
+        ports = {
             "rx": In(1, init=1),
             "tx": Out(1, init=1),
             "leds": Out(max(led_count, 1)),
             "overrun": Out(1),
-        })
+            "weights": Out(3),
+        }
+        if self._network.load_words:
+            if loader is None:
+                raise TypeError("a network with SPRAM layers needs the loader's parameters (header, expected_crc, "
+                                "offset, wake_cycles)")
+            self._loader = SPIFlashLoader(payload_bytes=2 * self._network.load_words, **loader)
+            ports.update(flash_cs=Out(1), flash_clk=Out(1), flash_copi=Out(1), flash_cipo=In(1))
+        super().__init__(ports)
 
     @property
     def network(self) -> NetworkTop:
@@ -81,6 +113,11 @@ class UARTBoardTop(wiring.Component):
     @property
     def divisor(self) -> int:
         return self._receiver.divisor
+
+    @property
+    def loader(self) -> SPIFlashLoader | None:
+        """The flash loader of the SPRAM layers (None: every weight is in the bitstream)."""
+        return self._loader
 
     @property
     def input_cycles_per_image(self) -> int:
@@ -152,16 +189,43 @@ class UARTBoardTop(wiring.Component):
                 classes_out.r_en.eq(class_take),
             ]
 
-        # Command decoder: outside an image every byte is a command; inside, a pixel.
+        # The weights' state, in the UART's domain: the loader sets its status a cycle before
+        # `done`, and `done` is synchronized one stage later than the status bits, so the state
+        # read here never mixes bits of two values.
+        if self._loader is None:
+            m.d.comb += self.weights.eq(WEIGHTS_READY)
+        else:
+            loader = self._loader
+            m.submodules.loader = (loader if self._network_domain == "sync"
+                                   else DomainRenamer({"sync": self._network_domain})(loader))
+            m.d.comb += [
+                self.flash_cs.eq(loader.spi_cs), self.flash_clk.eq(loader.spi_clk),
+                self.flash_copi.eq(loader.spi_copi), loader.spi_cipo.eq(self.flash_cipo),
+                network.load_valid.eq(loader.o_valid), network.load_data.eq(loader.o_data),
+            ]
+            status, done = Signal(3), Signal()
+            m.submodules.status_sync = FFSynchronizer(loader.status, status, o_domain="sync")
+            m.submodules.done_sync = FFSynchronizer(loader.done, done, o_domain="sync", stages=3)
+            m.d.comb += self.weights.eq(Mux(done, status, WEIGHTS_LOADING))
+        weights_ready = Signal()
+        m.d.comb += weights_ready.eq(self.weights == WEIGHTS_READY)
+
+        # Command decoder: outside an image every byte is a command; inside, a pixel. An image
+        # that arrives while the weights are not ready is consumed and dropped (`discarding`).
         remaining = Signal(range(model.in_features + 1))
+        discarding = Signal()
         identify_pending = Signal()
         with m.If(remaining == 0):
             m.d.comb += receiver.o.ready.eq(1)
             with m.If(receiver.o.valid):
                 with m.If(receiver.o.payload == IMAGE):
-                    m.d.sync += remaining.eq(model.in_features)
+                    m.d.sync += [remaining.eq(model.in_features), discarding.eq(~weights_ready)]
                 with m.Elif(receiver.o.payload == IDENTIFY):
                     m.d.sync += identify_pending.eq(1)
+        with m.Elif(discarding):
+            m.d.comb += receiver.o.ready.eq(1)
+            with m.If(receiver.o.valid):
+                m.d.sync += remaining.eq(remaining - 1)
         with m.Else():
             m.d.comb += [pixel_valid.eq(receiver.o.valid), receiver.o.ready.eq(pixel_ready)]
             with m.If(receiver.o.valid & pixel_ready):
@@ -174,11 +238,21 @@ class UARTBoardTop(wiring.Component):
         with m.If(class_take):
             m.d.sync += [class_index.eq(class_data), class_pending.eq(1)]
         if self._led_count:
-            m.d.comb += self.leds.eq(class_index[:self._led_count])
+            blink = Signal(self._blink_bit + 1)
+            m.d.sync += blink.eq(blink + 1)
+            failed = (self.weights != WEIGHTS_READY) & (self.weights != WEIGHTS_LOADING)
+            with m.If(weights_ready):
+                m.d.comb += self.leds.eq(class_index[:self._led_count])
+            with m.Elif(failed):
+                m.d.comb += self.leds.eq(Mux(blink[-1], (1 << self._led_count) - 1, 0))
 
-        # Replies: an identity is sent whole, so a class byte never lands inside it.
-        identity_rom = Array(Const(byte, 8) for byte in self._identity)
+        # Replies: an identity is sent whole, so a class byte never lands inside it. Its last
+        # byte is the weights' state, as it is when the reply starts.
+        identity_weights = Signal(8)
+        identity_rom = Array([*(Const(byte, 8) for byte in self._identity[:-1]), identity_weights])
         identity_index = Signal(range(len(self._identity)))
+        with m.If(identity_index == 0):
+            m.d.sync += identity_weights.eq(self.weights)
         sending_identity = Signal()
         sent = transmitter.i.valid & transmitter.i.ready
         with m.If(sending_identity):

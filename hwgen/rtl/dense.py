@@ -9,8 +9,14 @@ from amaranth.lib.wiring import In, Out
 from ..ir import DenseLayer, signed_width
 from .arith import (MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, register_copies,
                     rom_shapes, tree_stages)
+from .spram import SPRAM_WIDTH, SPRAMWeights, spram_columns
 
-__all__ = ["FoldedDense", "tree_levels_for", "weight_words", "channel_words", "uses_pair_signs", "pair_sign_corrections"]
+__all__ = ["FoldedDense", "tree_levels_for", "weight_words", "spram_load_words", "channel_words", "uses_pair_signs",
+           "pair_sign_corrections", "WEIGHT_MEMORIES"]
+
+#: Where a layer's weights live: ``"rom"`` (block RAM or LUTs, contents in the bitstream) or
+#: ``"spram"`` (iCE40UP SPRAM blocks, written at power-up through the layer's load ports).
+WEIGHT_MEMORIES = ("rom", "spram")
 
 #: Adder-tree levels between pipeline registers. Measured on ECP5 (nextpnr, README "Pipelining"):
 #: three levels of carry-chain adders after a registered block-RAM output stay inside the clock
@@ -94,6 +100,15 @@ def weight_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
     return [int.from_bytes(row.tobytes(), "little") for row in rows.view(np.uint8)]
 
 
+def spram_load_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
+    """The 16-bit words that load the layer's SPRAM weight memory, in load order: row by row
+    (:func:`weight_words`), each row's columns from its least significant 16 bits up."""
+    width = pe * simd * layer.weight_bits
+    mask = (1 << SPRAM_WIDTH) - 1
+    return [(word >> (SPRAM_WIDTH * column)) & mask for word in weight_words(layer, pe, simd)
+            for column in range(spram_columns(width))]
+
+
 def channel_words(values, pe: int, width: int) -> list[int]:
     """Per-channel constant ROM contents: word ``f_out`` holds PE two's-complement values of ``width`` bits."""
     mask = (1 << width) - 1
@@ -144,6 +159,11 @@ class FoldedDense(wiring.Component):
         Only the per-image cycle formula depends on it.
     tree_levels : int
         Adder levels between pipeline registers in the lanes' trees.
+    weight_memory : str
+        ``"rom"``: the weights are a ROM in the bitstream (block RAM, or LUTs when small).
+        ``"spram"``: they live in SB_SPRAM256KA blocks (:class:`~hwgen.rtl.spram.SPRAMWeights`),
+        which start empty and are written through the ``load_*`` ports before the first image,
+        in the order of :func:`spram_load_words`. The pipeline and its formulas are the same.
 
     Attributes
     ----------
@@ -151,10 +171,16 @@ class FoldedDense(wiring.Component):
         Input elements, element ``k`` of a beat in bits ``[k * input_bits, (k + 1) * input_bits)``.
     o : ``Out(stream.Signature(PE * output_bits))``
         Output elements for channels ``f_out * PE + p``, ``p`` in beat order.
+    load_valid, load_row, load_column, load_data
+        With ``weight_memory="spram"`` only: see :class:`~hwgen.rtl.spram.SPRAMWeights`.
     """
 
     def __init__(self, layer: DenseLayer, *, pe: int, simd: int, vectors: int = 1,
-                 tree_levels: int = DEFAULT_TREE_LEVELS):
+                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memory: str = "rom"):
+        if weight_memory not in WEIGHT_MEMORIES:
+            raise ValueError(f"layer {layer.name!r}: weight_memory must be one of {', '.join(WEIGHT_MEMORIES)}, "
+                             f"not {weight_memory!r}")
+        self._weight_memory = weight_memory
         check_positive_int("pe", pe)
         check_positive_int("simd", simd)
         check_positive_int("vectors", vectors)
@@ -170,11 +196,15 @@ class FoldedDense(wiring.Component):
         self._layer = layer
         self._pe = pe
         self._simd = simd
-        super().__init__({
+        ports = {
             "i": In(stream.Signature(unsigned(simd * layer.input_bits))),
             "o": Out(stream.Signature(unsigned(pe * (1 if layer.output_kind == "threshold"
                                                      else signed_width(layer.acc_min, layer.acc_max))))),
-        })
+        }
+        if weight_memory == "spram":
+            ports.update(load_valid=In(1), load_row=In(range(self.weight_depth)),
+                         load_column=In(range(spram_columns(self.weight_width))), load_data=In(SPRAM_WIDTH))
+        super().__init__(ports)
 
     @property
     def layer(self) -> DenseLayer:
@@ -187,6 +217,26 @@ class FoldedDense(wiring.Component):
     @property
     def simd(self) -> int:
         return self._simd
+
+    @property
+    def weight_memory(self) -> str:
+        """Where the weights live: ``"rom"`` or ``"spram"``."""
+        return self._weight_memory
+
+    @property
+    def weight_width(self) -> int:
+        """Bits of one weight word: PE rows of SIMD weights."""
+        return self._pe * self._simd * self._layer.weight_bits
+
+    @property
+    def weight_depth(self) -> int:
+        """Weight words: ``(N_in / SIMD) * (N_out / PE)``."""
+        return self.input_beats * self.output_beats
+
+    @property
+    def load_words(self) -> int:
+        """16-bit words that load an SPRAM weight memory (0 for a ROM)."""
+        return self.weight_depth * spram_columns(self.weight_width) if self._weight_memory == "spram" else 0
 
     @property
     def input_beats(self) -> int:
@@ -275,8 +325,11 @@ class FoldedDense(wiring.Component):
         width = simd * layer.input_bits
         shapes = [MemoryShape(f"buffer{index}", 2 * self.input_beats, min(BUFFER_SLICE_BITS, width - low), rom=False)
                   for index, low in enumerate(range(0, width, BUFFER_SLICE_BITS))]
-        shapes += [MemoryShape("outputs", self.output_queue_depth - 1, pe * self.output_element_bits, rom=False),
-                   *rom_shapes("weights", self.input_beats * self.output_beats, pe * simd * layer.weight_bits)]
+        shapes.append(MemoryShape("outputs", self.output_queue_depth - 1, pe * self.output_element_bits, rom=False))
+        if self._weight_memory == "spram":
+            shapes.append(MemoryShape("weights", self.weight_depth, self.weight_width, rom=False, spram=True))
+        else:
+            shapes += rom_shapes("weights", self.weight_depth, self.weight_width)
         if self.start_values is not None:
             shapes += rom_shapes("start", self.output_beats, pe * self.accumulator_shape.width)
         return shapes
@@ -465,8 +518,15 @@ class FoldedDense(wiring.Component):
             m.d.sync += reserved.eq(reserved + 1)
         with m.Elif(departing & ~closing):
             m.d.sync += reserved.eq(reserved - 1)
-        weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), pe * simd * layer.weight_bits,
-                               weight_addr, Const(1))
+        if self._weight_memory == "spram":
+            m.submodules.weights = weights = SPRAMWeights(self.weight_width, self.weight_depth)
+            m.d.comb += [weights.read_addr.eq(weight_addr), weights.load_valid.eq(self.load_valid),
+                         weights.load_row.eq(self.load_row), weights.load_column.eq(self.load_column),
+                         weights.load_data.eq(self.load_data)]
+            weight_data = weights.read_data
+        else:
+            weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), self.weight_width, weight_addr,
+                                   Const(1))
         with m.If(fire):
             m.d.sync += [weight_addr.eq(Mux(in_last & out_last, 0, weight_addr + 1)), in_first.eq(in_last)]
             with m.If(in_last):

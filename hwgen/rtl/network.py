@@ -4,14 +4,14 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 from amaranth.back import verilog
-from amaranth.hdl import Module
+from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..errors import UserError
 from ..ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from .arith import divisors
-from .dense import DEFAULT_TREE_LEVELS, FoldedDense
+from .dense import DEFAULT_TREE_LEVELS, WEIGHT_MEMORIES, FoldedDense, spram_load_words
 from .pool import MaxPool
 from .requant import Requantizer
 from .resize import StreamResizer
@@ -131,13 +131,24 @@ class NetworkTop(wiring.Component):
     tree_levels : int
         Adder levels between pipeline registers in every layer's lanes (:func:`tree_levels_for`
         picks it for an FPGA family).
+    weight_memories : sequence of str, optional
+        Per dense or convolution layer, where its weights live (``"rom"`` or ``"spram"``, see
+        :class:`FoldedDense`); default all ``"rom"``. With any ``"spram"`` layer the top has the
+        ports ``load_valid`` and ``load_data`` (16 bits): the words of :func:`spram_load_image`, one
+        per ``load_valid`` cycle, in order, before the first image.
     """
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
-                 tree_levels: int = DEFAULT_TREE_LEVELS):
+                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None):
         layers = compute_layers(model)
         if len(folds) != len(layers):
             raise ValueError(f"{len(folds)} folds for {len(layers)} dense/conv layers")
+        weight_memories = list(weight_memories) if weight_memories is not None else ["rom"] * len(layers)
+        if len(weight_memories) != len(layers) or any(memory not in WEIGHT_MEMORIES for memory in weight_memories):
+            raise ValueError(f"weight_memories must give one of {', '.join(WEIGHT_MEMORIES)} for each of the "
+                             f"{len(layers)} dense/conv layers, not {weight_memories!r}")
+        self._weight_memories = weight_memories
+        memory_iter = iter(weight_memories)
         self._model = model
         self._folds = [Fold(*fold) for fold in folds]
         self._spatial = len(layers) != len(model.layers) or any(isinstance(l, Conv2dLayer) for l in layers)
@@ -165,7 +176,7 @@ class NetworkTop(wiring.Component):
                 if isinstance(layer, Conv2dLayer):
                     dense, vectors = layer.dense, layer.out_shape[0] * layer.out_shape[1]
                     compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors,
-                                          tree_levels=tree_levels)
+                                          tree_levels=tree_levels, weight_memory=next(memory_iter))
                     channels = layer.in_shape[2]
                     regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
                     window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
@@ -179,7 +190,8 @@ class NetworkTop(wiring.Component):
                     regroup(layer.name, layer.input_bits, fold.simd, dense.in_features * vectors, "SIMD")
                 else:
                     dense, vectors = layer, 1
-                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, tree_levels=tree_levels)
+                    compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, tree_levels=tree_levels,
+                                          weight_memory=next(memory_iter))
                     if incoming is not None and not _compatible(incoming, fold.simd):
                         raise ValueError(
                             f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
@@ -210,8 +222,10 @@ class NetworkTop(wiring.Component):
         for name, index in self._probe_stages.items():
             probe_ports[f"probe_{name}_data"] = Out(len(stages[index].o.payload))
             probe_ports[f"probe_{name}_valid"] = Out(1)
+        load_ports = {"load_valid": In(1), "load_data": In(16)} if self.load_words else {}
         super().__init__({
             **probe_ports,
+            **load_ports,
             "s_axis_tdata": In(len(first.i.payload)),
             "s_axis_tvalid": In(1),
             "s_axis_tready": Out(1),
@@ -243,6 +257,21 @@ class NetworkTop(wiring.Component):
     @property
     def compute_stages(self) -> list[FoldedDense]:
         return [stage for stage in self._stages if isinstance(stage, FoldedDense)]
+
+    @property
+    def weight_memories(self) -> list[str]:
+        """Where each dense or convolution layer's weights live (``"rom"`` or ``"spram"``)."""
+        return list(self._weight_memories)
+
+    @property
+    def spram_stages(self) -> list[FoldedDense]:
+        """The layers whose weights are loaded into SPRAM, in load order."""
+        return [stage for stage in self.compute_stages if stage.weight_memory == "spram"]
+
+    @property
+    def load_words(self) -> int:
+        """16-bit words the SPRAM weight memories take at power-up (0: none)."""
+        return sum(stage.load_words for stage in self.spram_stages)
 
     @property
     def input_elements_per_beat(self) -> int:
@@ -305,18 +334,47 @@ class NetworkTop(wiring.Component):
             self.m_axis_tvalid.eq(last.o.valid),
             last.o.ready.eq(self.m_axis_tready),
         ]
+        self._elaborate_load(m)
         for name, index in self._probe_stages.items():
             out = self._stages[index].o
             m.d.comb += [getattr(self, f"probe_{name}_data").eq(out.payload),
                          getattr(self, f"probe_{name}_valid").eq(out.valid & out.ready)]
         return m
 
+    def _elaborate_load(self, m: Module) -> None:
+        """Steer the load words to the SPRAM layers: each takes its rows, column by column, in turn."""
+        stages = self.spram_stages
+        if not stages:
+            return
+        current = Signal(range(len(stages) + 1))
+        row = Signal(range(max(stage.weight_depth for stage in stages)))
+        column = Signal(range(max(stage.load_words // stage.weight_depth for stage in stages)))
+        for index, stage in enumerate(stages):
+            columns = stage.load_words // stage.weight_depth
+            m.d.comb += [stage.load_valid.eq(self.load_valid & (current == index)), stage.load_row.eq(row),
+                         stage.load_column.eq(column), stage.load_data.eq(self.load_data)]
+            with m.If(self.load_valid & (current == index)):
+                with m.If(column == columns - 1):
+                    m.d.sync += column.eq(0)
+                    with m.If(row == stage.weight_depth - 1):
+                        m.d.sync += [row.eq(0), current.eq(index + 1)]
+                    with m.Else():
+                        m.d.sync += row.eq(row + 1)
+                with m.Else():
+                    m.d.sync += column.eq(column + 1)
+
+
+def spram_load_image(top: NetworkTop) -> list[int]:
+    """The 16-bit words ``top``'s ``load_data`` takes: each SPRAM layer's :func:`spram_load_words`,
+    in network order."""
+    return [word for stage in top.spram_stages for word in spram_load_words(stage.layer, stage.pe, stage.simd)]
+
 
 def build_top(model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
-              tree_levels: int = DEFAULT_TREE_LEVELS) -> NetworkTop:
+              tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None) -> NetworkTop:
     """Construct the top, turning a fold that does not fit the model into a :class:`UserError`."""
     try:
-        return NetworkTop(model, folds, probes=probes, tree_levels=tree_levels)
+        return NetworkTop(model, folds, probes=probes, tree_levels=tree_levels, weight_memories=weight_memories)
     except (ValueError, TypeError) as error:
         raise UserError(f"--fold {','.join(map(str, folds))}: {error}") from None
 
