@@ -34,10 +34,11 @@ from hwgen import golden
 from hwgen.boards import load_board
 from hwgen.data import load_dataset
 from hwgen.errors import UserError
-from hwgen.fit import auto_folds
+from hwgen.fit import Estimate, auto_folds
 from hwgen.ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from hwgen.rtl.dense import tree_levels_for
 from hwgen.rtl.network import Fold, NetworkTop, compute_layers, default_folds, generate_verilog
+from hwgen.rtl.spram import SPRAM_PRIMITIVE
 from hwgen.synth import lut4s, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,10 +165,11 @@ def bench_golden_vs_torch(model: IntegerModel, images: np.ndarray) -> dict:
             "golden_over_torch": round(torch_s / golden_s, 3)}
 
 
-def board_folds(model: IntegerModel, board_name: str) -> tuple[list[Fold] | None, str]:
-    """``--fold auto``'s choice on ``board_name``; ``None`` and the reason when no folding fits."""
+def board_folds(model: IntegerModel, board_name: str) -> tuple[Estimate | None, str]:
+    """``--fold auto``'s choice on ``board_name`` (folds and weight placement); ``None`` and the
+    reason when no folding fits."""
     try:
-        return auto_folds(model, load_board(board_name)).folds, "auto"
+        return auto_folds(model, load_board(board_name)), "auto"
     except UserError as error:
         return None, str(error)
 
@@ -178,7 +180,8 @@ def bench_network(name: str, model: IntegerModel) -> dict:
 
     # --fold auto once per board: the II is measured at the ULX3S's folds, synthesis uses each board's.
     choices = {board: board_folds(model, board) for board in FAMILIES_BOARDS}
-    folds = choices[FAMILIES["ecp5"][0]][0] or default_folds(model)
+    ecp5_choice = choices[FAMILIES["ecp5"][0]][0]
+    folds = ecp5_choice.folds if ecp5_choice else default_folds(model)
     seconds, verilog = timed(lambda: generate_verilog(NetworkTop(model, folds)), repeat=2)
     top = NetworkTop(model, folds)
     images = np.random.default_rng(0).integers(0, 256, (12, model.in_features)).astype(np.uint8)
@@ -191,18 +194,22 @@ def bench_network(name: str, model: IntegerModel) -> dict:
               "ii_ideal": round(macs / lanes, 1)}
     all_binary = all(layer.weight_kind == "binary" for layer in compute_layers(model))
     for family, (board, ff, bram, dsp) in FAMILIES.items():
-        board_fold, choice = choices[board]
-        if board_fold is None:
+        board_est, choice = choices[board]
+        if board_est is None:
             result[board] = {"fits": False, "why": choice}
             continue
+        board_fold = board_est.folds
         start = time.perf_counter()
-        board_top = NetworkTop(model, board_fold, tree_levels=tree_levels_for(family))
+        board_top = NetworkTop(model, board_fold, tree_levels=tree_levels_for(family),
+                               weight_memories=board_est.weight_memories)
         text = generate_verilog(board_top)
         cells = synthesize(text, "hwgen_network", family)
         result[board] = {"fits": True, "fold_choice": choice, "folds": [str(f) for f in board_fold],
+                         "weight_memories": board_est.weight_memories,
                          "ii_formula": board_top.cycles_per_image, "macs": macs,
                          "luts": lut4s(cells, family), "ffs": sum(v for k, v in cells.items() if k.startswith(ff)),
                          "brams": cells.get(bram, 0), "dsps": cells.get(dsp, 0),
+                         "sprams": cells.get(SPRAM_PRIMITIVE, 0), "estimate": board_est.total.as_dict(),
                          "synth_s": round(time.perf_counter() - start, 1)}
         if all_binary:
             binary_lanes = sum(fold.pe * fold.simd for fold in board_fold)
@@ -210,10 +217,12 @@ def bench_network(name: str, model: IntegerModel) -> dict:
     return result
 
 
-def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dict], jobs: int) -> None:
+def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dict], jobs: int,
+                        finished=lambda: None) -> None:
     """Item 5's Fmax: ``hwgen build`` (yosys + nextpnr, bitstream) of every network on every board
-    it fits, at the folds synthesized above, ``jobs`` builds at a time; results go into ``networks``."""
-    from concurrent.futures import ThreadPoolExecutor
+    it fits, at the folds synthesized above, ``jobs`` builds at a time; results go into ``networks``,
+    and ``finished()`` is called after each build (so that results are saved as they come)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     builds = [(name, board) for name, row in networks.items() for board in FAMILIES_BOARDS if row[board]["fits"]]
 
@@ -221,12 +230,13 @@ def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dic
         output = WORK / "boards" / f"{name}-{board}"
         try:
             hwgen("build", str(WORK / "boards" / f"{name}.npz"), "--board", board, "--fold", ",".join(networks[name][board]["folds"]),
-                  "-o", str(output))
+                  "--weight-memory", ",".join(networks[name][board]["weight_memories"]), "-o", str(output))
         except SystemExit as failure:          # a design the estimate passed but nextpnr refused is a result
             return {"pnr_error": str(failure)[-600:]}
         report = json.loads((output / "hwgen_report.json").read_text())
         row = {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"],
-               "images_per_s_at_fmax": round(report["images_per_s_at_fmax"] or 0)}
+               "images_per_s_at_fmax": round(report["images_per_s_at_fmax"] or 0),
+               "weight_image": report.get("weight_image")}
         row["macs_per_s_per_lut"] = round(macs_per_s_per_lut(
             networks[name]["macs"], row["images_per_s_at_fmax"], report["placed"]["luts"]["used"]))
         return row
@@ -236,9 +246,11 @@ def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dic
         models[name].save(WORK / "boards" / f"{name}.npz")
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(build, name, board): (name, board) for name, board in builds}
-        for future, (name, board) in futures.items():
+        for future in as_completed(futures):
+            name, board = futures[future]
             networks[name][board].update(future.result())
             print(f"  {name} on {board}: Fmax {networks[name][board].get('fmax_mhz')} MHz", flush=True)
+            finished()
 
 
 def bench_layers(model: IntegerModel) -> list[dict]:
@@ -364,14 +376,23 @@ def readme_table(results: dict) -> str:
         if not row["fits"]:
             return "no folding fits (estimate)"
         cell = f"{row['luts']:,}, {row['ffs']:,}, {row['brams']}, {row['dsps']}"
+        if row.get("sprams"):
+            cell += f", {row['sprams']} SPRAM"
         if row["fold_choice"] == "auto":
-            cell = f"`--fold auto` {' '.join(row['folds'])} (II {row['ii_formula']}): {cell}"
+            spram = [str(i) for i, memory in enumerate(row.get("weight_memories", [])) if memory == "spram"]
+            where = f", weights of layer {'+'.join(spram)} in SPRAM" if spram else ""
+            cell = f"`--fold auto` {' '.join(row['folds'])} (II {row['ii_formula']}{where}): {cell}"
         if "pnr_error" in row:
             return cell + "; place and route failed (see bench/results.json)"
         if "placed" in row:
             placed = row["placed"]
             cell += (f"; placed {placed['luts']['used']:,} LUT, {placed['bram_blocks']['used']} BRAM, "
-                     f"{placed['dsps']['used']} DSP; **Fmax {row['fmax_mhz']:.1f} MHz**")
+                     f"{placed['dsps']['used']} DSP")
+            if "spram_blocks" in placed and placed["spram_blocks"]["used"]:
+                cell += f", {placed['spram_blocks']['used']} SPRAM"
+            cell += f"; **Fmax {row['fmax_mhz']:.1f} MHz**"
+            if row.get("weight_image"):
+                cell += f", weights loaded from flash in {row['weight_image']['load_ms_at_network_clock']} ms"
             if row.get("macs_per_s_per_lut") is not None:
                 cell += (f", {row['images_per_s_at_fmax']:,} images/s, "
                          f"**{row['macs_per_s_per_lut'] / 1e6:.2f} M MACs/s per LUT**")
@@ -424,12 +445,20 @@ def main(argv: list[str] | None = None) -> None:
     print("resources per stage, popcount comparison ...", flush=True)
     results["mlp_binary_stages_ecp5"] = bench_layers(models["mlp-binary"])
     results["popcount"] = bench_popcount()
+
+    def save() -> None:
+        """results.json and the README table as they stand (rewritten after each build)."""
+        staging = RESULTS.with_suffix(".json.partial")
+        staging.write_text(json.dumps(results, indent=2) + "\n")
+        staging.replace(RESULTS)
+        rewrite_readme(readme_table(results))
+
+    save()
     if args.pnr:
         print("place and route (hwgen build, 2 at a time) ...", flush=True)
-        place_and_route_all(models, results["networks"], jobs=2)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        place_and_route_all(models, results["networks"], jobs=2, finished=save)
+    save()
     plots(results)
-    rewrite_readme(readme_table(results))
     print(json.dumps(results, indent=2))
 
 
