@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -398,9 +399,12 @@ def sim(model_path, fold, images, stall, seed, dataset, data_dir, float_inputs, 
               help="Simulator processes to split the images across.")
 @click.option("--stall", type=click.FloatRange(0, 0.95), default=0.0, show_default=True,
               help="Probability of a stall cycle on each stream end (0: full speed, exact II).")
+@click.option("--address", default=None,
+              help="Shard the images over a Ray cluster (auto, ray://host:10001, host:6379), or 'local' for a "
+                   "Ray on this machine: --jobs x 4 chunks as Ray tasks.")
 @_test_set_options
 @click.option("--build-dir", type=click.Path(file_okay=False), default="build/verify", show_default=True)
-def verify(model_path, fold, images, jobs, stall, dataset, data_dir, float_inputs, build_dir) -> None:
+def verify(model_path, fold, images, jobs, stall, address, dataset, data_dir, float_inputs, build_dir) -> None:
     """Every test image through the RTL (Verilator, clock in the simulation), every output vs golden.
 
     On a mismatch, the first failing image is rerun with every layer probed: the command names
@@ -416,11 +420,32 @@ def verify(model_path, fold, images, jobs, stall, dataset, data_dir, float_input
     folds = parse_folds(fold, model)
     x, _, name = _test_images(model, dataset, data_dir, images, float_inputs)
     click.echo(f"building the simulator (Verilator) in {build_dir} ...")
-    with tqdm(total=len(x), unit="image", desc=f"{name} through the RTL", disable=None) as bar:
-        report = verify_all(model, folds, x, build_dir, jobs=jobs, stall=stall, progress=bar.update)
+    with _ray_session(address), tqdm(total=len(x), unit="image", desc=f"{name} through the RTL", disable=None) as bar:
+        report = verify_all(model, folds, x, build_dir, jobs=jobs, stall=stall, progress=bar.update, address=address)
     click.echo(report.summary())
     if not report.ok:
         sys.exit(1)
+
+
+@contextmanager
+def _ray_session(address: str | None):
+    """Ray connected for the block (``address``: a cluster, or ``local``); nothing without one."""
+    if address is None:
+        yield
+        return
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--address needs Ray, which is not installed: pip install 'hwgen[cluster]'") from None
+    try:
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise UserError(f"--address {address}: cannot connect to Ray ({error})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _network_clock(board, clock: str | None) -> float | None:
@@ -434,23 +459,6 @@ def _network_clock(board, clock: str | None) -> float | None:
     except ValueError:
         raise UserError(f"--clock {clock!r}: give a frequency in MHz (e.g. 48) or 'board'") from None
     return network_clock_hz(board, mhz)
-
-
-def _weight_memories(text: str, model, board) -> list[str] | None:
-    """``--weight-memory``: None for ``auto``, else one of rom/spram per dense or conv layer."""
-    from .rtl.dense import WEIGHT_MEMORIES
-    from .rtl.network import compute_layers
-
-    if text == "auto":
-        return None
-    layers = compute_layers(model)
-    memories = [item.strip().lower() for item in text.split(",")]
-    if len(memories) != len(layers) or any(memory not in WEIGHT_MEMORIES for memory in memories):
-        raise UserError(f"--weight-memory {text!r}: give 'auto' or one of {'/'.join(WEIGHT_MEMORIES)} for each of "
-                        f"the {len(layers)} dense/conv layers ({', '.join(layer.name for layer in layers)})")
-    if "spram" in memories and not board.budget.spram_blocks:
-        raise UserError(f"--weight-memory: {board.name} has no SPRAM; use rom for every layer")
-    return memories
 
 
 def _board_folds(model, fold: str, board, target_fps: float | None = None, clock_hz: float | None = None,
@@ -493,6 +501,7 @@ def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, 
     """Build for a board: Verilog, board top (UART in/out, LEDs), constraints, bitstream, report."""
     from .boards import ASIC, load_board
     from .build import build_asic, build_board
+    from .fit import parse_weight_memories
     from .ir import IntegerModel
     from .rtl.network import parse_folds
 
@@ -506,7 +515,7 @@ def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, 
         return
     board = load_board(board_name)
     network_hz = _network_clock(board, clock)
-    est = _board_folds(model, fold, board, target_fps, network_hz, _weight_memories(weight_memory, model, board))
+    est = _board_folds(model, fold, board, target_fps, network_hz, parse_weight_memories(weight_memory, model, board))
     click.echo(f"{board.description}: folds {', '.join(map(str, est.folds))} "
                f"({est.cycles_per_image} cycles per image); estimate {est.total.as_dict()}; network clock "
                f"{(network_hz or board.clock_hz) / 1e6:g} MHz ({'PLL' if network_hz else 'board oscillator'})")
@@ -516,6 +525,31 @@ def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, 
                          run_tools=not no_pnr, network_hz=network_hz)
     click.echo((result.folder / "REPORT.md").read_text())
     click.echo(f"wrote {result.folder}")
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True,
+              help="Results folder: results.jsonl (one row per point, appended as points finish), results.md, "
+                   "pareto.png, and the builds.")
+@click.option("--address", default=None,
+              help="A running Ray cluster (auto, ray://host:10001 or host:6379); default: a local Ray with a worker "
+                   "per core.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Workers of the local Ray (default: one per core).")
+def sweep(spec_path, output, address, workers) -> None:
+    """Run a design-space sweep (models x foldings x boards) as Ray tasks; a rerun skips finished points."""
+    from .sweep import load_spec, run_sweep
+
+    points = load_spec(spec_path)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("hwgen sweep runs on Ray, which is not installed: pip install 'hwgen[cluster]'") from None
+    rows = run_sweep(points, output, address=address, num_cpus=workers)
+    failed = [row for row in rows if "error" in row]
+    click.echo((Path(output) / "results.md").read_text())
+    click.echo(f"{len(rows)} points, {len(failed)} failed; rows in {Path(output) / 'results.jsonl'}")
 
 
 @cli.command("board-sim")
@@ -540,13 +574,14 @@ def board_sim(model_path, board_name, fold, images, divisor, weight_memory, flas
     a simulated SPI flash, and images are sent once the board no longer reports loading."""
     from . import golden
     from .boards import load_board
+    from .fit import parse_weight_memories
     from .ir import IntegerModel
     from .protocol import WEIGHTS_STATES, identity
     from sim.board import BoardSimulator
 
     model = IntegerModel.load(model_path)
     board = load_board(board_name)
-    est = _board_folds(model, fold, board, weight_memories=_weight_memories(weight_memory, model, board))
+    est = _board_folds(model, fold, board, weight_memories=parse_weight_memories(weight_memory, model, board))
     x, y, name = _test_images(model, dataset, data_dir, images, float_inputs)
     simulator = BoardSimulator(model, est.folds, build_dir, divisor=divisor, led_count=len(board.led_pins),
                                weight_memories=est.weight_memories)

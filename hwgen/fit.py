@@ -18,7 +18,7 @@ from .boards import Board, Budget
 from .errors import UserError
 from .ir import Conv2dLayer, IntegerModel, signed_width
 from .rtl.arith import LUT_ROM_GROUP_BITS, MemoryShape, divisors, rom_in_luts
-from .rtl.dense import PAIR_BITS, FoldedDense, tree_levels_for
+from .rtl.dense import PAIR_BITS, WEIGHT_MEMORIES, FoldedDense, tree_levels_for
 from .rtl.spram import SPRAM_WIDTH, spram_banks, spram_blocks
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
@@ -27,7 +27,7 @@ from .rtl.scores import ScoreSerializer
 from .rtl.window import SlidingWindow
 
 __all__ = ["Resources", "StageEstimate", "Estimate", "estimate", "check_fit", "auto_folds", "fit_folds",
-           "weight_placements", "RESOURCE_NAMES"]
+           "weight_placements", "parse_weight_memories", "RESOURCE_NAMES"]
 
 RESOURCE_NAMES = {"luts": "LUTs", "ffs": "flip-flops", "dsps": "DSP multipliers", "bram_blocks": "block RAMs",
                   "spram_blocks": "SPRAM blocks"}
@@ -378,6 +378,20 @@ def _interval_for(target_fps: float, board: Board, clock_hz: float, floor: int, 
                         f"takes at least {best} cycles per image even fully unfolded, at most "
                         f"{clock_hz / best:,.0f} images/s")
     return interval
+
+
+def parse_weight_memories(text: str, model: IntegerModel, board: Board) -> list[str] | None:
+    """``--weight-memory``: None for ``auto``, else one of rom/spram per dense or conv layer."""
+    if text == "auto":
+        return None
+    layers = compute_layers(model)
+    memories = [item.strip().lower() for item in text.split(",")]
+    if len(memories) != len(layers) or any(memory not in WEIGHT_MEMORIES for memory in memories):
+        raise UserError(f"--weight-memory {text!r}: give 'auto' or one of {'/'.join(WEIGHT_MEMORIES)} for each of "
+                        f"the {len(layers)} dense/conv layers ({', '.join(layer.name for layer in layers)})")
+    if "spram" in memories and not board.budget.spram_blocks:
+        raise UserError(f"--weight-memory: {board.name} has no SPRAM; use rom for every layer")
+    return memories
 
 
 def weight_placements(model: IntegerModel, board: Board) -> list[list[str]]:

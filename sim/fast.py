@@ -89,8 +89,9 @@ class BatchSimulator:
 
     def run_split(self, images: np.ndarray, *, jobs: int = 2, chunks: int | None = None,
                   stall_in: float = 0.0, stall_out: float = 0.0,
-                  progress: Callable[[int], None] | None = None) -> list[BatchRun]:
-        """Split ``images`` into chunks and run them in ``jobs`` simulator processes at once.
+                  progress: Callable[[int], None] | None = None, address: str | None = None) -> list[BatchRun]:
+        """Split ``images`` into chunks and run them in ``jobs`` simulator processes at once, or,
+        with a Ray ``address`` (``"local"`` for a Ray on this machine), as Ray tasks.
 
         ``progress`` is called with each finished chunk's image count. Runs come back in image order.
         """
@@ -107,8 +108,41 @@ class BatchSimulator:
                 progress(int(hi - lo))
             return run
 
+        if address is not None:
+            return _run_on_ray(self, images, bounds, run_root, stall_in, stall_out, progress)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             return list(pool.map(one, range(chunks)))
+
+
+def _ray_chunk(model: IntegerModel, folds: list[Fold], build_dir: str, batch: int, images: np.ndarray,
+               first_image: int, run_dir: str, stall_in: float, stall_out: float) -> BatchRun:
+    """One chunk on a Ray worker: the simulator built in ``build_dir`` on that node (once per node;
+    already built on the driver's), then the chunk run."""
+    simulator = BatchSimulator(model, folds, build_dir, batch=batch)
+    return simulator.run(images, run_dir, first_image=first_image, stall_in=stall_in, stall_out=stall_out)
+
+
+def _run_on_ray(simulator: BatchSimulator, images: np.ndarray, bounds: np.ndarray, run_root: Path,
+                stall_in: float, stall_out: float, progress: Callable[[int], None] | None) -> list[BatchRun]:
+    """:meth:`BatchSimulator.run_split`'s chunks as Ray tasks on the Ray the caller initialized."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_ray_chunk)
+    model = ray.put(simulator.model)
+    pending = {}
+    for index in range(len(bounds) - 1):
+        lo, hi = int(bounds[index]), int(bounds[index + 1])
+        reference = task.remote(model, simulator.top.folds, str(simulator.build_dir), simulator.batch,
+                                images[lo:hi], lo, str(run_root / f"chunk{index}"), stall_in, stall_out)
+        pending[reference] = (index, hi - lo)
+    runs: dict[int, BatchRun] = {}
+    while pending:
+        finished, _ = ray.wait(list(pending), num_returns=1)
+        index, count = pending.pop(finished[0])
+        runs[index] = ray.get(finished[0])
+        if progress is not None:
+            progress(count)
+    return [runs[index] for index in sorted(runs)]
 
 
 @dataclass(frozen=True)
@@ -189,20 +223,22 @@ class FullReport:
 
 def verify_all(model: IntegerModel, folds: list[Fold], images: np.ndarray, build_dir: Path | str, *,
                jobs: int = 2, stall: float = 0.0, batch: int = 32, reference: IntegerModel | None = None,
-               progress: Callable[[int], None] | None = None) -> FullReport:
+               progress: Callable[[int], None] | None = None, address: str | None = None) -> FullReport:
     """Every image through the RTL of ``model`` and every output word against the golden model.
 
     ``reference`` is the model the golden run uses (default ``model``). On a mismatch, the first
     failing image is rerun in the per-cycle bench with probes on every layer and a waveform, to
-    name the first layer whose output differs.
+    name the first layer whose output differs. With ``address`` the chunks (``jobs`` × 4) run as
+    tasks on the Ray the caller initialized (see ``hwgen verify --address``).
     """
     reference = reference or model
     images = images.reshape(len(images), -1)
     build_dir = Path(build_dir)
     simulator = BatchSimulator(model, folds, build_dir / "batch", batch=batch)
     start = time.perf_counter()
-    runs = simulator.run_split(images, jobs=jobs, chunks=jobs * 4 if len(images) >= 1000 * jobs else jobs,
-                               stall_in=stall, stall_out=stall, progress=progress)
+    chunks = jobs * 4 if len(images) >= 1000 * jobs or address is not None else jobs
+    runs = simulator.run_split(images, jobs=jobs, chunks=min(chunks, len(images)), stall_in=stall, stall_out=stall,
+                               progress=progress, address=address)
     wall = time.perf_counter() - start
     got = np.concatenate([run.words for run in runs]).view(np.int32).astype(np.int64)
     expected = expected_words(golden.run(reference, images))

