@@ -217,40 +217,37 @@ def bench_network(name: str, model: IntegerModel) -> dict:
     return result
 
 
-def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dict], jobs: int,
-                        finished=lambda: None) -> None:
+def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dict], jobs: int) -> float:
     """Item 5's Fmax: ``hwgen build`` (yosys + nextpnr, bitstream) of every network on every board
-    it fits, at the folds synthesized above, ``jobs`` builds at a time; results go into ``networks``,
-    and ``finished()`` is called after each build (so that results are saved as they come)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    it fits, at the folds and weight placement synthesized above, as a ``hwgen sweep`` on a local
+    Ray of ``jobs`` workers (rows in ``build/bench/sweep/results.jsonl``; a rerun reuses finished
+    builds of unchanged inputs). Results go into ``networks``; returns the wall time in seconds."""
+    from hwgen.sweep import SweepPoint, run_sweep
 
     builds = [(name, board) for name, row in networks.items() for board in FAMILIES_BOARDS if row[board]["fits"]]
-
-    def build(name: str, board: str) -> dict:
-        output = WORK / "boards" / f"{name}-{board}"
-        try:
-            hwgen("build", str(WORK / "boards" / f"{name}.npz"), "--board", board, "--fold", ",".join(networks[name][board]["folds"]),
-                  "--weight-memory", ",".join(networks[name][board]["weight_memories"]), "-o", str(output))
-        except SystemExit as failure:          # a design the estimate passed but nextpnr refused is a result
-            return {"pnr_error": str(failure)[-600:]}
-        report = json.loads((output / "hwgen_report.json").read_text())
-        row = {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"],
-               "images_per_s_at_fmax": round(report["images_per_s_at_fmax"] or 0),
-               "weight_image": report.get("weight_image")}
-        row["macs_per_s_per_lut"] = round(macs_per_s_per_lut(
-            networks[name]["macs"], row["images_per_s_at_fmax"], report["placed"]["luts"]["used"]))
-        return row
-
     (WORK / "boards").mkdir(parents=True, exist_ok=True)
-    for name in {name for name, _ in builds}:       # once each, before builds on two boards read it
-        models[name].save(WORK / "boards" / f"{name}.npz")
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(build, name, board): (name, board) for name, board in builds}
-        for future in as_completed(futures):
-            name, board = futures[future]
-            networks[name][board].update(future.result())
-            print(f"  {name} on {board}: Fmax {networks[name][board].get('fmax_mhz')} MHz", flush=True)
-            finished()
+    points = []
+    for name, board in builds:
+        path = WORK / "boards" / f"{name}.npz"
+        models[name].save(path)
+        row = networks[name][board]
+        points.append(SweepPoint(str(path), board, ",".join(row["folds"]), "pnr",
+                                 weights=",".join(row["weight_memories"])))
+    start = time.perf_counter()
+    rows = run_sweep(points, WORK / "sweep", num_cpus=jobs)
+    wall = time.perf_counter() - start
+    for (name, board), row in zip(builds, rows):
+        if "error" in row:                     # a design the estimate passed but nextpnr refused is a result
+            networks[name][board]["pnr_error"] = row["error"][-600:]
+            continue
+        report = json.loads((Path(row["build"]) / "hwgen_report.json").read_text())
+        result = {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"],
+                  "images_per_s_at_fmax": round(report["images_per_s_at_fmax"] or 0),
+                  "weight_image": report.get("weight_image")}
+        result["macs_per_s_per_lut"] = round(macs_per_s_per_lut(
+            networks[name]["macs"], result["images_per_s_at_fmax"], report["placed"]["luts"]["used"]))
+        networks[name][board].update(result)
+    return wall
 
 
 def bench_layers(model: IntegerModel) -> list[dict]:
@@ -455,8 +452,8 @@ def main(argv: list[str] | None = None) -> None:
 
     save()
     if args.pnr:
-        print("place and route (hwgen build, 2 at a time) ...", flush=True)
-        place_and_route_all(models, results["networks"], jobs=2, finished=save)
+        print("place and route (hwgen sweep on a local Ray, 2 workers) ...", flush=True)
+        results["pnr_wall_s"] = round(place_and_route_all(models, results["networks"], jobs=2))
     save()
     plots(results)
     print(json.dumps(results, indent=2))
