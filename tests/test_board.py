@@ -172,6 +172,20 @@ def test_board_top_with_the_network_on_its_own_clock(digits_board, tmp_path):
     assert all(abs(interval - line) <= 2 for interval in np.diff(run.class_cycles).tolist())
 
 
+def test_board_top_of_a_cnn_that_takes_one_pixel_per_beat(tmp_path):
+    """A one-channel convolution takes one pixel per beat, so the board top's packer passes
+    pixels straight through (its handshake must not loop back on itself); on its own clock."""
+    from helpers import random_cnn
+
+    spec = dict(kernel=3, stride=1, padding=1, weights="binary", output="threshold", pool=2)
+    model = random_cnn(np.random.default_rng(21), (8, 8, 1), [dict(spec, channels=4)], 10)
+    simulator = BoardSimulator(model, default_folds(model), tmp_path, divisor=8, led_count=2, network_period_ps=6100)
+    assert simulator.top.network.input_elements_per_beat == 1
+    images = np.random.default_rng(22).integers(0, 256, (6, 64)).astype(np.uint8)
+    run = simulator.classify(images)
+    assert run.classes == golden.run(model, images).classes.tolist() and not run.overrun
+
+
 def test_host_runs_against_the_simulated_board(digits_board):
     """`hwgen run`'s BoardLink over pyserial's socket:// URL to the board top in Verilator."""
     model, simulator = digits_board

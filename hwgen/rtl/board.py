@@ -154,7 +154,9 @@ class UARTBoardTop(wiring.Component):
         # slots' enables come from registers: through the packer's ready, the network's input
         # handshake reached every slot flip-flop (the ECP5 critical path of a 64-byte packer).
         # One idle cycle per word costs nothing at the UART's rate.
-        packer_free = ~packer.o.valid
+        # A packer of one element per beat passes its stream straight through (o.valid is
+        # i.valid), so there it is free exactly when the network is ready.
+        packer_free = ~packer.o.valid if network.input_elements_per_beat > 1 else packer.i.ready
         if self._network_domain == "sync":
             m.submodules.packer = packer
             m.submodules.network = network
