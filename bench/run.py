@@ -417,11 +417,41 @@ def rewrite_readme(table: str) -> None:
     README.write_text(pattern.sub(lambda _: f"{TABLE_BEGIN}\n{table}\n{TABLE_END}", text))
 
 
+def redo_place_and_route(rows: list[list[str]]) -> None:
+    """Place and route ``[network, board]`` rows of ``results.json`` again (the rest is kept)."""
+    results = json.loads(RESULTS.read_text())
+    networks = results["networks"]
+    for item in rows:
+        if len(item) != 2 or item[0] not in networks or item[1] not in FAMILIES_BOARDS:
+            raise SystemExit(f"--redo-pnr: {':'.join(item)!r} is not NETWORK:BOARD of results.json "
+                             f"({', '.join(networks)}; {', '.join(FAMILIES_BOARDS)})")
+    wanted = {(name, board) for name, board in rows}
+    models = {name: IntegerModel.load(WORK / "boards" / f"{name}.npz") for name, _ in wanted}
+    subset = {name: {"macs": networks[name]["macs"],
+                     **{board: (dict(networks[name][board]) if (name, board) in wanted else {"fits": False})
+                        for board in FAMILIES_BOARDS}} for name in models}
+    for name, board in wanted:
+        for key in ("pnr_error", "placed", "fmax_mhz", "macs_per_s_per_lut", "images_per_s_at_fmax", "weight_image"):
+            subset[name][board].pop(key, None)
+    results.setdefault("pnr_redone", []).extend(f"{name}:{board}" for name, board in sorted(wanted))
+    place_and_route_all(models, subset, jobs=2)
+    for name, board in wanted:
+        networks[name][board] = subset[name][board]
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    rewrite_readme(readme_table(results))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-pnr", dest="pnr", action="store_false",
                         help="skip place and route (Fmax): yosys cell counts only")
+    parser.add_argument("--redo-pnr", metavar="NETWORK:BOARD,...", default=None,
+                        help="only place and route these rows again, at the folds results.json holds, and rewrite "
+                             "results.json and the README table (after a fix, or a build that was cut short)")
     args = parser.parse_args(argv)
+    if args.redo_pnr:
+        redo_place_and_route([item.split(":", 1) for item in args.redo_pnr.split(",")])
+        return
     # Tops built only for their properties (folds, formulas) are never elaborated; that is fine.
     warnings.filterwarnings("ignore", message=".*created but never used")
     WORK.mkdir(parents=True, exist_ok=True)
