@@ -402,8 +402,8 @@ def weight_placements(model: IntegerModel, board: Board) -> list[list[str]]:
     layers = compute_layers(model)
     placement = ["rom"] * len(layers)
     placements = [list(placement)]
-    bits = [(layer.dense if isinstance(layer, Conv2dLayer) else layer).weights.size
-            * (layer.dense if isinstance(layer, Conv2dLayer) else layer).weight_bits for layer in layers]
+    denses = [layer.dense if isinstance(layer, Conv2dLayer) else layer for layer in layers]
+    bits = [dense.weights.size * dense.weight_bits for dense in denses]
     blocks_left = board.budget.spram_blocks
     for index in sorted(range(len(layers)), key=lambda i: -bits[i]):
         need = spram_blocks(SPRAM_WIDTH, -(-bits[index] // SPRAM_WIDTH))

@@ -175,6 +175,7 @@ def run_point(point: dict, build_root: str) -> dict:
     board = load_board(sweep_point.board)
     row = {**sweep_point.as_dict(), "precision": _precision(model), "host": os.uname().nodename,
            "node": _ray_node()}
+    key = point_key(sweep_point, model.digest())
     try:
         memories = parse_weight_memories(sweep_point.weights, model, board)
         if sweep_point.folds == "auto":
@@ -202,7 +203,7 @@ def run_point(point: dict, build_root: str) -> dict:
                             "spram_blocks": cells.get(SPRAM_PRIMITIVE, 0),
                             "dsps": cells.get("MULT18X18D", 0) + cells.get("SB_MAC16", 0)}
         if sweep_point.run == "pnr":
-            folder = Path(build_root) / f"{Path(sweep_point.model).stem}-{sweep_point.board}-{point_key(sweep_point, model.digest())}"
+            folder = Path(build_root) / f"{Path(sweep_point.model).stem}-{sweep_point.board}-{key}"
             result = build_board(model, Path(sweep_point.model).name, board, est.folds, folder, est=est)
             report = result.report
             row.update(build=str(folder), placed={key: value["used"] for key, value in report.get("placed", {}).items()},
@@ -212,7 +213,7 @@ def run_point(point: dict, build_root: str) -> dict:
 
             rng = np.random.default_rng(0)
             images = rng.integers(0, 256, (sweep_point.verify, model.in_features)).astype(np.uint8)
-            simulator = BatchSimulator(model, est.folds, Path(build_root) / "verify" / point_key(sweep_point, model.digest()))
+            simulator = BatchSimulator(model, est.folds, Path(build_root) / "verify" / key)
             run = simulator.run(images, simulator.build_dir / "run")
             expected = golden.run(model, images).classes
             got = run.words[:, -1].astype(np.int64)

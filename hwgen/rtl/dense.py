@@ -203,7 +203,7 @@ class FoldedDense(wiring.Component):
         }
         if weight_memory == "spram":
             ports.update(load_valid=In(1), load_row=In(range(self.weight_depth)),
-                         load_column=In(range(spram_columns(self.weight_width))), load_data=In(SPRAM_WIDTH))
+                         load_column=In(range(self.load_columns)), load_data=In(SPRAM_WIDTH))
         super().__init__(ports)
 
     @property
@@ -234,9 +234,14 @@ class FoldedDense(wiring.Component):
         return self.input_beats * self.output_beats
 
     @property
+    def load_columns(self) -> int:
+        """16-bit columns of a weight word, as an SPRAM weight memory is loaded."""
+        return spram_columns(self.weight_width)
+
+    @property
     def load_words(self) -> int:
         """16-bit words that load an SPRAM weight memory (0 for a ROM)."""
-        return self.weight_depth * spram_columns(self.weight_width) if self._weight_memory == "spram" else 0
+        return self.weight_depth * self.load_columns if self._weight_memory == "spram" else 0
 
     @property
     def input_beats(self) -> int:

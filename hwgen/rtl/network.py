@@ -348,9 +348,9 @@ class NetworkTop(wiring.Component):
             return
         current = Signal(range(len(stages) + 1))
         row = Signal(range(max(stage.weight_depth for stage in stages)))
-        column = Signal(range(max(stage.load_words // stage.weight_depth for stage in stages)))
+        column = Signal(range(max(stage.load_columns for stage in stages)))
         for index, stage in enumerate(stages):
-            columns = stage.load_words // stage.weight_depth
+            columns = stage.load_columns
             m.d.comb += [stage.load_valid.eq(self.load_valid & (current == index)), stage.load_row.eq(row),
                          stage.load_column.eq(column), stage.load_data.eq(self.load_data)]
             with m.If(self.load_valid & (current == index)):
