@@ -289,9 +289,10 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
     if isinstance(stage, SlidingWindow):
         return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)
     if isinstance(stage, MaxPool):
-        width = Shape.cast(stage.i.payload.shape()).width
-        blocks = stage._in_shape[1] // stage._kernel
-        return "pool", Resources(luts=width * (2 + blocks / 3), ffs=width * (blocks + 1))
+        # The row max and the merge with the rows above (an OR per bit on bits, a compare and a
+        # select per byte), the row max and output registers; the rows above are in `memories`.
+        width = stage.pixel_width
+        return "pool", Resources(luts=40 + width * (2 if stage._bits == 1 else 5), ffs=30 + 2 * width)
     width = Shape.cast(stage.i.payload.shape()).width + Shape.cast(stage.o.payload.shape()).width
     kind = "scores" if isinstance(stage, ScoreSerializer) else "stream"
     return kind, Resources(luts=20 + width / 2, ffs=10 + width)

@@ -247,8 +247,9 @@ def test_sliding_window_emits_every_window_pixel(height, width, channels, kernel
 
 
 @pytest.mark.parametrize("kind", ["bits", "uint8", "int8"])
-@pytest.mark.parametrize("height, width, kernel", [(4, 6, 2), (7, 5, 2), (6, 6, 3)])
-def test_max_pool_equals_golden(kind, height, width, kernel):
+@pytest.mark.parametrize("height, width, kernel", [(4, 6, 2), (7, 5, 2), (6, 6, 3), (8, 7, 3), (3, 5, 1)])
+@pytest.mark.parametrize("stall", [0.0, 0.3])
+def test_max_pool_equals_golden(kind, height, width, kernel, stall):
     from hwgen.ir import MaxPool2dLayer
     from hwgen.rtl.pool import MaxPool
 
@@ -260,6 +261,12 @@ def test_max_pool_equals_golden(kind, height, width, kernel):
     want = golden._layer(layer, maps.reshape(3, -1)).reshape(-1, channels)
     dut = MaxPool((height, width, channels), kernel, kind)
     beats = [pack(pixel & ((1 << bits) - 1), bits) for image in maps for row in image for pixel in row]
-    outputs, in_cycles, out_cycles = run_streams(dut, beats, len(want), stall_in=0.3, stall_out=0.3, seed=kernel)
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, len(want), stall_in=stall, stall_out=stall, seed=kernel)
     got = [unpack(word, bits, channels, signed=kind == "int8") for word in outputs]
     assert got == want.tolist()
+    if stall == 0.0:
+        # A block's max leaves `latency` cycles after its last pixel; an image every H * W cycles.
+        per_image = len(want) // 3
+        last_pixel = (height // kernel) * kernel * width - width + (width // kernel) * kernel - 1
+        assert out_cycles[per_image - 1] - in_cycles[last_pixel] == dut.latency
+        assert out_cycles[2 * per_image - 1] - out_cycles[per_image - 1] == dut.cycles_per_image

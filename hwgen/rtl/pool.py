@@ -1,11 +1,11 @@
 """Streaming K×K max-pooling (stride K) over a raster-order feature map."""
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, unsigned
-from amaranth.lib import stream, wiring
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import check_positive_int
+from .arith import MemoryShape, check_positive_int
 
 __all__ = ["MaxPool"]
 
@@ -13,9 +13,14 @@ __all__ = ["MaxPool"]
 class MaxPool(wiring.Component):
     """Max over K×K blocks of an (H, W, C) map, one pixel (C elements) per beat in and out.
 
-    A row of ``W // K`` running maxima (registers) is updated as pixels pass; the last pixel of
-    a block emits it. Rows and columns past the last full block are consumed and dropped, as in
-    torch. On bits the max is an OR; on bytes an unsigned (uint8) or signed (int8) max.
+    Each block's max is taken in two steps: a register holds the max of the block's pixels in
+    the current row, and when the row's last pixel of the block arrives that max is merged with
+    the block's max over the rows above, kept in a memory of ``W // K`` pixels (block RAM or LUT
+    RAM, not a row of registers). The memory word is read when the block's first pixel of the row
+    arrives, so with ``K >= 2`` it is ready before it is needed; with ``K == 1`` every pixel is its
+    own block and passes through. The last pixel of a block emits it. Rows and columns past the
+    last full block are consumed and dropped, as in torch. On bits the max is an OR; on bytes an
+    unsigned (uint8) or signed (int8) max.
 
     Parameters
     ----------
@@ -25,6 +30,11 @@ class MaxPool(wiring.Component):
         Block size and stride.
     element_kind : str
         ``"bits"``, ``"uint8"`` or ``"int8"``.
+
+    Attributes
+    ----------
+    i : ``In(stream.Signature(C * bits))``
+    o : ``Out(stream.Signature(C * bits))``
     """
 
     def __init__(self, in_shape: tuple[int, int, int], kernel: int, element_kind: str):
@@ -45,10 +55,27 @@ class MaxPool(wiring.Component):
         })
 
     @property
+    def pixel_width(self) -> int:
+        """Bits per pixel: ``C`` elements."""
+        return self._in_shape[2] * self._bits
+
+    @property
     def cycles_per_image(self) -> int:
         """One input pixel per cycle: ``H * W``."""
         height, width, _ = self._in_shape
         return height * width
+
+    @property
+    def latency(self) -> int:
+        """Cycles from a block's last pixel accepted on ``i`` to its max valid on ``o``: 1."""
+        return 1
+
+    @property
+    def memories(self) -> list[MemoryShape]:
+        """The maxima over the rows above of one row of blocks: ``W // K`` pixels (none if ``K == 1``)."""
+        if self._kernel == 1:
+            return []
+        return [MemoryShape("partial", self._in_shape[1] // self._kernel, self.pixel_width, rom=False)]
 
     def _max(self, a, b):
         """Element-wise max of two pixels."""
@@ -65,11 +92,9 @@ class MaxPool(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        height, width, channels = self._in_shape
+        height, width, _ = self._in_shape
         k = self._kernel
         out_w = width // k
-        pixel_width = channels * self._bits
-        running = Array(Signal(pixel_width, name=f"running{x}") for x in range(out_w))
 
         y, x = Signal(range(height)), Signal(range(width))
         block_x = Signal(range(out_w + 1))       # x // k, tracked incrementally
@@ -78,16 +103,33 @@ class MaxPool(wiring.Component):
         kept = Signal()
         m.d.comb += kept.eq((y < (height // k) * k) & (x < out_w * k))
 
-        m.d.comb += self.i.ready.eq(~self.o.valid | self.o.ready)
+        accept = Signal()
+        m.d.comb += [self.i.ready.eq(~self.o.valid | self.o.ready), accept.eq(self.i.valid & self.i.ready)]
         with m.If(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
-        with m.If(self.i.valid & self.i.ready):
-            first = (in_block_x == 0) & (in_block_y == 0)
-            merged = Mux(first, self.i.payload, self._max(running[block_x], self.i.payload))
-            with m.If(kept):
-                m.d.sync += running[block_x].eq(merged)
-                with m.If((in_block_x == k - 1) & (in_block_y == k - 1)):
-                    m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(merged)]
+
+        pixel = self.i.payload
+        if k == 1:
+            block_max = pixel
+        else:
+            m.submodules.partial = partial = memory.Memory(shape=unsigned(self.pixel_width), depth=out_w, init=[])
+            write, read = partial.write_port(), partial.read_port()
+            row_max = Signal(self.pixel_width, reset_less=True)
+            row_block_max = self._max(row_max, pixel)
+            block_max = Mux(in_block_y == 0, row_block_max, self._max(read.data, row_block_max))
+            # The read is issued at the block's first pixel of the row and its data held until the
+            # next read, which comes after this block's last pixel (k >= 2 pixels later).
+            m.d.comb += [
+                read.addr.eq(block_x), read.en.eq(accept & (in_block_x == 0)),
+                write.addr.eq(block_x), write.data.eq(block_max),
+                write.en.eq(accept & kept & (in_block_x == k - 1) & (in_block_y != k - 1)),
+            ]
+            with m.If(accept):
+                m.d.sync += row_max.eq(Mux(in_block_x == 0, pixel, row_block_max))
+
+        with m.If(accept):
+            with m.If(kept & (in_block_x == k - 1) & (in_block_y == k - 1)):
+                m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(block_max)]
             # Advance the raster position and the block coordinates.
             m.d.sync += [x.eq(x + 1), in_block_x.eq(Mux(in_block_x == k - 1, 0, in_block_x + 1)),
                          block_x.eq(block_x + (in_block_x == k - 1))]
