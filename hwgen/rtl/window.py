@@ -10,9 +10,6 @@ from .arith import MemoryShape, check_positive_int
 
 __all__ = ["SlidingWindow"]
 
-#: Width of the global row counters; producer and consumer compare them modulo 2**16.
-_ROW_BITS = 16
-
 
 class SlidingWindow(wiring.Component):
     """Stream the K×K windows of an (H, W, C) map, one input pixel (C elements) per beat.
@@ -23,8 +20,10 @@ class SlidingWindow(wiring.Component):
 
     The buffer is a ring of ``2K + S - 1`` rows (``S`` the stride), not a frame: the producer may write
     a row once the consumer no longer needs the row it replaces, and the consumer reads a pixel
-    once it has been written. Both count rows globally across images, so the next image's first
-    rows load while the current image's last windows are read out.
+    once it has been written. Positions are counted across images, so the next image's first
+    rows load while the current image's last windows are read out. The two conditions are kept
+    as counters (``slack`` and ``backlog``) stepped by constants, so the handshakes come straight
+    from registers.
 
     Parameters
     ----------
@@ -98,81 +97,114 @@ class SlidingWindow(wiring.Component):
         height, width, channels = self._in_shape
         kernel, stride, padding, rows = self._kernel, self._stride, self._padding, self.rows
         out_h, out_w = self.out_shape
+        ring_words = rows * width
 
         m.submodules.lines = lines = memory.Memory(
-            shape=unsigned(channels * self._element_bits), depth=rows * width, init=[])
+            shape=unsigned(channels * self._element_bits), depth=ring_words, init=[])
         write, read = lines.write_port(), lines.read_port()
 
         advance = Signal()
         m.d.comb += advance.eq(~self.o.valid | self.o.ready)
 
-        def wrap_add(value, amount: int | Signal):
-            """``(value + amount) mod rows`` for operands below ``rows``."""
-            total = value + amount
-            return Mux(total >= rows, total - rows, total)
+        def wrap_words(value, amount: int):
+            """``(value + amount) mod ring_words`` for a row's first word and whole rows ``amount``."""
+            total = value + amount % ring_words
+            return Mux(total >= ring_words, total - ring_words, total)
 
-        # Consumer state: the current image's first global row and its ring slot, the output
-        # position (as the top-left input coordinate of its window) and the window offset.
-        image_row = Signal(_ROW_BITS)
-        image_slot = Signal(range(rows))
-        top = Signal(signed(_ROW_BITS), init=-padding)       # oy * S - P
-        left = Signal(signed(_ROW_BITS), init=-padding)      # ox * S - P
-        top_slot = Signal(range(rows), init=(rows - padding) % rows)   # ring slot of row `top`, mod rows
+        # Each quantity the handshakes compare is a register of its own, updated by a constant
+        # step per kind of move, so that no adder lies between the state and `fire` or `i.ready`
+        # (computing them from the positions each cycle made this block a design's critical path).
+        #
+        # `slack` is (pixels written) - (stream position of the window pixel) - 1, positions
+        # counted as row * W + column across images: the pixel has been written when slack >= 0.
+        # `backlog` is (rows written) - (the lowest row the consumer still needs): the producer may
+        # write while backlog < rows.
+        last_top, last_left = (out_h - 1) * stride - padding, (out_w - 1) * stride - padding
+        moves = {   # the window pixel's position step for each move of the consumer
+            "column": 1,
+            "row": width - (kernel - 1),
+            "window": stride - (kernel - 1) - (kernel - 1) * width,
+            "output_row": -(out_w - 1) * stride - (kernel - 1) + (stride - kernel + 1) * width,
+            "image": (height - last_top - padding - (kernel - 1)) * width - last_left - padding - (kernel - 1),
+        }
+        span = (rows + 2 * kernel + 2 * padding + 4) * width
+        slack = Signal(signed(span.bit_length() + 2), init=padding * width + padding - 1)
+        backlog = Signal(signed((rows + height + 2).bit_length() + 2))
+
+        coord = signed(max(height, width, out_h * stride, out_w * stride).bit_length() + kernel.bit_length() + 2)
+        word = range(ring_words)
         ky, kx = Signal(range(kernel)), Signal(range(kernel))
         oy, ox = Signal(range(out_h)), Signal(range(out_w))
+        top = Signal(coord, init=-padding)        # oy * S - P
+        left = Signal(coord, init=-padding)       # ox * S - P
+        iy = Signal(coord, init=-padding)         # top + ky: the input row of the window pixel
+        ix = Signal(coord, init=-padding)         # left + kx: its input column
+        top_base = Signal(word, init=(rows - padding) % rows * width)    # ring word of row `top`
+        # ring word of the next image's first `top` row
+        next_image_top_base = Signal(word, init=((rows - padding) * width + height * width) % ring_words)
+        row_base = Signal(word, init=(rows - padding) % rows * width)    # ring word of row `iy`
 
-        # Producer: writes row `write_row` (global) into slot `write_slot`, column `write_col`.
-        write_row = Signal(_ROW_BITS)
-        write_slot = Signal(range(rows))
+        # Producer: writes ring word `write_addr`, column `write_col` of its row.
+        write_addr = Signal(word)
         write_col = Signal(range(width))
-        lowest_needed = Signal(_ROW_BITS)
-        m.d.comb += lowest_needed.eq(image_row + Mux(top < 0, 0, top))
-        ahead = Signal(signed(_ROW_BITS))
+        wrote = Signal()
         m.d.comb += [
-            ahead.eq(write_row - lowest_needed),
-            self.i.ready.eq(ahead < rows),
-            write.addr.eq(write_slot * width + write_col),
+            self.i.ready.eq(backlog < rows),
+            wrote.eq(self.i.valid & self.i.ready),
+            write.addr.eq(write_addr),
             write.data.eq(self.i.payload),
-            write.en.eq(self.i.valid & self.i.ready),
+            write.en.eq(wrote),
         ]
-        with m.If(self.i.valid & self.i.ready):
-            m.d.sync += write_col.eq(write_col + 1)
-            with m.If(write_col == width - 1):
-                m.d.sync += [write_col.eq(0), write_row.eq(write_row + 1), write_slot.eq(wrap_add(write_slot, 1))]
+        with m.If(wrote):
+            m.d.sync += [write_col.eq(Mux(write_col == width - 1, 0, write_col + 1)),
+                         write_addr.eq(Mux(write_addr == ring_words - 1, 0, write_addr + 1))]
 
-        # Consumer: the pixel (iy, ix) = (top + ky, left + kx) of the current window.
-        iy, ix = Signal(signed(_ROW_BITS)), Signal(signed(_ROW_BITS))
+        # Consumer: the pixel (iy, ix) of the current window, read once it has been written.
         inside = Signal()
-        needed = Signal(_ROW_BITS)
-        behind = Signal(signed(_ROW_BITS))
-        written = Signal()
-        m.d.comb += [
-            iy.eq(top + ky), ix.eq(left + kx),
-            inside.eq((iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)),
-            needed.eq(image_row + iy),
-            behind.eq(write_row - needed),
-            written.eq((behind > 0) | ((behind == 0) & (write_col > ix))),
-        ]
         fire = Signal()
         m.d.comb += [
-            fire.eq(advance & (~inside | written)),
-            read.addr.eq(wrap_add(top_slot, ky) * width + ix[:max(1, (width - 1).bit_length())]),
+            inside.eq((iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)),
+            fire.eq(advance & (~inside | (slack >= 0))),
+            read.addr.eq(row_base + ix[:max(1, (width - 1).bit_length())]),
             read.en.eq(advance),
         ]
+        move = Signal(signed(max(abs(step) for step in moves.values()).bit_length() + 1))
+        lowest_step = Signal(coord)     # how far the lowest needed row moves on this move
+        top_next = top + stride
+        m.d.comb += [
+            move.eq(moves["column"]),
+            lowest_step.eq(0),
+        ]
+        with m.If(kx == kernel - 1):
+            m.d.comb += move.eq(moves["row"])
+            with m.If(ky == kernel - 1):
+                m.d.comb += move.eq(moves["window"])
+                with m.If(ox == out_w - 1):
+                    m.d.comb += [move.eq(moves["output_row"]),
+                                 lowest_step.eq(Mux(top_next < 0, 0, top_next) - Mux(top < 0, 0, top))]
+                    with m.If(oy == out_h - 1):
+                        m.d.comb += [move.eq(moves["image"]), lowest_step.eq(height - max(last_top, 0))]
+        m.d.sync += [
+            slack.eq(slack + wrote - Mux(fire, move, 0)),
+            backlog.eq(backlog + (wrote & (write_col == width - 1)) - Mux(fire, lowest_step, 0)),
+        ]
         with m.If(fire):
-            m.d.sync += kx.eq(kx + 1)
+            m.d.sync += [kx.eq(kx + 1), ix.eq(ix + 1)]
             with m.If(kx == kernel - 1):
-                m.d.sync += [kx.eq(0), ky.eq(ky + 1)]
+                m.d.sync += [kx.eq(0), ix.eq(left), ky.eq(ky + 1), iy.eq(iy + 1),
+                             row_base.eq(wrap_words(row_base, width))]
                 with m.If(ky == kernel - 1):
-                    m.d.sync += [ky.eq(0), ox.eq(ox + 1), left.eq(left + stride)]
+                    m.d.sync += [ky.eq(0), ox.eq(ox + 1), left.eq(left + stride), ix.eq(left + stride),
+                                 iy.eq(top), row_base.eq(top_base)]
                     with m.If(ox == out_w - 1):
-                        m.d.sync += [ox.eq(0), left.eq(-padding), oy.eq(oy + 1), top.eq(top + stride),
-                                     top_slot.eq(wrap_add(top_slot, stride % rows))]
+                        m.d.sync += [ox.eq(0), left.eq(-padding), ix.eq(-padding), oy.eq(oy + 1),
+                                     top.eq(top_next), iy.eq(top_next),
+                                     top_base.eq(wrap_words(top_base, stride * width)),
+                                     row_base.eq(wrap_words(top_base, stride * width))]
                         with m.If(oy == out_h - 1):
-                            next_slot = wrap_add(image_slot, height % rows)
-                            m.d.sync += [oy.eq(0), top.eq(-padding), image_row.eq(image_row + height),
-                                         image_slot.eq(next_slot),
-                                         top_slot.eq(wrap_add(next_slot, (rows - padding) % rows))]
+                            m.d.sync += [oy.eq(0), top.eq(-padding), iy.eq(-padding),
+                                         top_base.eq(next_image_top_base), row_base.eq(next_image_top_base),
+                                         next_image_top_base.eq(wrap_words(next_image_top_base, height * width))]
 
         s1_valid, s1_inside = Signal(), Signal()
         with m.If(advance):
