@@ -135,7 +135,8 @@ class NetworkTop(wiring.Component):
         Per dense or convolution layer, where its weights live (``"rom"`` or ``"spram"``, see
         :class:`FoldedDense`); default all ``"rom"``. With any ``"spram"`` layer the top has the
         ports ``load_valid`` and ``load_data`` (16 bits): the words of :func:`spram_load_image`, one
-        per ``load_valid`` cycle, in order, before the first image.
+        per ``load_valid`` cycle, in order, ending at least two cycles before the first image (they
+        are registered on the way in).
     """
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
@@ -346,14 +347,19 @@ class NetworkTop(wiring.Component):
         stages = self.spram_stages
         if not stages:
             return
+        # The words are registered on the way in: the loader's own logic and the blocks' address
+        # multiplexers were one path (the critical path of a CNN on the iCE40UP5K).
+        load_valid = Signal()
+        load_data = Signal.like(self.load_data)
+        m.d.sync += [load_valid.eq(self.load_valid), load_data.eq(self.load_data)]
         current = Signal(range(len(stages) + 1))
         row = Signal(range(max(stage.weight_depth for stage in stages)))
         column = Signal(range(max(stage.load_columns for stage in stages)))
         for index, stage in enumerate(stages):
             columns = stage.load_columns
-            m.d.comb += [stage.load_valid.eq(self.load_valid & (current == index)), stage.load_row.eq(row),
-                         stage.load_column.eq(column), stage.load_data.eq(self.load_data)]
-            with m.If(self.load_valid & (current == index)):
+            m.d.comb += [stage.load_valid.eq(load_valid & (current == index)), stage.load_row.eq(row),
+                         stage.load_column.eq(column), stage.load_data.eq(load_data)]
+            with m.If(load_valid & (current == index)):
                 with m.If(column == columns - 1):
                     m.d.sync += column.eq(0)
                     with m.If(row == stage.weight_depth - 1):

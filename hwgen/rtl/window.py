@@ -160,10 +160,18 @@ class SlidingWindow(wiring.Component):
                          write_addr.eq(Mux(write_addr == ring_words - 1, 0, write_addr + 1))]
 
         # Consumer: the pixel (iy, ix) of the current window, read once it has been written.
+        # Whether it lies inside the map is kept in two flags, set from the compares of the values
+        # that are about to be loaded into iy and ix (on the current registers, offsets folded in).
+        inside_y, inside_x = Signal(init=padding == 0), Signal(init=padding == 0)
         inside = Signal()
         fire = Signal()
+
+        def within(value, offset: int, size: int):
+            """Whether ``value + offset`` lies in ``[0, size)``."""
+            return (value >= -offset) & (value < size - offset)
+
         m.d.comb += [
-            inside.eq((iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)),
+            inside.eq(inside_y & inside_x),
             fire.eq(advance & (~inside | (slack >= 0))),
             read.addr.eq(row_base + ix[:max(1, (width - 1).bit_length())]),
             read.en.eq(advance),
@@ -189,20 +197,23 @@ class SlidingWindow(wiring.Component):
             backlog.eq(backlog + (wrote & (write_col == width - 1)) - Mux(fire, lowest_step, 0)),
         ]
         with m.If(fire):
-            m.d.sync += [kx.eq(kx + 1), ix.eq(ix + 1)]
+            m.d.sync += [kx.eq(kx + 1), ix.eq(ix + 1), inside_x.eq(within(ix, 1, width))]
             with m.If(kx == kernel - 1):
-                m.d.sync += [kx.eq(0), ix.eq(left), ky.eq(ky + 1), iy.eq(iy + 1),
+                m.d.sync += [kx.eq(0), ix.eq(left), inside_x.eq(within(left, 0, width)),
+                             ky.eq(ky + 1), iy.eq(iy + 1), inside_y.eq(within(iy, 1, height)),
                              row_base.eq(wrap_words(row_base, width))]
                 with m.If(ky == kernel - 1):
-                    m.d.sync += [ky.eq(0), ox.eq(ox + 1), left.eq(left + stride), ix.eq(left + stride),
-                                 iy.eq(top), row_base.eq(top_base)]
+                    m.d.sync += [ky.eq(0), ox.eq(ox + 1), left.eq(left + stride),
+                                 ix.eq(left + stride), inside_x.eq(within(left, stride, width)),
+                                 iy.eq(top), inside_y.eq(within(top, 0, height)), row_base.eq(top_base)]
                     with m.If(ox == out_w - 1):
-                        m.d.sync += [ox.eq(0), left.eq(-padding), ix.eq(-padding), oy.eq(oy + 1),
-                                     top.eq(top_next), iy.eq(top_next),
+                        m.d.sync += [ox.eq(0), left.eq(-padding), ix.eq(-padding), inside_x.eq(padding == 0),
+                                     oy.eq(oy + 1), top.eq(top_next),
+                                     iy.eq(top_next), inside_y.eq(within(top, stride, height)),
                                      top_base.eq(wrap_words(top_base, stride * width)),
                                      row_base.eq(wrap_words(top_base, stride * width))]
                         with m.If(oy == out_h - 1):
-                            m.d.sync += [oy.eq(0), top.eq(-padding), iy.eq(-padding),
+                            m.d.sync += [oy.eq(0), top.eq(-padding), iy.eq(-padding), inside_y.eq(padding == 0),
                                          top_base.eq(next_image_top_base), row_base.eq(next_image_top_base),
                                          next_image_top_base.eq(wrap_words(next_image_top_base, height * width))]
 
