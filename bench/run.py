@@ -441,6 +441,23 @@ def redo_place_and_route(rows: list[list[str]]) -> None:
     rewrite_readme(readme_table(results))
 
 
+def redo_network(name: str) -> None:
+    """Measure network ``name`` again from scratch (II in simulation, synthesis and place and route
+    on every board at ``--fold auto``) after a change to its hardware; the rest of ``results.json``
+    is kept."""
+    results = json.loads(RESULTS.read_text())
+    networks = results["networks"]
+    if name not in networks:
+        raise SystemExit(f"--redo: {name!r} is not a network of results.json ({', '.join(networks)})")
+    warnings.filterwarnings("ignore", message=".*created but never used")
+    model = cnn_model() if name == "cnn-binary" else trained_model(name)
+    networks[name] = bench_network(name, model)
+    place_and_route_all({name: model}, {name: networks[name]}, jobs=2)
+    results.setdefault("redone", []).append(name)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    rewrite_readme(readme_table(results))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-pnr", dest="pnr", action="store_false",
@@ -448,7 +465,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redo-pnr", metavar="NETWORK:BOARD,...", default=None,
                         help="only place and route these rows again, at the folds results.json holds, and rewrite "
                              "results.json and the README table (after a fix, or a build that was cut short)")
+    parser.add_argument("--redo", metavar="NETWORK", default=None,
+                        help="only measure this network again (II, synthesis, place and route on every board) "
+                             "and rewrite results.json and the README table (after a change to its hardware)")
     args = parser.parse_args(argv)
+    if args.redo:
+        redo_network(args.redo)
+        return
     if args.redo_pnr:
         redo_place_and_route([item.split(":", 1) for item in args.redo_pnr.split(",")])
         return
