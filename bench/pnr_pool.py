@@ -1,0 +1,86 @@
+"""make bench's place and route two ways on this machine: through ``hwgen sweep`` (Ray, as the bench
+runs it now) and through the thread pool the bench used before, on the same builds.
+
+Each way starts from an empty folder (no finished builds reused), two builds at a time, and the
+wall time is taken around the whole batch (Ray's start-up included). The placed counts and Fmax
+of the two ways are compared build by build: the tools are deterministic, so they must agree.
+
+    python -m bench.pnr_pool [NETWORK:BOARD,...]      (default: every placed row of results.json)
+
+Results: ``bench/pnr_pool.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from hwgen.sweep import SweepPoint, run_sweep
+
+from .run import RESULTS, ROOT, WORK, hwgen
+
+OUTPUT = ROOT / "bench" / "pnr_pool.json"
+JOBS = 2
+
+
+def thread_pool(points: list[SweepPoint], folder: Path) -> tuple[float, list[dict]]:
+    """The former bench's way: ``hwgen build`` processes, ``JOBS`` at a time from a thread pool."""
+
+    def build(index: int, point: SweepPoint) -> dict:
+        output = folder / f"build{index}"
+        hwgen("build", point.model, "--board", point.board, "--fold", point.folds,
+              "--weight-memory", point.weights, "-o", str(output))
+        return json.loads((output / "hwgen_report.json").read_text())
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(JOBS) as pool:
+        reports = list(pool.map(build, range(len(points)), points))
+    return time.perf_counter() - start, reports
+
+
+def sweep(points: list[SweepPoint], folder: Path) -> tuple[float, list[dict]]:
+    """The bench's way now: one ``hwgen sweep`` on a local Ray of ``JOBS`` workers."""
+    start = time.perf_counter()
+    rows = run_sweep(points, folder, num_cpus=JOBS, progress=False)
+    wall = time.perf_counter() - start
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        raise SystemExit(f"sweep point failed: {failed[0]['error'][-800:]}")
+    return wall, [json.loads((Path(row["build"]) / "hwgen_report.json").read_text()) for row in rows]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", nargs="?", default=None, help="NETWORK:BOARD,... (default: every placed row)")
+    args = parser.parse_args(argv)
+    networks = json.loads(RESULTS.read_text())["networks"]
+    wanted = ([tuple(item.split(":", 1)) for item in args.rows.split(",")] if args.rows else
+              [(name, board) for name, row in networks.items() for board, cell in row.items()
+               if isinstance(cell, dict) and "placed" in cell])
+    points = []
+    for name, board in wanted:
+        cell = networks[name][board]
+        points.append(SweepPoint(str(WORK / "boards" / f"{name}.npz"), board, ",".join(cell["folds"]), "pnr",
+                                 weights=",".join(cell["weight_memories"])))
+    folder = WORK / "pnr_pool"
+    shutil.rmtree(folder, ignore_errors=True)
+    pool_wall, pool_reports = thread_pool(points, folder / "thread_pool")
+    sweep_wall, sweep_reports = sweep(points, folder / "sweep")
+    builds = []
+    for (name, board), by_pool, by_sweep in zip(wanted, pool_reports, sweep_reports):
+        same = by_pool["placed"] == by_sweep["placed"] and by_pool["fmax_mhz"] == by_sweep["fmax_mhz"]
+        builds.append({"build": f"{name}:{board}", "placed_and_fmax_equal": same,
+                       "tool_s_thread_pool": by_pool["tool_seconds"], "tool_s_sweep": by_sweep["tool_seconds"]})
+    result = {"machine": f"{platform.machine()}, 2 cores", "date": time.strftime("%Y-%m-%d"), "jobs": JOBS,
+              "thread_pool_wall_s": round(pool_wall, 1), "sweep_wall_s": round(sweep_wall, 1),
+              "sweep_over_thread_pool": round(sweep_wall / pool_wall, 3), "builds": builds}
+    OUTPUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
