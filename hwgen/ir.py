@@ -547,6 +547,7 @@ def _load(path: Path) -> IntegerModel:
             names = set(archive.files)
             if "meta" not in names:
                 raise fail("field 'meta' is missing")
+            _check_member_size(archive, "meta", META_LIMIT, fail)
             try:
                 meta = json.loads(bytes(archive["meta"]).decode())
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -694,9 +695,38 @@ def _layer_from_header(where: str, header: dict, archive, names: set[str], fail)
     return layer
 
 
+#: Bytes an array's ``.npy`` member may take beyond its data (the header).
+NPY_HEADER_ALLOWANCE = 65536
+#: Bytes the ``meta`` member (JSON) may take.
+META_LIMIT = 16 * 2 ** 20
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_member_size(archive, key: str, limit: int, fail) -> None:
+    """Refuse a member whose declared uncompressed size exceeds ``limit`` before reading it: a small
+    compressed archive can declare gigabytes."""
+    try:
+        declared = archive.zip.getinfo(f"{key}.npy").file_size
+    except KeyError:
+        return      # np.load names it without the suffix; reading it raises a clear error below
+    if declared > limit:
+        raise fail(f"array '{key}' declares {declared:,} bytes uncompressed, more than its shape allows "
+                   f"({limit:,}); the file is corrupt or not a model")
+
+
 def _array(archive, names: set[str], key: str, shape: tuple[int, ...], fail, dtype=None) -> np.ndarray:
     if key not in names:
         raise fail(f"array '{key}' is missing")
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else 8
+    data_bytes = math.prod(shape) * itemsize
+    if data_bytes > _memory_bytes() // 2:
+        raise fail(f"array '{key}' would have shape {shape} ({data_bytes:,} bytes), more than half this "
+                   "machine's memory; the file is corrupt or not a model")
+    _check_member_size(archive, key, data_bytes + NPY_HEADER_ALLOWANCE, fail)
     try:
         array = archive[key]
     except ValueError as error:  # e.g. an object array, which would need unpickling

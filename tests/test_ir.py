@@ -192,6 +192,11 @@ def _meta_edit(edit):
     (_meta_edit(lambda m: m["layers"][1].__setitem__("kind", "conv2d")), "field 'meta.layers[1].kind' is 'conv2d'"),
     (_meta_edit(lambda m: m["layers"][1].__setitem__("acc_max", 3)), "field 'meta.layers[1].acc_min/acc_max' disagree"),
     (_meta_edit(lambda m: m["layers"][2].__setitem__("in_features", 7)), "field 'meta.layers[2].in_features' is 7"),
+    # Sizes are checked before an array is read: its stored size against its shape, its shape against memory.
+    (lambda a: a.__setitem__("dense0.weights", np.zeros((4000, 4000), np.uint8)),
+     "array 'dense0.weights' declares 16,000,128 bytes uncompressed, more than its shape allows (66,816)"),
+    (_meta_edit(lambda m: m["layers"][0].__setitem__("out_features", 10 ** 12)),
+     "array 'dense0.weights' would have shape (1000000000000, 20) (160,000,000,000,000 bytes), more than half"),
 ])
 def test_bad_fields_are_named(tmp_path, model, mutate, message):
     path = tmp_path / "m.npz"
