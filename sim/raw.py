@@ -6,7 +6,6 @@ process each), and as a second, independent driver of the RTL (its words are che
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hwgen.errors import UserError
+from hwgen.process import run_tool
 from hwgen.rtl.network import TOP_NAME, NetworkTop, generate_verilog
 
 from rtl_templates import render
@@ -55,7 +55,7 @@ class RawVerilatorLoop:
         (self.build_dir / "network.v").write_text(verilog)
         (self.build_dir / "main.cpp").write_text(main)
         prepare_verilator_environment()
-        done = subprocess.run(["verilator", *args], cwd=self.build_dir, capture_output=True, text=True)
+        done = run_tool(["verilator", *args], cwd=self.build_dir)
         if done.returncode != 0:
             raise UserError(f"Verilator could not build the raw loop in {self.build_dir}:\n{done.stderr[-3000:]}")
         mark_built(self.build_dir, digest)
@@ -67,8 +67,7 @@ class RawVerilatorLoop:
         beats_path, words_path = work_dir / "beats.bin", work_dir / "words.bin"
         beats_path.write_bytes(image_beats(self.top, images.reshape(len(images), -1)).tobytes())
         start = time.perf_counter()
-        done = subprocess.run([str(self.executable), str(beats_path), str(words_path)],
-                              capture_output=True, text=True)
+        done = run_tool([str(self.executable), str(beats_path), str(words_path)])
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"raw loop failed: {done.stderr[-2000:]}")

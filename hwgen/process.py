@@ -1,0 +1,136 @@
+"""External tools and interruption: every tool hwgen starts ends when hwgen is stopped.
+
+A tool (yosys, nextpnr, Verilator) runs in a process group of its own, so that ending it ends
+the processes it started too (``build_top.sh`` runs yosys, then nextpnr). If hwgen is
+interrupted while it waits (Ctrl-C, or SIGTERM, which :func:`exit_on_sigterm` turns into an
+exception), the group is sent SIGTERM, then SIGKILL after a grace period, before the exception
+goes on up to the code that removes the staging folders.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UserError
+
+__all__ = ["Terminated", "exit_on_sigterm", "end_children", "run_tool", "folder_lock"]
+
+#: Seconds a tool's group has between SIGTERM and SIGKILL.
+GRACE_SECONDS = 5.0
+
+
+class Terminated(BaseException):
+    """hwgen received SIGTERM (a ``BaseException``, like ``KeyboardInterrupt``, so that no
+    ``except Exception`` swallows it on its way to the clean-up)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # a process of the group that is no longer ours to signal
+        return True
+    return True
+
+
+def _end_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the tool's process group, SIGKILL to what is left of it after the grace period;
+    returns once no process of the group remains (the group leader may exit before its children)."""
+    group = process.pid
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + GRACE_SECONDS
+        while time.monotonic() < deadline:
+            process.poll()              # reap the leader, so that it does not linger as a zombie
+            if not _group_alive(group):
+                break
+            time.sleep(0.05)
+        else:
+            continue
+        break
+    process.wait()
+
+
+def end_children() -> None:
+    """SIGTERM to every remaining child of this process (Linux ``/proc``; elsewhere nothing): the
+    processes that libraries started on their own, such as Amaranth's yosys for Verilog output,
+    which an interruption leaves waiting on a pipe."""
+    me = os.getpid()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def run_tool(args: Sequence[str], *, cwd: Path | str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` to completion in a process group of its own, capturing its text output.
+
+    If this process is interrupted while it waits, the tool's group is ended before the
+    interruption goes on (tools started by tools included).
+    """
+    process = subprocess.Popen(list(args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        _end_group(process)
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@contextmanager
+def folder_lock(output: Path) -> Iterator[None]:
+    """Hold ``output``'s lock for the block, or refuse at once with a :class:`UserError` if another
+    hwgen process holds it: two builds into one folder would replace each other's files half-way.
+
+    The lock is a hidden file beside ``output``, removed when the block ends. A lock taken on a
+    file that another process has just removed is let go and taken again on the new file.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = output.parent / f".{output.name}.lock"
+    while True:
+        lock = open(lock_path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise UserError(f"{output}: another hwgen process is writing this folder; wait for it to finish "
+                            "or choose another -o") from None
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(lock.fileno()).st_ino:
+            break
+        lock.close()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        lock.close()
