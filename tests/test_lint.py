@@ -1,0 +1,51 @@
+"""The generated Verilog passes ``verilator --lint-only -Wall`` with only the waivers of sim/lint.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import random_cnn, random_model
+from hwgen.rtl.network import Fold, NetworkTop, default_folds, generate_verilog
+from sim.lint import lint_verilog
+from sim.primitives import primitive_models
+from test_rtl_verilator import random_configuration
+
+
+def reference_shapes() -> dict:
+    """Random weights in the shapes of the bench's four reference networks."""
+    rng = np.random.default_rng(0)
+    spec = dict(kernel=3, stride=1, padding=1, weights="binary", output="threshold", pool=2)
+    return {
+        "mlp-binary": random_model(rng, [784, 256, 256, 10]),
+        "mlp-int8": random_model(rng, [784, 256, 256, 10],
+                                 kinds=[("int8", "requant"), ("int8", "requant"), ("int8", "scores")]),
+        "mlp-mixed": random_model(rng, [784, 256, 256, 10],
+                                  kinds=[("binary", "threshold"), ("int8", "requant"), ("int8", "scores")]),
+        "cnn-binary": random_cnn(rng, (28, 28, 1), [dict(spec, channels=32), dict(spec, channels=64)], 10),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp-binary", "mlp-int8", "mlp-mixed", "cnn-binary"])
+def test_reference_networks_lint_clean(name):
+    model = reference_shapes()[name]
+    assert lint_verilog(generate_verilog(NetworkTop(model, default_folds(model))), "hwgen_network") == []
+
+
+def test_spram_network_lints_clean_with_the_primitive_model():
+    """The iCEBreaker shape of the reference MLP: layer 0's weights in SPRAM, the load sequencer."""
+    model = reference_shapes()["mlp-binary"]
+    top = NetworkTop(model, [Fold(4, 16), Fold(4, 8), Fold(1, 1)], weight_memories=["spram", "rom", "rom"])
+    verilog = generate_verilog(top)
+    assert lint_verilog(verilog, "hwgen_network", primitives=primitive_models(verilog)) == []
+
+
+@pytest.mark.parametrize("seed, mixed", [(seed, False) for seed in range(4)] + [(seed, True) for seed in range(20, 24)])
+def test_random_configurations_lint_clean(seed, mixed):
+    model, folds, _ = random_configuration(seed, mixed)
+    assert lint_verilog(generate_verilog(NetworkTop(model, folds)), "hwgen_network") == []
+
+
+def test_lint_reports_what_is_not_waived():
+    """A latch (an always block that does not assign in every branch) is a finding."""
+    findings = lint_verilog("module t(input a, output reg y);\n  always @* if (a) y = 1'b1;\nendmodule\n", "t")
+    assert any(line.startswith("%Warning-LATCH") for line in findings), findings
