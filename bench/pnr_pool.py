@@ -27,14 +27,14 @@ OUTPUT = ROOT / "bench" / "pnr_pool.json"
 JOBS = 2
 
 
-def thread_pool(points: list[SweepPoint], folder: Path) -> tuple[float, list[dict]]:
+def thread_pool(points: list[SweepPoint], folder: Path) -> tuple[float, list[Path]]:
     """The former bench's way: ``hwgen build`` processes, ``JOBS`` at a time from a thread pool."""
 
-    def build(index: int, point: SweepPoint) -> dict:
+    def build(index: int, point: SweepPoint) -> Path:
         output = folder / f"build{index}"
         hwgen("build", point.model, "--board", point.board, "--fold", point.folds,
               "--weight-memory", point.weights, "-o", str(output))
-        return json.loads((output / "hwgen_report.json").read_text())
+        return output / "hwgen_report.json"
 
     start = time.perf_counter()
     with ThreadPoolExecutor(JOBS) as pool:
@@ -42,7 +42,7 @@ def thread_pool(points: list[SweepPoint], folder: Path) -> tuple[float, list[dic
     return time.perf_counter() - start, reports
 
 
-def sweep(points: list[SweepPoint], folder: Path) -> tuple[float, list[dict]]:
+def sweep(points: list[SweepPoint], folder: Path) -> tuple[float, list[Path]]:
     """The bench's way now: one ``hwgen sweep`` on a local Ray of ``JOBS`` workers."""
     start = time.perf_counter()
     rows = run_sweep(points, folder, num_cpus=JOBS, progress=False)
@@ -50,12 +50,14 @@ def sweep(points: list[SweepPoint], folder: Path) -> tuple[float, list[dict]]:
     failed = [row for row in rows if "error" in row]
     if failed:
         raise SystemExit(f"sweep point failed: {failed[0]['error'][-800:]}")
-    return wall, [json.loads((Path(row["build"]) / "hwgen_report.json").read_text()) for row in rows]
+    return wall, [Path(row["build"]) / "hwgen_report.json" for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="?", default=None, help="NETWORK:BOARD,... (default: every placed row)")
+    parser.add_argument("--only", choices=("thread-pool", "sweep"), default=None,
+                        help="measure one way again and keep the other's figures from pnr_pool.json")
     args = parser.parse_args(argv)
     networks = json.loads(RESULTS.read_text())["networks"]
     wanted = ([tuple(item.split(":", 1)) for item in args.rows.split(",")] if args.rows else
@@ -67,17 +69,25 @@ def main(argv: list[str] | None = None) -> None:
         points.append(SweepPoint(str(WORK / "boards" / f"{name}.npz"), board, ",".join(cell["folds"]), "pnr",
                                  weights=",".join(cell["weight_memories"])))
     folder = WORK / "pnr_pool"
-    shutil.rmtree(folder, ignore_errors=True)
-    pool_wall, pool_reports = thread_pool(points, folder / "thread_pool")
-    sweep_wall, sweep_reports = sweep(points, folder / "sweep")
+    ways = {"thread-pool": thread_pool, "sweep": sweep}
+    earlier = json.loads(OUTPUT.read_text()) if args.only else None
+    walls, paths = {}, {}
+    for way, run in ways.items():
+        if args.only in (None, way):
+            shutil.rmtree(folder / way, ignore_errors=True)
+            walls[way], paths[way] = run(points, folder / way)
+        else:       # the other way's figures and build reports from the earlier run
+            walls[way], paths[way] = earlier["wall_s"][way], [Path(path) for path in earlier["reports"][way]]
+    reports = {way: [json.loads(path.read_text()) for path in paths[way]] for way in ways}
     builds = []
-    for (name, board), by_pool, by_sweep in zip(wanted, pool_reports, sweep_reports):
+    for (name, board), by_pool, by_sweep in zip(wanted, reports["thread-pool"], reports["sweep"]):
         same = by_pool["placed"] == by_sweep["placed"] and by_pool["fmax_mhz"] == by_sweep["fmax_mhz"]
         builds.append({"build": f"{name}:{board}", "placed_and_fmax_equal": same,
                        "tool_s_thread_pool": by_pool["tool_seconds"], "tool_s_sweep": by_sweep["tool_seconds"]})
     result = {"machine": f"{platform.machine()}, 2 cores", "date": time.strftime("%Y-%m-%d"), "jobs": JOBS,
-              "thread_pool_wall_s": round(pool_wall, 1), "sweep_wall_s": round(sweep_wall, 1),
-              "sweep_over_thread_pool": round(sweep_wall / pool_wall, 3), "builds": builds}
+              "wall_s": {way: round(wall, 1) for way, wall in walls.items()},
+              "sweep_over_thread_pool": round(walls["sweep"] / walls["thread-pool"], 3), "builds": builds,
+              "reports": {way: [str(path) for path in paths[way]] for way in ways}}
     OUTPUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -204,7 +204,9 @@ def run_point(point: dict, build_root: str) -> dict:
                    ii=est.cycles_per_image, estimate=est.total.as_dict(), clock_mhz=clock_hz / 1e6,
                    images_per_s=clock_hz / est.cycles_per_image)
         family = board.family
-        if RUN_LEVELS.index(sweep_point.run) >= 1 and family in ("ice40", "ecp5"):
+        # A place-and-route point's synthesis is the build's own yosys run (its row has the placed
+        # counts); synthesizing the network alone as well would cost a second yosys run per point.
+        if sweep_point.run == "synth" and family in ("ice40", "ecp5"):
             top = NetworkTop(model, est.folds, tree_levels=tree_levels_for(family), weight_memories=est.weight_memories)
             cells = synthesize(generate_verilog(top), "hwgen_network", family)
             row["synth"] = {"luts": lut4s(cells, family),
