@@ -281,11 +281,12 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
     if isinstance(stage, FoldedDense):
         return "dense", _dense_cost(stage, dsps_left, costs)
     if isinstance(stage, Requantizer):
-        # Per lane, acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and clamp.
+        # Per lane, acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and
+        # clamp; six register stages (operands, partial products, product, shift, output).
         products = 4 * stage.lanes
         on_dsp = costs.dsps_for(products, dsps_left)
         return "requant", Resources(luts=REQUANT_LANE_LUTS * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,
-                                    ffs=200 * stage.lanes, dsps=on_dsp)
+                                    ffs=400 * stage.lanes, dsps=on_dsp)
     if isinstance(stage, SlidingWindow):
         return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)
     if isinstance(stage, MaxPool):

@@ -156,9 +156,10 @@ def test_score_serializer_words_ties_and_rate(pe):
 
 
 @pytest.mark.parametrize("pe, lanes, stall", [(1, 1, 0.0), (4, 1, 0.0), (4, 1, 0.5), (4, 2, 0.0), (8, 4, 0.5), (8, 8, 0.0)])
-def test_requantizer_equals_golden_and_formulas(pe, lanes, stall):
+@pytest.mark.parametrize("n_in", [16, 1024])      # accumulators of 17 and 26 bits: one or two pieces per product
+def test_requantizer_equals_golden_and_formulas(pe, lanes, stall, n_in):
     rng = np.random.default_rng(pe)
-    layer = random_layer(rng, "r", "uint8", "requant", 16, 8, "int8")
+    layer = random_layer(rng, "r", "uint8", "requant", n_in, 8, "int8")
     lo, hi = layer.channel_acc_bounds
     accs = np.concatenate([rng.integers(lo, hi + 1, (5, 8)), lo[None, :], hi[None, :]])  # extremes too
     width = Requantizer(layer, pe)._acc_bits
@@ -170,7 +171,7 @@ def test_requantizer_equals_golden_and_formulas(pe, lanes, stall):
     want = golden.layer_output(layer, accs).reshape(-1)
     signed = layer.requant.out_kind == "int8"
     assert [v - 256 if signed and v > 127 else v for v in elements] == want.tolist()
-    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 4
+    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 6
     if stall == 0.0:
         per_image = 8 // lanes
         assert out_cycles[per_image - 1] - in_cycles[8 // pe - 1] == dut.latency

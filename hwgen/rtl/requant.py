@@ -12,8 +12,11 @@ from .dense import channel_words
 
 __all__ = ["Requantizer"]
 
-#: Registered stages after an element is taken: accumulator and ROM read, product, shift, output.
-PIPELINE_STAGES = 4
+#: Registered stages after an element is taken: accumulator and ROM read, both registered again,
+#: partial products, their sum, shift, output.
+PIPELINE_STAGES = 6
+#: Bits of each operand piece of a partial product, so that each fits one 18x18 multiplier.
+_PIECE_BITS = 16
 _SHIFT_BITS = 6
 _CONSTANT_BITS = 31 + _SHIFT_BITS
 
@@ -128,32 +131,56 @@ class Requantizer(wiring.Component):
         constant_words = read_rom(m, "constants", channel_words(constants, lanes, _CONSTANT_BITS),
                                   lanes * _CONSTANT_BITS, group, advance)
 
-        s2_valid, s3_valid = Signal(), Signal()
+        valid = [s1_valid] + [Signal(name=f"s{stage}_valid") for stage in range(2, PIPELINE_STAGES)]
         with m.If(advance):
-            m.d.sync += [s2_valid.eq(s1_valid), s3_valid.eq(s2_valid)]
+            m.d.sync += [later.eq(earlier) for earlier, later in zip(valid, valid[1:])]
         results = []
         for lane in range(lanes):
             constant = constant_words.word_select(lane, _CONSTANT_BITS)
             results.append(self._lane(m, lane, s1_accs.word_select(lane, width).as_signed(), constant, advance))
         with m.If(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
-        with m.If(advance & s3_valid):
+        with m.If(advance & valid[-1]):
             m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(Cat(results))]
         return m
 
     def _lane(self, m: Module, lane: int, acc, constant, advance: Signal):
         """One lane's product, shift and rounding stages; the clamped result (8 bits, not registered)."""
         q, width = self._layer.requant, self._acc_bits
-        multiplier = constant[_SHIFT_BITS:]
-        shift_less_one = constant[:_SHIFT_BITS]
 
-        # Stage 2: the product (acc < 2**31, M0 < 2**31).
+        def stage(value, name: str) -> Signal:
+            """``value`` registered (when the pipeline advances)."""
+            register = Signal(value.shape(), name=f"{name}{lane}")
+            with m.If(advance):
+                m.d.sync += register.eq(value)
+            return register
+
+        # Stage 2: the accumulator and the constant registered again, so that no ROM or block RAM
+        # output feeds a multiplier directly.
+        acc = stage(acc, "acc")
+        multiplier = stage(constant[_SHIFT_BITS:], "multiplier")
+        shift = stage(constant[:_SHIFT_BITS], "shift_stage2_")
+
+        # Stage 3: partial products of operand pieces (acc < 2**31, M0 < 2**31), each within one
+        # 18x18 multiplier and registered; the low piece of each operand is unsigned.
+        def pieces(value, signed_top: bool) -> list[tuple[object, int]]:
+            if len(value) <= _PIECE_BITS + 2:
+                return [(value, 0)]
+            top = value[_PIECE_BITS:]
+            return [(value[:_PIECE_BITS], 0), (top.as_signed() if signed_top else top, _PIECE_BITS)]
+
+        partials = [(stage(a * b, f"partial{index}_"), a_offset + b_offset)
+                    for index, ((a, a_offset), (b, b_offset)) in enumerate(
+                        (x, y) for x in pieces(acc, True) for y in pieces(multiplier, False))]
+        shift = stage(shift, "shift_stage3_")
+
+        # Stage 4: the product, the partial products' sum.
         product = Signal(signed(width + 32), name=f"product{lane}")
-        shift = Signal(_SHIFT_BITS, name=f"shift{lane}")
         with m.If(advance):
-            m.d.sync += [product.eq(acc * multiplier), shift.eq(shift_less_one)]
+            m.d.sync += product.eq(sum(partial << offset for partial, offset in partials))
+        shift = stage(shift, "shift")
 
-        # Stage 3: P >> (r - 1), arithmetic.
+        # Stage 5: P >> (r - 1), arithmetic.
         halved_reg = Signal(signed(width + 32), name=f"halved{lane}")
         below_half_clear = Signal(name=f"below_half_clear{lane}")   # the bits below P's half bit are all zero
         halved = Signal(signed(width + 32), name=f"shifted{lane}")
@@ -163,7 +190,7 @@ class Requantizer(wiring.Component):
             if q.rounding == "half_even":
                 m.d.sync += below_half_clear.eq((halved << shift) == product)
 
-        # Stage 4 (the output register): finish the rounding, add the zero point, clamp.
+        # Stage 6 (the output register): finish the rounding, add the zero point, clamp.
         rounded = Signal(signed(width + 33), name=f"rounded{lane}")
         if q.rounding == "half_even":
             floor = halved_reg >> 1
