@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hwgen.sweep import SweepPoint, run_sweep
 
-from .run import RESULTS, ROOT, WORK, hwgen
+from .run import RESULTS, ROOT, WORK, hwgen, pnr_point
 
 OUTPUT = ROOT / "bench" / "pnr_pool.json"
 JOBS = 2
@@ -63,11 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = ([tuple(item.split(":", 1)) for item in args.rows.split(",")] if args.rows else
               [(name, board) for name, row in networks.items() for board, cell in row.items()
                if isinstance(cell, dict) and "placed" in cell])
-    points = []
-    for name, board in wanted:
-        cell = networks[name][board]
-        points.append(SweepPoint(str(WORK / "boards" / f"{name}.npz"), board, ",".join(cell["folds"]), "pnr",
-                                 weights=",".join(cell["weight_memories"])))
+    points = [pnr_point(name, board, networks[name][board]) for name, board in wanted]
     folder = WORK / "pnr_pool"
     ways = {"thread-pool": thread_pool, "sweep": sweep}
     earlier = json.loads(OUTPUT.read_text()) if args.only else None

@@ -217,22 +217,35 @@ def bench_network(name: str, model: IntegerModel) -> dict:
     return result
 
 
+def pnr_point(name: str, board: str, row: dict):
+    """The sweep point that places and routes network ``name`` on ``board`` at the folds and weight
+    placement its results row holds (its model saved under ``build/bench/boards``)."""
+    from hwgen.sweep import SweepPoint
+
+    return SweepPoint(str(WORK / "boards" / f"{name}.npz"), board, ",".join(row["folds"]), "pnr",
+                      weights=",".join(row["weight_memories"]))
+
+
+def save_results(results: dict) -> None:
+    """Write results.json (through a staging file) and the README table from ``results``."""
+    staging = RESULTS.with_suffix(".json.partial")
+    staging.write_text(json.dumps(results, indent=2) + "\n")
+    staging.replace(RESULTS)
+    rewrite_readme(readme_table(results))
+
+
 def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dict], jobs: int) -> float:
     """Item 5's Fmax: ``hwgen build`` (yosys + nextpnr, bitstream) of every network on every board
     it fits, at the folds and weight placement synthesized above, as a ``hwgen sweep`` on a local
     Ray of ``jobs`` workers (rows in ``build/bench/sweep/results.jsonl``; a rerun reuses finished
     builds of unchanged inputs). Results go into ``networks``; returns the wall time in seconds."""
-    from hwgen.sweep import SweepPoint, run_sweep
+    from hwgen.sweep import run_sweep
 
     builds = [(name, board) for name, row in networks.items() for board in FAMILIES_BOARDS if row[board]["fits"]]
     (WORK / "boards").mkdir(parents=True, exist_ok=True)
-    points = []
-    for name, board in builds:
-        path = WORK / "boards" / f"{name}.npz"
-        models[name].save(path)
-        row = networks[name][board]
-        points.append(SweepPoint(str(path), board, ",".join(row["folds"]), "pnr",
-                                 weights=",".join(row["weight_memories"])))
+    for name in {name for name, _ in builds}:
+        models[name].save(WORK / "boards" / f"{name}.npz")
+    points = [pnr_point(name, board, networks[name][board]) for name, board in builds]
     start = time.perf_counter()
     rows = run_sweep(points, WORK / "sweep", num_cpus=jobs)
     wall = time.perf_counter() - start
@@ -437,8 +450,7 @@ def redo_place_and_route(rows: list[list[str]]) -> None:
     place_and_route_all(models, subset, jobs=2)
     for name, board in wanted:
         networks[name][board] = subset[name][board]
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    rewrite_readme(readme_table(results))
+    save_results(results)
 
 
 def redo_network(name: str) -> None:
@@ -454,8 +466,7 @@ def redo_network(name: str) -> None:
     networks[name] = bench_network(name, model)
     place_and_route_all({name: model}, {name: networks[name]}, jobs=2)
     results.setdefault("redone", []).append(name)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    rewrite_readme(readme_table(results))
+    save_results(results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -496,18 +507,11 @@ def main(argv: list[str] | None = None) -> None:
     results["mlp_binary_stages_ecp5"] = bench_layers(models["mlp-binary"])
     results["popcount"] = bench_popcount()
 
-    def save() -> None:
-        """results.json and the README table as they stand (rewritten after each build)."""
-        staging = RESULTS.with_suffix(".json.partial")
-        staging.write_text(json.dumps(results, indent=2) + "\n")
-        staging.replace(RESULTS)
-        rewrite_readme(readme_table(results))
-
-    save()
+    save_results(results)
     if args.pnr:
         print("place and route (hwgen sweep on a local Ray, 2 workers) ...", flush=True)
         results["pnr_wall_s"] = round(place_and_route_all(models, results["networks"], jobs=2))
-    save()
+    save_results(results)
     plots(results)
     print(json.dumps(results, indent=2))
 
