@@ -17,7 +17,7 @@ import numpy as np
 
 from rtl_templates import render
 from hwgen import golden
-from hwgen.ir import IntegerModel, MaxPool2dLayer
+from hwgen.ir import IntegerModel
 from hwgen.rtl.network import TOP_NAME, Fold, NetworkTop, build_top, generate_verilog
 
 from .runner import VerilatorDesign
@@ -245,7 +245,7 @@ def verify_all(model: IntegerModel, folds: list[Fold], images: np.ndarray, build
     mismatches = compare(reference, expected[:len(got)], got)
     intervals = np.concatenate([np.diff(run.out_last) for run in runs])
     if len(got) < len(images):
-        mismatches.append(Mismatch(len(got), "output", 0, int(expected[len(got), 0]), -1))
+        mismatches.append(Mismatch(len(got), "output", 0, int(expected[len(got), 0]), None))
     report = FullReport(len(images), mismatches, sum(run.protocol_errors for run in runs),
                         sum(run.hung for run in runs), sum(run.cycles for run in runs), intervals,
                         int(runs[0].out_last[0] - runs[0].first_input_cycle) if len(runs[0].out_last) else -1,
@@ -254,13 +254,6 @@ def verify_all(model: IntegerModel, folds: list[Fold], images: np.ndarray, build
         report.divergence = locate_divergence(model, folds, images, mismatches[0].image, build_dir / "debug",
                                               reference=reference)
     return report
-
-
-def _elements(beats: list[int], beat_bits: int, element_bits: int) -> np.ndarray:
-    """Unpack stream beats into their elements (element 0 in the low bits of each beat)."""
-    per_beat = beat_bits // element_bits
-    mask = (1 << element_bits) - 1
-    return np.array([(beat >> (k * element_bits)) & mask for beat in beats for k in range(per_beat)], np.int64)
 
 
 def locate_divergence(model: IntegerModel, folds: list[Fold], images: np.ndarray, image: int,
@@ -277,22 +270,10 @@ def locate_divergence(model: IntegerModel, folds: list[Fold], images: np.ndarray
     kept = None
     if waveform.is_file():
         kept = waveform.replace(Path(build_dir) / f"mismatch_image{image}.vcd")
-    expected = golden.run(reference, chosen)
     last = len(chosen) - 1
-    for index, layer in enumerate(reference.layers[:-1]):
-        bits = layer.input_bits if isinstance(layer, MaxPool2dLayer) else layer.output_bits
-        beat_bits = len(getattr(simulator.top, f"probe_{layer.name}_data"))
-        values = _elements(run.probe_beats[layer.name], beat_bits, bits)
-        want = expected.outputs[index][last] & ((1 << bits) - 1)
-        got = values[last * layer.out_features:(last + 1) * layer.out_features]
-        differs = np.nonzero(got != want[:len(got)])[0]
-        if len(differs) or len(got) < len(want):
-            at = int(differs[0]) if len(differs) else len(got)
-            return Divergence(image, layer.name, at, int(want[at]), int(got[at]) if at < len(got) else None,
-                              kept)
-    own = [m for m in run.mismatches if m.image == last]
+    # Probed hidden layers come first, in network order: the first of them is where it diverged.
+    own = [m for m in run.mismatches if m.image == last or m.got is None]
     if own:
-        return Divergence(image, own[0].layer, own[0].index, own[0].expected, own[0].got,
-                          kept)
+        return Divergence(image, own[0].layer, own[0].index, own[0].expected, own[0].got, kept)
     return Divergence(image, "none (the per-cycle rerun matched golden: the mismatch depends on earlier "
                       "images or on timing)", 0, None, None, kept)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hwgen import golden
-from hwgen.ir import IntegerModel
+from hwgen.ir import IntegerModel, MaxPool2dLayer
 from hwgen.rtl.network import TOP_NAME, Fold, NetworkTop, build_top, generate_verilog
 
 from .runner import VerilatorDesign
@@ -24,11 +24,12 @@ class Mismatch:
     layer: str
     index: int
     expected: int
-    got: int
+    got: int | None   # None: the RTL produced no value there
 
     def __str__(self) -> str:
+        got = "produced no value" if self.got is None else self.got
         return (f"image {self.image}, layer {self.layer}, index {self.index}: "
-                f"golden {self.expected}, RTL {self.got}")
+                f"golden {self.expected}, RTL {got}")
 
 
 @dataclass
@@ -126,6 +127,36 @@ def compare(model: IntegerModel, expected: np.ndarray, got: np.ndarray, first_im
     return mismatches
 
 
+def probe_elements(beats: list[int], beat_bits: int, element_bits: int) -> np.ndarray:
+    """Unpack stream beats into their elements (element 0 in the low bits of each beat)."""
+    per_beat = beat_bits // element_bits
+    mask = (1 << element_bits) - 1
+    return np.array([(beat >> (k * element_bits)) & mask for beat in beats for k in range(per_beat)], np.int64)
+
+
+def hidden_mismatches(model: IntegerModel, top: NetworkTop, probe_beats: dict[str, list[int]],
+                      result: golden.GoldenResult, first_image: int = 0) -> list[Mismatch]:
+    """Every hidden layer's probed output (a top built with ``probes=True``) against golden, in
+    network order: each differing element by image, layer and index, and a missing tail as one
+    mismatch whose RTL value is None. Values compare as the stream carries them (two's complement
+    in the layer's output width)."""
+    mismatches = []
+    for index, layer in enumerate(model.layers[:-1]):
+        bits = layer.input_bits if isinstance(layer, MaxPool2dLayer) else layer.output_bits
+        beat_bits = len(getattr(top, f"probe_{layer.name}_data"))
+        want = result.outputs[index] & ((1 << bits) - 1)
+        got = probe_elements(probe_beats[layer.name], beat_bits, bits)[:want.size]
+        flat = want.reshape(-1)
+        for position in np.nonzero(got != flat[:len(got)])[0]:
+            image, element = divmod(int(position), layer.out_features)
+            mismatches.append(Mismatch(first_image + image, layer.name, element, int(flat[position]),
+                                       int(got[position])))
+        if len(got) < flat.size:
+            image, element = divmod(len(got), layer.out_features)
+            mismatches.append(Mismatch(first_image + image, layer.name, element, int(flat[len(got)]), None))
+    return mismatches
+
+
 class NetworkSimulator:
     """One built simulator of a network top; runs any number of image batches against golden.
 
@@ -153,9 +184,11 @@ class NetworkSimulator:
     def run(self, images: np.ndarray, *, stall_in: float = 0.0, stall_out: float = 0.0, seed: int = 0,
             first_image: int = 0, reference: IntegerModel | None = None) -> SimRun:
         """Stream ``images`` through the RTL and compare every output word with the golden model
-        (of ``reference``, by default the model the RTL was built from)."""
+        (of ``reference``, by default the model the RTL was built from); with probes, every hidden
+        layer's output element as well (listed first, in network order)."""
         images = images.reshape(len(images), -1)
-        expected = expected_words(golden.run(reference or self.model, images))
+        result = golden.run(reference or self.model, images)
+        expected = expected_words(result)
         self.last_run_dir = run_dir = self.build_dir / f"run{self._runs}"
         self._runs += 1
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +207,9 @@ class NetworkSimulator:
                           f"{len(images)} images ({results['cycles']} cycles)")
         got = decode_words(results["words"]) if results["words"] else np.zeros((0, expected.shape[1]), np.int64)
         mismatches = compare(self.model, expected[:len(got)], got, first_image)
+        if self.top.probed_layers:
+            mismatches = hidden_mismatches(reference or self.model, self.top, results["probes"], result,
+                                           first_image) + mismatches
         out_last = results["out_last"]
         intervals = [b - a for a, b in zip(out_last, out_last[1:]) if a is not None and b is not None]
         latency = out_last[0] - results["in_first"][0] if out_last and out_last[0] is not None else -1
