@@ -89,3 +89,17 @@ def random_cnn(rng: np.random.Generator, size: tuple[int, int, int], convs: list
             shape = pool.out_shape
     layers.append(random_layer(rng, "head", kind, "scores", int(np.prod(shape)), classes, head_kind))
     return IntegerModel(size, tuple(layers))
+
+
+def reference_shapes() -> dict:
+    """Random weights in the shapes of the bench's four reference networks."""
+    rng = np.random.default_rng(0)
+    spec = dict(kernel=3, stride=1, padding=1, weights="binary", output="threshold", pool=2)
+    return {
+        "mlp-binary": random_model(rng, [784, 256, 256, 10]),
+        "mlp-int8": random_model(rng, [784, 256, 256, 10],
+                                 kinds=[("int8", "requant"), ("int8", "requant"), ("int8", "scores")]),
+        "mlp-mixed": random_model(rng, [784, 256, 256, 10],
+                                  kinds=[("binary", "threshold"), ("int8", "requant"), ("int8", "scores")]),
+        "cnn-binary": random_cnn(rng, (28, 28, 1), [dict(spec, channels=32), dict(spec, channels=64)], 10),
+    }

@@ -4,25 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import random_cnn, random_model
+from helpers import reference_shapes
 from hwgen.rtl.network import Fold, NetworkTop, default_folds, generate_verilog
 from sim.lint import lint_verilog
 from sim.primitives import primitive_models
 from test_rtl_verilator import random_configuration
-
-
-def reference_shapes() -> dict:
-    """Random weights in the shapes of the bench's four reference networks."""
-    rng = np.random.default_rng(0)
-    spec = dict(kernel=3, stride=1, padding=1, weights="binary", output="threshold", pool=2)
-    return {
-        "mlp-binary": random_model(rng, [784, 256, 256, 10]),
-        "mlp-int8": random_model(rng, [784, 256, 256, 10],
-                                 kinds=[("int8", "requant"), ("int8", "requant"), ("int8", "scores")]),
-        "mlp-mixed": random_model(rng, [784, 256, 256, 10],
-                                  kinds=[("binary", "threshold"), ("int8", "requant"), ("int8", "scores")]),
-        "cnn-binary": random_cnn(rng, (28, 28, 1), [dict(spec, channels=32), dict(spec, channels=64)], 10),
-    }
 
 
 @pytest.mark.parametrize("name", ["mlp-binary", "mlp-int8", "mlp-mixed", "cnn-binary"])

@@ -191,3 +191,17 @@ def test_bnn_pynq_two_bit_activations_are_refused_with_the_documented_message(tm
     with pytest.raises(UserError, match=r"node 'Quant_\d+' \(Quant\): channel \d+: no requantizer \(M0, shift, "
                                         r"integer bias, half-even rounding\) gives this 2-bit quantizer's codes"):
         import_model(path)
+
+
+@pytest.mark.parametrize("name", ["tfc", pytest.param("int8", marks=pytest.mark.slow),
+                                  pytest.param("cnv", marks=pytest.mark.slow),
+                                  pytest.param("tfc_1w1a", marks=pytest.mark.slow)])
+def test_imported_models_accumulators_do_not_wrap(tmp_path, name):
+    """Each imported test model's layers driven to their accumulator bounds through the RTL."""
+    from test_extremes import assert_accumulators_hold
+
+    makers = {"tfc": bm.BinaryMLP, "int8": lambda: bm.IntMLP(8), "cnv": bm.BinaryCNN}
+    path = bm.bnn_pynq(name, tmp_path)[0] if name == "tfc_1w1a" else bm.train_and_export(makers[name], tmp_path,
+                                                                                           name, steps=20)
+    model = import_model(path)
+    assert assert_accumulators_hold(model, default_folds(model), tmp_path / "extremes") > 0
