@@ -6,7 +6,7 @@ STAMP := $(VENV)/.hwgen-installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 DEMO_DIR := build/demo
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test verify-all fuzz bench clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,21 @@ data:
 demo: setup data
 	$(BIN)/hwgen demo --out $(DEMO_DIR)
 
+# make test leaves the tests marked slow (more random networks, every reference network's and
+# imported model's worst-case accumulators) to make verify-all, which runs everything.
 test: setup
+	$(BIN)/python -m pytest -n 2 -q -m "not slow" tests
+
+verify-all: setup
 	$(BIN)/python -m pytest -n 2 -q tests
+
+# Property-based RTL fuzz (tests/test_fuzz.py) with FUZZ_EXAMPLES random networks per family;
+# the last line counts the configurations and images that ran.
+FUZZ_EXAMPLES ?= 40
+fuzz: setup
+	mkdir -p build/fuzz && rm -f build/fuzz/log.jsonl
+	HWGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HWGEN_FUZZ_LOG=$(CURDIR)/build/fuzz/log.jsonl \
+		$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider tests/test_fuzz.py
 
 bench: setup data
 	$(BIN)/python -m bench.run $(if $(filter 0,$(PNR)),--no-pnr)
