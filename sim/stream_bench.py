@@ -16,6 +16,10 @@ Configuration (JSON at ``HWGEN_SIM_CONFIG``):
 ``probes`` (optional)
     layer names whose ``probe_<layer>_data`` is recorded on every cycle ``probe_<layer>_valid``
     is high (a top built with ``probes=True``).
+``drain_cycles`` (optional)
+    cycles to keep running once the last word is out and every input beat is in, so that hidden
+    layers finish streams the output did not wait for (a convolution's rows that no later window
+    reads). An output word in that time is an error.
 
 Both ends follow the stream rules: the source keeps ``tvalid`` and ``tdata`` until the transfer; a
 transfer happens on a rising edge where ``tvalid`` and ``tready`` are both high. Signals are driven
@@ -67,9 +71,12 @@ async def stream_images(dut):
     next_beat, presenting, cycle = 0, False, 0
     held = None  # (tdata, tlast) offered on m_axis but not taken: must stay until taken
     max_cycles = int(config["max_cycles"])
-    while len(words) <= images and cycle <= max_cycles:
+    drain_cycles, drained = int(config.get("drain_cycles", 0)), 0
+    while (len(words) <= images or drained < drain_cycles) and cycle <= max_cycles:
         await FallingEdge(dut.clk)
         cycle += 1
+        if len(words) > images and next_beat == len(values):
+            drained += 1
         if not presenting and next_beat < len(values) and rng.random() >= stall_in:
             dut.s_axis_tdata.value = values[next_beat]
             if hasattr(dut, "s_axis_tlast"):
@@ -97,6 +104,9 @@ async def stream_images(dut):
             held = (int(dut.m_axis_tdata.value), int(dut.m_axis_tlast.value) if has_tlast else 0)
         if ready and valid:
             image = len(words) - 1
+            if image >= images:
+                errors.append(f"cycle {cycle}: an output word after the last image's")
+                continue
             words[-1].append(int(dut.m_axis_tdata.value))
             out_cycles[image].append(cycle)
             closing = len(words[-1]) == words_per_image

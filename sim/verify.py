@@ -197,7 +197,8 @@ class NetworkSimulator:
         budget = cycle_budget(self.top, len(images) + 2, stall_in, stall_out)
         config = {"beats": str(beats_path), "words_per_image": self.top.output_words,
                   "stall_in": stall_in, "stall_out": stall_out, "seed": seed, "max_cycles": budget,
-                  "probes": self.top.probed_layers}
+                  "probes": self.top.probed_layers,
+                  "drain_cycles": cycle_budget(self.top, 1, stall_in, stall_out) if self.top.probed_layers else 0}
         start = time.perf_counter()
         results = self.design.run(BENCH_MODULE, config, run_dir)
         wall = time.perf_counter() - start
