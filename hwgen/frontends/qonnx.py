@@ -41,6 +41,7 @@ import numpy as np
 
 from .. import golden
 from ..errors import UserError
+from .checks import require_finite
 from ..ir import (ACC_LIMIT, INT8_WEIGHT_LIMIT, MULTIPLIER_RANGE, SHIFT_RANGE, Conv2dLayer, DenseLayer,
                   InputQuantizer, IntegerModel, MaxPool2dLayer, OutputScale, Requant, first_reached,
                   fold_threshold, negate_rows, quantize_multiplier)
@@ -72,6 +73,7 @@ def import_model(path: Path | str) -> IntegerModel:
 
 def _load(path: Path):
     import onnx
+    from onnx import numpy_helper
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.cleanup import cleanup_model
 
@@ -83,6 +85,8 @@ def _load(path: Path):
         raise UserError(f"{path}: not a readable ONNX model ({type(error).__name__}: {error}); export it again "
                         "with brevitas.export.export_qonnx and keep its .onnx.data file beside it") from None
     _check_acyclic(proto.graph, path)
+    require_finite(path, ((init.name, numpy_helper.to_array(init)) for init in proto.graph.initializer),
+                   "initializer")
     constants = {init.name for init in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in constants]
     if len(inputs) != 1 or len(proto.graph.output) != 1:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..data import Dataset
 from ..errors import UserError
+from .checks import require_finite
 from ..ir import (INT8_WEIGHT_LIMIT, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer, Requant,
                  fold_batchnorm_sign, quantize_multiplier, write_atomically)
 
@@ -789,6 +790,9 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
         raise UserError(f"{path}: field 'format' is not {CHECKPOINT_FORMAT!r}; is this an hwgen checkpoint?")
     if blob.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path}: field 'version' is {blob.get('version')!r}; this hwgen reads {CHECKPOINT_VERSION}")
+    if isinstance(blob.get("state_dict"), dict):
+        require_finite(path, (("state_dict." + name, value) for name, value in blob["state_dict"].items()
+                              if isinstance(value, torch.Tensor)), "tensor")
     try:
         arch_fields = blob["arch"]
         arch = Architecture(tuple(arch_fields["input_shape"]), tuple(arch_fields["hidden"]),

@@ -28,6 +28,7 @@ from torch import nn
 from .. import golden
 from ..data import Dataset, load_dataset
 from ..errors import UserError
+from .checks import require_finite
 from ..ir import IntegerModel
 from . import templates
 
@@ -146,12 +147,14 @@ def load_program(path: Path | str):
     level = logger.level
     logger.setLevel(logging.ERROR)          # torch logs a traceback of its own before it raises
     try:
-        return torch.export.load(str(path))
+        program = torch.export.load(str(path))
     except Exception as error:
         raise UserError(f"{path}: not a readable torch.export archive ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
     finally:
         logger.setLevel(level)
+    require_finite(path, list(program.state_dict.items()) + list(program.constants.items()), "tensor")
+    return program
 
 
 def _identity_bn(channels: int) -> dict:
