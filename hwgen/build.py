@@ -1,6 +1,7 @@
 """Board builds: network and board-top Verilog, constraints, scripts, bitstream and a report."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -104,6 +105,15 @@ class BuildResult:
     report: dict
 
 
+def remove_stale_staging(output: Path) -> None:
+    """Remove the staging folders of ``output`` that a killed process (SIGKILL, a lost sweep
+    worker) left beside it. Call it only while holding ``output``'s lock, or once every process
+    that could be writing there has ended."""
+    for stale in output.parent.glob(f".{glob.escape(output.name)}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
 def staged_folder(output: Path):
     """Yield an empty folder beside ``output`` that replaces ``output`` only if the block succeeds.
@@ -113,6 +123,7 @@ def staged_folder(output: Path):
     interruption (an error, Ctrl-C, SIGTERM) the staging folder is removed.
     """
     with folder_lock(output):
+        remove_stale_staging(output)
         staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
         try:
             yield staging

@@ -31,12 +31,22 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame) -> None:
+    end_children()
     raise Terminated()
 
 
+def _raise_interrupt(signum, frame) -> None:
+    end_children()
+    raise KeyboardInterrupt()
+
+
 def exit_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread."""
+    """Make SIGTERM raise :class:`Terminated` and SIGINT ``KeyboardInterrupt`` in the main thread,
+    each after SIGTERM to every process below this one. That has to come first: a library's own
+    clean-up on the way up (``subprocess.run`` kills its child) would orphan the grandchildren
+    (cocotb's ``make`` and compilers), and an orphan is no longer found below this process."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _raise_interrupt)
 
 
 def _group_alive(group: int) -> bool:
@@ -70,21 +80,35 @@ def _end_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def end_children() -> None:
-    """SIGTERM to every remaining child of this process (Linux ``/proc``; elsewhere nothing): the
-    processes that libraries started on their own, such as Amaranth's yosys for Verilog output,
-    which an interruption leaves waiting on a pipe."""
-    me = os.getpid()
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux ``/proc``; elsewhere none), parents before children."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[1]) == me:
+        children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [root]
+    while frontier:
+        below = [child for pid in frontier for child in children.get(pid, [])]
+        found += below
+        frontier = below
+    return found
+
+
+def end_children() -> None:
+    """SIGTERM to every process below this one, children and theirs: the processes libraries
+    started on their own (Amaranth's yosys for Verilog output, which an interruption leaves
+    waiting on a pipe; cocotb's Verilator build, whose make and compilers are its children; a
+    local Ray's daemons and workers). Twice, for a process that was starting one meanwhile."""
+    for _ in range(2):
+        for pid in _descendants(os.getpid()):
             try:
-                os.kill(int(entry.name), signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        time.sleep(0.1)
 
 
 def run_tool(args: Sequence[str], *, cwd: Path | str | None = None,

@@ -29,12 +29,17 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
+from .ir import write_atomically
+from .process import Terminated
 
 __all__ = ["SweepPoint", "load_spec", "point_key", "run_point", "run_sweep", "read_rows", "RUN_LEVELS",
            "RESULTS_FILE"]
@@ -323,6 +328,31 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     staging.replace(path)
 
 
+def _unwrapping_interruptions(call, *args, **kwargs):
+    """``call(*args, **kwargs)`` (a Ray call), re-raising an interruption that came while Ray's
+    core waited: Ray's compiled code hands it on wrapped in a ``SystemError``."""
+    try:
+        return call(*args, **kwargs)
+    except SystemError as error:
+        if isinstance(error.__cause__, (KeyboardInterrupt, Terminated)):
+            raise error.__cause__ from None
+        raise
+
+
+def _init_ray_keeping_handlers(**options) -> None:
+    """``ray.init``, then this process's own SIGTERM and SIGINT handlers again: Ray's core puts a
+    handler of its own in place, which would end the driver with status 1 and skip the clean-up
+    of :func:`run_sweep` and of the CLI."""
+    import ray
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    ray.init(**options)
+    for sig, handler in handlers.items():
+        if callable(handler):
+            signal.signal(sig, handler)
+
+
 def run_sweep(points: list[SweepPoint], output: Path | str, *, address: str | None = None,
               num_cpus: int | None = None, progress: bool = True) -> list[dict]:
     """Run every point not already done on Ray; append rows to ``output/results.jsonl`` as they
@@ -344,8 +374,8 @@ def run_sweep(points: list[SweepPoint], output: Path | str, *, address: str | No
     if pending:
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=address, num_cpus=None if address else (num_cpus or os.cpu_count()),
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            _init_ray_keeping_handlers(address=address, num_cpus=None if address else (num_cpus or os.cpu_count()),
+                                       include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             # Ray's own retries are off: a failed or lost task comes back here, is recorded, and
             # is submitted once more by this loop, so that every failure shows in the results.
@@ -356,10 +386,10 @@ def run_sweep(points: list[SweepPoint], output: Path | str, *, address: str | No
             with tqdm(total=len(pending), desc="sweep points", unit="point", disable=not progress) as bar, \
                     results.open("a") as log:
                 while running:
-                    finished, _ = ray.wait(list(running), num_returns=1)
+                    finished, _ = _unwrapping_interruptions(ray.wait, list(running), num_returns=1)
                     key = running.pop(finished[0])
                     try:
-                        row = ray.get(finished[0])
+                        row = _unwrapping_interruptions(ray.get, finished[0])
                     except Exception as error:      # the task raised, or its worker died
                         row = {**pending[key].as_dict(), "error": f"{type(error).__name__}: {error}"[:2000]}
                     row.update(key=key, attempt=tries[key])
@@ -372,11 +402,22 @@ def run_sweep(points: list[SweepPoint], output: Path | str, *, address: str | No
                         rows[key] = row
                         bar.update(1)
                     bar.set_postfix(running=len(running))
-        finally:
+        except BaseException:
             if started_here:
+                # The workers are gone once Ray is down; the staging folders and locks of the
+                # builds they had under way (hidden entries of the build folder) go with them.
+                ray.shutdown()
+                for staged in Path(build_root).glob(".*"):
+                    if staged.is_dir():
+                        shutil.rmtree(staged, ignore_errors=True)
+                    else:
+                        staged.unlink(missing_ok=True)
+            raise
+        finally:
+            if started_here and ray.is_initialized():
                 ray.shutdown()
     ordered = [rows[key] for key in keyed]
     all_rows = list({row["key"]: row for row in read_rows(results) if "key" in row}.values())
-    (output / "results.md").write_text(summary_table(all_rows))
+    write_atomically(output / "results.md", summary_table(all_rows))
     pareto_plot(all_rows, output / "pareto.png")
     return ordered
