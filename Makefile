@@ -31,7 +31,7 @@ demo: setup data
 # make test leaves the tests marked slow (more random networks, every reference network's and
 # imported model's worst-case accumulators) to make verify-all, which runs everything.
 test: setup
-	$(BIN)/python -m pytest -n 2 -q -m "not slow" tests
+	$(BIN)/python -m pytest -n 2 -q -m "not slow" --durations=20 tests
 
 verify-all: setup
 	$(BIN)/python -m pytest -n 2 -q tests
