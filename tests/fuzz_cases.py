@@ -32,6 +32,9 @@ IMAGE_PATTERNS = ("random", "zeros", "full")
 class LayerSpec:
     """One dense or convolution layer (a convolution may be followed by a 2x2 max-pool).
 
+    A requantizing layer rounds half up (TFLite) or half to even (QONNX), and ``narrow`` clamps
+    its output to 16 codes, as an imported 4-bit activation does.
+
     ``pe`` and ``simd`` index the layer's legal choices (taken modulo their number), so that
     every drawn case is buildable and shrinking goes towards the most folded layer.
     """
@@ -42,6 +45,8 @@ class LayerSpec:
     weight_pattern: str = "random"
     threshold_pattern: str = "random"
     shift_pattern: str = "random"
+    rounding: str = "half_up"
+    narrow: bool = False
     pe: int = 0
     simd: int = 0
     conv: bool = False
@@ -127,6 +132,12 @@ def _dense(spec: LayerSpec, name: str, input_kind: str, n_in: int, rng: np.rando
         layer = _with_thresholds(layer, spec.threshold_pattern, rng)
     elif spec.output == "requant":
         layer = _with_shift(layer, spec.shift_pattern)
+        requant = dataclasses.replace(layer.requant, rounding=spec.rounding)
+        if spec.narrow:
+            # An imported 4-bit activation: codes clamped to 16 values (signed: -8..7).
+            low = 0 if requant.out_kind == "uint8" else -8
+            requant = dataclasses.replace(requant, zero_point=low, lo=low, hi=low + 15)
+        layer = dataclasses.replace(layer, requant=requant)
     return layer
 
 
@@ -172,6 +183,7 @@ def _layer_spec(draw, width: int, kinds: tuple[str, str], **geometry) -> LayerSp
                      weight_pattern=draw(st.sampled_from(WEIGHT_PATTERNS)),
                      threshold_pattern=draw(st.sampled_from(THRESHOLD_PATTERNS)),
                      shift_pattern=draw(st.sampled_from(SHIFT_PATTERNS)),
+                     rounding=draw(st.sampled_from(["half_up", "half_even"])), narrow=draw(st.booleans()),
                      pe=draw(st.integers(0, 11)), simd=draw(st.integers(0, 11)), **geometry)
 
 

@@ -42,12 +42,18 @@ def test_extreme_inputs_reach_each_channels_bounds():
     assert high.min() >= 0 and high.max() <= 255 and np.array_equal(high + low, np.full_like(high, 255))
 
 
-@pytest.mark.parametrize("network", ["mlp-mixed", pytest.param("cnn-binary", marks=pytest.mark.slow),
-                                     pytest.param("mlp-binary", marks=pytest.mark.slow),
-                                     pytest.param("mlp-int8", marks=pytest.mark.slow)])
+def test_small_mixed_network_accumulators_do_not_wrap(tmp_path):
+    """mlp-mixed's kinds at a quarter of its widths (make test's stand-in for the reference
+    shapes): a uint8, a bit and an 8-bit input, and all three output roles."""
+    model = random_model(np.random.default_rng(7), [196, 64, 64, 10],
+                         kinds=[("binary", "threshold"), ("int8", "requant"), ("int8", "scores")])
+    assert assert_accumulators_hold(model, default_folds(model), tmp_path) == 2 * (64 + 64 + 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["mlp-mixed", "cnn-binary", "mlp-binary", "mlp-int8"])
 def test_reference_networks_accumulators_do_not_wrap(network, tmp_path):
-    """mlp-mixed (in make test) has a uint8, a bit and an 8-bit input and all three output roles;
-    the CNN two convolutions (pixels, then bits through a 3x3 window of 32 channels) and a
+    """The CNN has two convolutions (pixels, then bits through a 3x3 window of 32 channels) and a
     3136-input head."""
     model = reference_shapes()[network]
     assert assert_accumulators_hold(model, default_folds(model), tmp_path) > 0
