@@ -16,7 +16,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from helpers import random_images, random_layer
-from hwgen.ir import MULTIPLIER_RANGE, SHIFT_RANGE, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer, Requant
+from hwgen.ir import MULTIPLIER_RANGE, SHIFT_RANGE, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer
 from hwgen.rtl.arith import divisors
 from hwgen.rtl.network import Fold
 

@@ -1,7 +1,6 @@
 """The generated Verilog passes ``verilator --lint-only -Wall`` with only the waivers of sim/lint.py."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from helpers import reference_shapes
