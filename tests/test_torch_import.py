@@ -147,3 +147,14 @@ def test_unsupported_op_is_refused_naming_the_module(tmp_path, digits):
     broken.write_bytes(b"not a zip")
     assert_user_error(run_hwgen("quantize", broken, "--dataset", "digits", "-o", tmp_path / "m.npz"),
                       f"error: {broken}: not a readable torch.export archive")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_model", [UserMLP, UserCNN])
+def test_user_models_accumulators_do_not_wrap(make_model, tmp_path, digits):
+    """The int8 PTQ of each user model, every layer driven to its accumulator bounds through the RTL."""
+    from test_extremes import assert_accumulators_hold
+
+    torch.manual_seed(2)
+    model = hwgen.quantize(fit(make_model()), digits, kind="int8").export()
+    assert assert_accumulators_hold(model, default_folds(model), tmp_path) > 0
