@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from helpers import random_images, random_layer
+from helpers import centred_thresholds, random_images, random_layer
 from hwgen.ir import MULTIPLIER_RANGE, SHIFT_RANGE, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer
 from hwgen.rtl.arith import divisors
 from hwgen.rtl.network import Fold
@@ -97,11 +97,7 @@ def _with_thresholds(layer: DenseLayer, pattern: str, rng: np.random.Generator) 
     (always 0), or each channel at one end or the other."""
     lo, hi = layer.channel_acc_bounds
     if pattern == "random":
-        if layer.is_popcount:
-            centre, spread = np.full(layer.out_features, layer.in_features // 2), max(1, layer.in_features // 4)
-        else:
-            centre, spread = (lo + hi) // 2, np.maximum((hi - lo) // 8, 1)
-        thresholds = np.clip(centre + rng.integers(-spread, spread + 1, layer.out_features), lo, hi + 1)
+        thresholds = centred_thresholds(layer, rng)
     elif pattern == "low":
         thresholds = lo
     elif pattern == "high":

@@ -34,14 +34,41 @@ def random_layer(rng: np.random.Generator, name: str, input_kind: str, output_ki
         return DenseLayer(name, input_kind, output_kind, weights, None, weight_kind, bias, requant)
     lo, hi = layer.channel_acc_bounds
     # Most thresholds sit where random inputs land, so outputs vary; some sit at the clip ends.
-    if layer.is_popcount:
-        centre, spread = np.full(n_out, n_in // 2), max(1, n_in // 4)
-    else:
-        centre, spread = (lo + hi) // 2, np.maximum((hi - lo) // 8, 1)
-    thresholds = np.clip(centre + rng.integers(-spread, spread + 1, n_out), lo, hi + 1)
+    thresholds = centred_thresholds(layer, rng)
     ends = rng.random(n_out)
     thresholds = np.where(ends < 0.08, lo, np.where(ends > 0.92, hi + 1, thresholds))
     return DenseLayer(name, input_kind, output_kind, weights, thresholds.astype(np.int64), weight_kind, bias)
+
+
+def centred_thresholds(layer: DenseLayer, rng: np.random.Generator) -> np.ndarray:
+    """Random thresholds near where random inputs put each channel's accumulator, within
+    ``[lo, hi + 1]``."""
+    lo, hi = layer.channel_acc_bounds
+    if layer.is_popcount:
+        centre, spread = np.full(layer.out_features, layer.in_features // 2), max(1, layer.in_features // 4)
+    else:
+        centre, spread = (lo + hi) // 2, np.maximum((hi - lo) // 8, 1)
+    return np.clip(centre + rng.integers(-spread, spread + 1, layer.out_features), lo, hi + 1)
+
+
+def rewrite_model_file(path, model: IntegerModel, mutate, compressed: bool = False) -> None:
+    """Save ``model``, then rewrite the archive with its entries changed by ``mutate(dict)``."""
+    model.save(path)
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    mutate(arrays)
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+
+
+def meta_edit(edit):
+    """A ``mutate`` for :func:`rewrite_model_file` that applies ``edit(dict)`` to the JSON ``meta``."""
+    import json
+
+    def mutate(arrays):
+        meta = json.loads(bytes(arrays["meta"]).decode())
+        edit(meta)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    return mutate
 
 
 def random_model(rng: np.random.Generator, widths: list[int], input_kind: str = "uint8",

@@ -3,33 +3,23 @@ status 2, no traceback, and no output file (nor a staging file beside it)."""
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import random_model
+from helpers import meta_edit, random_model, rewrite_model_file
 from test_cli import assert_user_error, hwgen
+
+MODEL = random_model(np.random.default_rng(0), [20, 8, 6, 3])
 
 
 @pytest.fixture(scope="module")
 def good_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "model.npz"
-    random_model(np.random.default_rng(0), [20, 8, 6, 3]).save(path)
+    MODEL.save(path)
     return path
-
-
-def _arrays(path) -> dict:
-    with np.load(path, allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
-
-
-def _with_meta(arrays: dict, edit) -> dict:
-    meta = json.loads(bytes(arrays["meta"]).decode())
-    edit(meta)
-    return dict(arrays, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
 
 
 def _corrupt_member(data: bytes) -> bytes:
@@ -43,7 +33,7 @@ def _corrupt_member(data: bytes) -> bytes:
 def _hostile_model(kind: str, good, folder):
     """Write the hostile variant ``kind`` of the good model file; returns its path."""
     path = folder / f"{kind}.npz"
-    data, arrays = good.read_bytes(), _arrays(good)
+    data = good.read_bytes()
     if kind == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif kind == "corrupted":
@@ -51,18 +41,19 @@ def _hostile_model(kind: str, good, folder):
     elif kind == "not-an-archive":
         path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
     elif kind == "wrong-version":
-        np.savez(path, **_with_meta(arrays, lambda m: m.__setitem__("version", 99)))
+        rewrite_model_file(path, MODEL, meta_edit(lambda m: m.__setitem__("version", 99)))
     elif kind == "shapes-disagree":
-        np.savez(path, **dict(arrays, **{"dense1.weights": arrays["dense1.weights"][:, :5]}))
+        rewrite_model_file(path, MODEL, lambda a: a.__setitem__("dense1.weights", a["dense1.weights"][:, :5]))
     elif kind == "chain-broken":
-        np.savez(path, **_with_meta(arrays, lambda m: m["layers"][2].__setitem__("in_features", 7)))
+        rewrite_model_file(path, MODEL, meta_edit(lambda m: m["layers"][2].__setitem__("in_features", 7)))
     elif kind == "declares-too-much":
-        np.savez(path, **_with_meta(arrays, lambda m: m["layers"][0].__setitem__("out_features", 10 ** 12)))
+        rewrite_model_file(path, MODEL, meta_edit(lambda m: m["layers"][0].__setitem__("out_features", 10 ** 12)))
     elif kind == "stores-too-much":
         # 16 MB of zeros compress to a few kB: the stored size is checked before reading.
-        np.savez_compressed(path, **dict(arrays, **{"dense0.weights": np.zeros((4000, 4000), np.uint8)}))
+        rewrite_model_file(path, MODEL, lambda a: a.__setitem__("dense0.weights", np.zeros((4000, 4000), np.uint8)),
+                           compressed=True)
     elif kind == "pickled":
-        np.savez(path, **dict(arrays, **{"dense0.weights": np.array([object()], dtype=object)}))
+        rewrite_model_file(path, MODEL, lambda a: a.__setitem__("dense0.weights", np.array([object()], dtype=object)))
     return path
 
 

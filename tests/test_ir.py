@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hwgen.errors import UserError
 from hwgen.ir import DenseLayer, IntegerModel, batchnorm_reference, signed_width
 from hwgen.ir import fold_batchnorm_sign as fold_layer
-from helpers import random_model
+from helpers import meta_edit as _meta_edit, random_model
+from helpers import rewrite_model_file as _rewrite
 
 EPS = 1e-5
 
@@ -160,25 +161,6 @@ def test_round_trip(tmp_path, model):
         assert np.array_equal(a.weights, b.weights)
         assert (a.thresholds is None and b.thresholds is None) or np.array_equal(a.thresholds, b.thresholds)
     assert not list(tmp_path.glob(".*tmp"))
-
-
-def _rewrite(path, model, mutate):
-    """Save, then rewrite the archive with one entry changed by ``mutate(dict)``."""
-    model.save(path)
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    mutate(arrays)
-    np.savez(path, **arrays)
-
-
-def _meta_edit(edit):
-    import json
-
-    def mutate(arrays):
-        meta = json.loads(bytes(arrays["meta"]).decode())
-        edit(meta)
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    return mutate
 
 
 @pytest.mark.parametrize("mutate, message", [
