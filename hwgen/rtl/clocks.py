@@ -154,14 +154,10 @@ class BoardPLL(Elaboratable):
                 i_PHASELOADREG=Const(0), i_PLLWAKESYNC=Const(0), i_ENCLKOP=Const(0),
                 o_CLKOP=feedback, o_LOCK=locked)
             m.d.comb += [ClockSignal(NETWORK_DOMAIN).eq(feedback), ClockSignal("sync").eq(self.clock_pin)]
-        # The network's reset, released in step with its clock once the PLL has locked. On ECP5 it
-        # runs on a global clock network (DCCA): as fabric routing, this one net to every reset
-        # flip-flop of the network was a critical path of a 14k-LUT design at 109 MHz.
-        reset = Signal()
-        m.submodules.net_reset = AsyncFFSynchronizer(~locked, reset, o_domain=NETWORK_DOMAIN, async_edge="pos")
-        if self.family == "ecp5":
-            m.submodules.net_reset_buffer = Instance("DCCA", i_CLKI=reset, i_CE=Const(1),
-                                                     o_CLKO=ResetSignal(NETWORK_DOMAIN))
-        else:
-            m.d.comb += ResetSignal(NETWORK_DOMAIN).eq(reset)
+        # The network's reset, released in step with its clock once the PLL has locked. It
+        # reaches only the network's per-stage reset registers (:class:`~.network.NetworkTop`),
+        # so fabric routing serves it; a global network (DCCA) for it failed to route in a
+        # 39k-LUT ECP5 design.
+        m.submodules.net_reset = AsyncFFSynchronizer(~locked, ResetSignal(NETWORK_DOMAIN), o_domain=NETWORK_DOMAIN,
+                                                     async_edge="pos")
         return m

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 from amaranth.back import verilog
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -321,15 +321,27 @@ class NetworkTop(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
+        # Each stage resets from a register of its own, so the network's reset reaches a few
+        # flip-flops, not every stage's control registers across the device (routed as one net,
+        # it was a critical path on ECP5; promoted to a global, it failed to route in a 39k-LUT
+        # design). Every copy is one register deep, so all stages leave reset on the same cycle.
+        held = []
         for index, stage in enumerate(self._stages):
-            m.submodules[f"stage{index}"] = stage
+            domain = f"stage{index}"
+            m.domains += ClockDomain(domain, local=True)
+            stage_reset = Signal(init=1, name=f"{domain}_reset")
+            m.d.sync += stage_reset.eq(ResetSignal())
+            m.d.comb += [ClockSignal(domain).eq(ClockSignal()), ResetSignal(domain).eq(stage_reset)]
+            m.submodules[domain] = DomainRenamer(domain)(stage)
+            held.append(stage_reset)
         for upstream, downstream in zip(self._stages, self._stages[1:]):
             wiring.connect(m, upstream.o, downstream.i)
         first, last = self._stages[0], self._stages[-1]
         m.d.comb += [
             first.i.payload.eq(self.s_axis_tdata),
             first.i.valid.eq(self.s_axis_tvalid),
-            self.s_axis_tready.eq(first.i.ready),
+            # A beat offered in the cycle after reset would reach a stage still held in reset.
+            self.s_axis_tready.eq(first.i.ready & ~held[0]),
             self.m_axis_tdata.eq(last.o.payload.data),
             self.m_axis_tlast.eq(last.o.payload.last),
             self.m_axis_tvalid.eq(last.o.valid),
