@@ -210,13 +210,13 @@ def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Reso
         return Resources(luts=8, bram_blocks=bram_blocks_for(shape, budget))
     if placement == "distributed":
         return Resources(luts=shape.width * math.ceil(shape.depth / 16) * 1.5, ffs=shape.width)
-    if shape.in_luts:
-        # A LUT per bit, and a copy of the address register per group of bits (read_rom).
-        return Resources(luts=shape.width, ffs=math.ceil(shape.width / LUT_ROM_GROUP_BITS) * (shape.depth - 1).bit_length())
     if shape.rom:
-        # LUT tables of lut_bits entries per bit, then a mux tree joining them.
+        # LUT tables of lut_bits entries per bit, then a mux tree joining them; read_rom registers
+        # a copy of the address per group of bits, yosys the data.
         tables = math.ceil(shape.depth / costs.lut_bits)
-        return Resources(luts=shape.width * (2 * tables - 1), ffs=shape.width)
+        ffs = (math.ceil(shape.width / LUT_ROM_GROUP_BITS) * (shape.depth - 1).bit_length() if shape.in_luts
+               else shape.width)
+        return Resources(luts=shape.width * (2 * tables - 1), ffs=ffs)
     # Flip-flops written straight from the input (on iCE40 each in a logic cell of its own) and a read mux.
     mux = shape.width * (shape.depth - 1) / 2
     return Resources(luts=mux + (shape.bits if costs.ffs_take_own_luts else 0), ffs=shape.bits + shape.width)

@@ -56,8 +56,12 @@ def register_copies(m: Module, value: Value, count: int, name: str, enable: Valu
     return copies
 
 
-#: ROMs this deep or shallower are one LUT4 per bit, which yosys always prefers to a block RAM.
-LUT_ROM_DEPTH = 16
+#: ROMs this deep or shallower are built from LUTs (a LUT4 per 16 words per bit, and multiplexers).
+#: yosys's ``memory_libmap`` puts them in logic anyway, whatever their width: it costs logic at
+#: depth x width / 16 and a block RAM at 128 (ECP5, 36 bits wide) or 64 (iCE40, 16 bits wide) per
+#: block, more for depths up to 48. Built by yosys, a 36 x 512-bit ROM hung from one address
+#: register was the critical path of a CNN on ECP5.
+LUT_ROM_DEPTH = 48
 
 #: Bits of a LUT ROM that share one copy of its registered address.
 LUT_ROM_GROUP_BITS = 32
@@ -76,8 +80,9 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
 
     A ROM of at most :data:`LUT_ROM_DEPTH` words is built here from LUTs, with the register on the
     address: every :data:`LUT_ROM_GROUP_BITS` bits read their own copy of it, so that no address
-    net reaches hundreds of LUTs across the chip and no LUT is shared between distant bits. As a ``Memory``, a 640-bit wide ROM of 10 words became an address
-    register fanned out to chains of shared LUTs, the critical path of its layer on ECP5.
+    net reaches hundreds of LUTs across the chip and no LUT is shared between distant bits. As a
+    ``Memory``, a 640-bit wide ROM of 10 words became an address register fanned out to chains of
+    shared LUTs, the critical path of its layer on ECP5.
     """
     if len(words) == 1:
         return Const(words[0], unsigned(width))
