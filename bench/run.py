@@ -36,7 +36,7 @@ from hwgen.data import load_dataset
 from hwgen.errors import UserError
 from hwgen.fit import Estimate, auto_folds
 from hwgen.ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
-from hwgen.rtl.dense import tree_levels_for
+from hwgen.rtl.dense import pipelining_for
 from hwgen.rtl.network import Fold, NetworkTop, compute_layers, default_folds, generate_verilog
 from hwgen.rtl.spram import SPRAM_PRIMITIVE
 from hwgen.synth import lut4s, synthesize
@@ -200,8 +200,8 @@ def bench_network(name: str, model: IntegerModel) -> dict:
             continue
         board_fold = board_est.folds
         start = time.perf_counter()
-        board_top = NetworkTop(model, board_fold, tree_levels=tree_levels_for(family),
-                               weight_memories=board_est.weight_memories)
+        board_top = NetworkTop(model, board_fold, weight_memories=board_est.weight_memories,
+                               **pipelining_for(family))
         text = generate_verilog(board_top)
         cells = synthesize(text, "hwgen_network", family)
         result[board] = {"fits": True, "fold_choice": choice, "folds": [str(f) for f in board_fold],

@@ -22,7 +22,7 @@ from .process import folder_lock, run_tool
 from .rtl.arith import KEEP_REGISTER_COPIES
 from .rtl.board import UARTBoardTop
 from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, pll_settings
-from .rtl.dense import tree_levels_for
+from .rtl.dense import pipelining_for
 from .rtl.network import Fold, build_top, compute_layers, generate_verilog
 from .rtl.uart import FRAME_BITS, uart_divisor
 from .synth import ECP5_SYNTH_OPTIONS, yowasp_tool
@@ -219,8 +219,8 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
     output = Path(output)
     est = est or fit_folds(model, folds, board)
     check_fit(est)
-    tree_levels = tree_levels_for(board.family)
-    network = build_top(model, folds, tree_levels=tree_levels, weight_memories=est.weight_memories)
+    pipelining = pipelining_for(board.family)
+    network = build_top(model, folds, weight_memories=est.weight_memories, **pipelining)
     try:
         divisor = uart_divisor(board.clock_hz, baud)
     except (ValueError, TypeError) as error:
@@ -233,7 +233,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
         image = weight_image(model, network)
         loader = loader_settings(image, board.flash_offset, clock_hz)
     core = UARTBoardTop(model, folds, divisor=divisor, led_count=len(board.led_pins),
-                        network_domain=NETWORK_DOMAIN if network_hz else "sync", tree_levels=tree_levels,
+                        network_domain=NETWORK_DOMAIN if network_hz else "sync", **pipelining,
                         weight_memories=est.weight_memories, loader=loader)
     with staged_folder(output) as staging:
         (staging / "hwgen_network.v").write_text(generate_verilog(network))
@@ -262,7 +262,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                                            "clock_mhz": board.clock_hz / 1e6},
             "network_clock_mhz": round(clock_hz / 1e6, 4), "network_clock_source": "PLL" if network_hz else "board",
             "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
-            "latency_cycles": network.latency, "tree_levels": tree_levels, "baud": baud,
+            "latency_cycles": network.latency, **pipelining, "baud": baud,
             "weight_memories": dict(zip([layer.name for layer in compute_layers(model)], est.weight_memories)),
             "uart_images_per_s": baud / FRAME_BITS / (model.in_features + 1),
             "estimate": {"total": est.total.as_dict(), "layers": est.table()},

@@ -18,12 +18,13 @@ from .boards import Board, Budget
 from .errors import UserError
 from .ir import Conv2dLayer, IntegerModel, signed_width
 from .rtl.arith import LUT_ROM_GROUP_BITS, MemoryShape, divisors, rom_in_luts
-from .rtl.dense import PAIR_BITS, WEIGHT_MEMORIES, FoldedDense, tree_levels_for
+from .rtl.dense import PAIR_BITS, WEIGHT_MEMORIES, FoldedDense, pipelining_for
 from .rtl.spram import SPRAM_WIDTH, spram_banks, spram_blocks
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
 from .rtl.requant import Requantizer
 from .rtl.scores import ScoreSerializer
+from .rtl.slice import RegisterSlice
 from .rtl.window import SlidingWindow
 
 __all__ = ["Resources", "StageEstimate", "Estimate", "estimate", "check_fit", "auto_folds", "fit_folds",
@@ -273,6 +274,13 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
     if costs.ffs_take_own_luts:
         lanes.luts += word_registers
     lanes.luts += pe * (per_lane + LANE_ACC_LUTS * acc_bits)
+    if stage.start_values is not None:
+        # The accumulators' start values, registered after their ROM.
+        lanes.ffs += pe * acc_bits
+    if stage.weight_banks > 1:
+        # The banks' output registers and the input word waiting beside them; the OR after them
+        # stands for the multiplexer yosys builds after an unbanked ROM's blocks.
+        lanes.ffs += stage.weight_bank_stages * (stage.weight_banks * weight_bits + simd * layer.input_bits)
     return lanes
 
 
@@ -294,6 +302,10 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         # select per byte), the row max and output registers; the rows above are in `memories`.
         width = stage.pixel_width
         return "pool", Resources(luts=40 + width * (2 if stage._bits == 1 else 5), ffs=30 + 2 * width)
+    if isinstance(stage, RegisterSlice):
+        # Two entries and the level; the output multiplexer picks one entry per bit.
+        width = Shape.cast(stage.o.payload.shape()).width
+        return "slice", Resources(luts=8 + width, ffs=4 + 2 * width)
     width = Shape.cast(stage.i.payload.shape()).width + Shape.cast(stage.o.payload.shape()).width
     kind = "scores" if isinstance(stage, ScoreSerializer) else "stream"
     return kind, Resources(luts=20 + width / 2, ffs=10 + width)
@@ -305,7 +317,7 @@ def estimate(model: IntegerModel, folds: list[Fold], board: Board, weight_memori
     weight_memories = list(weight_memories or ["rom"] * len(folds))
     if "spram" in weight_memories and not board.budget.spram_blocks:
         raise UserError(f"{board.name} has no SPRAM for weights; its layers' weights go in ROM")
-    top = NetworkTop(model, folds, tree_levels=tree_levels_for(board.family), weight_memories=weight_memories)
+    top = NetworkTop(model, folds, weight_memories=weight_memories, **pipelining_for(board.family))
     costs = FAMILY_COSTS[board.family]
     budget = board.budget
     stages = []

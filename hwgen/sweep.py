@@ -180,7 +180,7 @@ def run_point(point: dict, build_root: str) -> dict:
     from .build import build_board
     from .fit import auto_folds, check_fit, fit_folds, parse_weight_memories
     from .ir import IntegerModel
-    from .rtl.dense import tree_levels_for
+    from .rtl.dense import pipelining_for
     from .rtl.network import NetworkTop, generate_verilog, parse_folds
     from .rtl.spram import SPRAM_PRIMITIVE
     from .synth import lut4s, synthesize
@@ -212,7 +212,7 @@ def run_point(point: dict, build_root: str) -> dict:
         # A place-and-route point's synthesis is the build's own yosys run (its row has the placed
         # counts); synthesizing the network alone as well would cost a second yosys run per point.
         if sweep_point.run == "synth" and family in ("ice40", "ecp5"):
-            top = NetworkTop(model, est.folds, tree_levels=tree_levels_for(family), weight_memories=est.weight_memories)
+            top = NetworkTop(model, est.folds, weight_memories=est.weight_memories, **pipelining_for(family))
             cells = synthesize(generate_verilog(top), "hwgen_network", family)
             row["synth"] = {"luts": lut4s(cells, family),
                             "ffs": sum(v for k, v in cells.items() if k.startswith(("TRELLIS_FF", "SB_DFF"))),

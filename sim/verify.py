@@ -9,6 +9,7 @@ import numpy as np
 
 from hwgen import golden
 from hwgen.ir import IntegerModel, MaxPool2dLayer
+from hwgen.rtl.dense import pipelining_for
 from hwgen.rtl.network import TOP_NAME, Fold, NetworkTop, build_top, generate_verilog
 
 from .runner import VerilatorDesign
@@ -170,12 +171,15 @@ class NetworkSimulator:
         Dump a VCD waveform of every run (``run<N>/dump.vcd`` under ``build_dir``).
     probes : bool
         Build the top with probe ports and record every hidden layer's output beats.
+    family : str, optional
+        Build the layers as for this FPGA family (:func:`~hwgen.rtl.dense.pipelining_for`: its
+        adder-tree stages and weight banks), as ``hwgen build`` does; default the generic top.
     """
 
     def __init__(self, model: IntegerModel, folds: list[Fold], build_dir: Path | str, *, waves: bool = False,
-                 probes: bool = False):
+                 probes: bool = False, family: str | None = None):
         self.model = model
-        self.top = build_top(model, folds, probes=probes)
+        self.top = build_top(model, folds, probes=probes, **(pipelining_for(family) if family else {}))
         self.build_dir = Path(build_dir).resolve()
         self.design = VerilatorDesign(generate_verilog(self.top), TOP_NAME, self.build_dir / "verilator",
                                       waves=waves).build()

@@ -6,6 +6,7 @@ import pytest
 
 from hwgen import golden
 from hwgen.ir import DenseLayer, Requant
+from hwgen.rtl import arith
 from hwgen.rtl.dense import FoldedDense
 from hwgen.rtl.requant import Requantizer
 from hwgen.rtl.resize import StreamResizer
@@ -63,16 +64,39 @@ def test_folded_dense_pipelined_trees(weight_kind, input_kind, output_kind, n_in
     assert dut.tree_stages == stages
 
 
-def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, tree_levels=3):
+@pytest.mark.parametrize("weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, banks", [
+    ("binary", "bits", "threshold", 60, 12, 2, 3, 8),      # 120 words of 6 bits: banks of 16, the last padded
+    ("binary", "uint8", "scores", 20, 28, 7, 1, 5),        # 80 words of 7 bits
+    ("int8", "uint8", "scores", 34, 8, 2, 2, 9),           # 68 words of 32 bits: banks of 8
+    ("int8", "bits", "threshold", 30, 3, 1, 1, 6),         # 90 words of 8 bits
+    ("binary", "uint8", "scores", 12, 12, 3, 1, 3),        # 48 words in LUTs: tables of 16
+    ("int8", "int8", "threshold", 20, 6, 3, 2, 2),         # 20 words in LUTs: tables of 16 and 4
+])
+def test_folded_dense_banked_weights(monkeypatch, weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, banks):
+    """A weight ROM split into banks, each with output registers: outputs and formulas exact, one
+    pipeline stage more than unbanked for LUT tables, two for block RAMs."""
+    monkeypatch.setattr(arith, "ROM_BANK_SHAPES", ((8, 16), (32, 8)))
+    dut = check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, banked_weights=True)
+    assert dut.weight_banks == banks
+    unbanked = FoldedDense(dut.layer, pe=pe, simd=simd)
+    assert dut.pipeline_stages == unbanked.pipeline_stages + (1 if arith.rom_in_luts(dut.weight_depth) else 2)
+    depth = dut.weight_depth
+    bank_depths = [depth] if arith.rom_in_luts(depth) else [arith.rom_bank_depth(depth, dut.weight_width)] * banks
+    assert [shape.depth for shape in dut.memories if shape.name.startswith("weights")] == bank_depths
+
+
+def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, tree_levels=3, *,
+                       banked_weights=False):
     """Outputs equal golden's on random images; latency and II equal their formulas."""
     rng = np.random.default_rng(n_in * 7 + n_out)
     layer = random_layer(rng, "d", input_kind, output_kind, n_in, n_out, weight_kind)
     images = layer_inputs(rng, layer, 4)
     acc = golden.accumulate(layer, images)
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
-    dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels)
+    dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels, banked_weights=banked_weights)
     # Byte inputs: a product register (int8 weights), or pair sums and pair terms (±1 weights).
-    assert dut.pipeline_stages == 5 + dut.tree_stages + (input_kind != "bits") * (1 + (weight_kind == "binary"))
+    assert dut.pipeline_stages == 5 + dut.weight_bank_stages + dut.tree_stages + \
+        (input_kind != "bits") * (1 + (weight_kind == "binary"))
     beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, layer.input_bits)
              for image in images for k in range(0, n_in, simd)]
     outputs, in_cycles, out_cycles = run_streams(dut, beats, 4 * dut.output_beats)
@@ -321,3 +345,26 @@ def test_network_takes_its_first_beat_once_every_stage_has_left_reset():
     scores = [word - (1 << 32) if word >> 31 else word for word in words[:-1]]
     assert scores == expected.outputs[-1][0].tolist()
     assert words[-1] == int(expected.classes[0])
+
+
+@pytest.mark.parametrize("stall_in, stall_out", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.7, 0.7)])
+def test_register_slice_keeps_order_rate_and_latency(stall_in, stall_out):
+    from hwgen.rtl.slice import RegisterSlice
+
+    dut = RegisterSlice(5, 16)
+    beats = [(11 * k + 7) % 32 for k in range(48)]
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, len(beats), stall_in=stall_in, stall_out=stall_out,
+                                                 seed=3)
+    assert outputs == beats
+    if stall_in == stall_out == 0.0:
+        assert [b - a for a, b in zip(in_cycles, out_cycles)] == [dut.latency] * len(beats)
+        assert out_cycles[-1] - out_cycles[-1 - 16] == dut.cycles_per_image
+
+
+def test_register_slice_parameters_are_checked():
+    from hwgen.rtl.slice import RegisterSlice
+
+    with pytest.raises(TypeError, match="^width must be a positive integer, not 0$"):
+        RegisterSlice(0, 4)
+    with pytest.raises(TypeError, match="^beats must be a positive integer, not -1$"):
+        RegisterSlice(4, -1)

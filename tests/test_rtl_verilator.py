@@ -150,3 +150,37 @@ def test_random_cnn_rtl_equals_golden(seed, tmp_path):
     assert report.checked.mismatches == [] and report.timing.mismatches == [], where
     assert report.checked.protocol_errors == [] and report.timing.protocol_errors == [], where
     assert report.timing.intervals[-2:] == [report.ii_formula] * 2, (report.timing.intervals, report.ii_formula, where)
+
+
+@pytest.mark.parametrize("kinds", [None, [("int8", "requant"), ("int8", "scores")]])
+def test_ecp5_layers_with_banked_weights_equal_golden(kinds, tmp_path):
+    """The layers as `hwgen build` makes them for ECP5: a 600-word first-layer weight ROM in two
+    banks with output registers, two adder levels per stage; exact, II and latency as the formulas say."""
+    rng = np.random.default_rng(600)
+    model = random_model(rng, [600, 36, 10], kinds=kinds)
+    simulator = NetworkSimulator(model, [Fold(6, 6), Fold(2, 6)], tmp_path, family="ecp5")
+    first = simulator.top._stages[0]
+    assert (first.weight_depth, first.weight_banks) == (600, 2)
+    report = simulator.verify(random_images(rng, 12, 600), stall=0.3, seed=1, timing_images=5)
+    assert report.checked.mismatches == [] and report.timing.mismatches == []
+    assert report.checked.protocol_errors == [] and report.timing.protocol_errors == []
+    assert report.timing.intervals[-3:] == [report.ii_formula] * 3
+    assert report.latency_exact and report.timing.latency == report.latency_formula
+
+
+@pytest.mark.parametrize("seed", [40, 41, 42])
+def test_random_cnn_as_built_for_ecp5_equals_golden(seed, tmp_path):
+    """CNNs as `hwgen build` makes them for ECP5: register slices after each convolution and before
+    each sliding window but the first, banked weight ROMs, two adder levels per stage."""
+    from hwgen.ir import Conv2dLayer
+    from hwgen.rtl.slice import RegisterSlice
+
+    model, folds, rng = random_cnn_configuration(seed)
+    simulator = NetworkSimulator(model, folds, tmp_path, family="ecp5")
+    convolutions = sum(isinstance(layer, Conv2dLayer) for layer in model.layers)
+    assert sum(isinstance(stage, RegisterSlice) for stage in simulator.top._stages) == 2 * convolutions - 1
+    report = simulator.verify(random_images(rng, 8, model.in_features), stall=0.3, seed=seed, timing_images=5)
+    where = f"{[layer.header() for layer in model.layers]}, folds {folds}"
+    assert report.checked.mismatches == [] and report.timing.mismatches == [], where
+    assert report.checked.protocol_errors == [] and report.timing.protocol_errors == [], where
+    assert report.timing.intervals[-2:] == [report.ii_formula] * 2, (report.timing.intervals, report.ii_formula, where)

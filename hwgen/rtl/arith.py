@@ -1,9 +1,11 @@
 """Small arithmetic builders shared by the hardware blocks."""
 from __future__ import annotations
 
+import math
+import operator
 from typing import NamedTuple
 
-from amaranth.hdl import Const, Module, Signal, Value, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import memory
 
 
@@ -27,9 +29,16 @@ class MemoryShape(NamedTuple):
         return self.rom and not self.spram and rom_in_luts(self.depth)
 
 
-def rom_shapes(name: str, depth: int, width: int) -> list[MemoryShape]:
-    """The ROM a block lists for :func:`read_rom`'s contents: none for a single word, which is a constant."""
-    return [] if depth == 1 else [MemoryShape(name, depth, width, rom=True)]
+def rom_shapes(name: str, depth: int, width: int, *, banked: bool = False) -> list[MemoryShape]:
+    """The ROMs a block lists for :func:`read_rom`'s contents (with the same ``banked``): none for a
+    single word, which is a constant; one per bank of a banked ROM, named ``<name><bank>``, each
+    :func:`rom_bank_depth` words deep (the last one padded)."""
+    if depth == 1:
+        return []
+    banks = rom_banks(depth, width) if banked else 1
+    if banks == 1 or rom_in_luts(depth):
+        return [MemoryShape(name, depth, width, rom=True)]
+    return [MemoryShape(f"{name}{bank}", rom_bank_depth(depth, width), width, rom=True) for bank in range(banks)]
 
 
 #: The yosys command that keeps :func:`register_copies` apart: it marks each flip-flop driving a
@@ -57,11 +66,14 @@ def register_copies(m: Module, value: Value, count: int, name: str, enable: Valu
 
 
 #: ROMs this deep or shallower are built from LUTs (a LUT4 per 16 words per bit, and multiplexers).
-#: yosys's ``memory_libmap`` puts them in logic anyway, whatever their width: it costs logic at
+#: yosys's ``memory_libmap`` puts them in logic anyway at most widths: it costs logic at
 #: depth x width / 16 and a block RAM at 128 (ECP5, 36 bits wide) or 64 (iCE40, 16 bits wide) per
-#: block, more for depths up to 48. Built by yosys, a 36 x 512-bit ROM hung from one address
-#: register was the critical path of a CNN on ECP5.
-LUT_ROM_DEPTH = 48
+#: block. Built by yosys, a 36 x 512-bit weight ROM and a 64 x 52-bit constant ROM, each hung from
+#: one address register, were in turn the critical path of a CNN on ECP5.
+LUT_ROM_DEPTH = 64
+
+#: Words of a banked LUT ROM's bank: what one LUT4 holds per bit.
+LUT_ROM_TABLE = 16
 
 #: Bits of a LUT ROM that share one copy of its registered address.
 LUT_ROM_GROUP_BITS = 32
@@ -72,8 +84,49 @@ def rom_in_luts(depth: int) -> bool:
     return 1 < depth <= LUT_ROM_DEPTH
 
 
-def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value) -> Value:
+#: ``(width, words)`` of ECP5's DP16KD block-RAM configurations, which size the banks of a banked
+#: ROM (:func:`rom_bank_depth`). An iCE40 block holds 4 kbit in every configuration, so banks of
+#: these depths take as many of its blocks as the unbanked ROM would, give or take rounding.
+ROM_BANK_SHAPES = ((36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384))
+
+
+def rom_bank_depth(depth: int, width: int) -> int:
+    """Words per bank of a banked ROM of ``depth`` words ``width`` bits wide: those of the
+    block-RAM configuration (:data:`ROM_BANK_SHAPES`) holding it in fewest blocks, the shallowest
+    of equals (so that yosys has no second configuration to choose, with a multiplexer after it)."""
+    return min(ROM_BANK_SHAPES, key=lambda shape: (math.ceil(width / shape[0]) * math.ceil(depth / shape[1]),
+                                                   shape[1]))[1]
+
+
+def rom_banks(depth: int, width: int) -> int:
+    """Banks :func:`read_rom` splits a ROM into when ``banked``: one per :data:`LUT_ROM_TABLE`
+    words of a ROM in LUTs, one per :func:`rom_bank_depth` words of a block-RAM ROM; 1 for a constant."""
+    if depth == 1:
+        return 1
+    if rom_in_luts(depth):
+        return -(-depth // LUT_ROM_TABLE)
+    return -(-depth // rom_bank_depth(depth, width))
+
+
+def rom_bank_stages(depth: int, width: int) -> int:
+    """Cycles a banked ROM (:func:`read_rom` with ``banked``) adds to the read: 0 for a single bank,
+    1 for tables in LUTs (their registers), 2 for block RAMs (two registers after each)."""
+    if rom_banks(depth, width) == 1:
+        return 0
+    return 1 if rom_in_luts(depth) else 2
+
+
+def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value, *,
+             banked: bool = False) -> Value:
     """The word of ``words`` at ``addr``, one cycle after ``enable``; a single word is a constant.
+
+    With ``banked``, a ROM of more than one bank (:func:`rom_banks`) is that many memories or LUT
+    tables, each followed by registers of its own, and the word comes :func:`rom_bank_stages`
+    cycles later: yosys joins the blocks of a deep ROM with a multiplexer straight after their
+    outputs, and that path, their clock-to-output delay and the routing to the multiplexer
+    (12.8 ns), was the critical path of a CNN on ECP5. A block RAM's output takes two registers:
+    with one, nextpnr placed it near its loads, and the block's 5.8 ns clock-to-output delay and
+    5.1 ns of routing to it were the critical path in turn.
 
     A one-word ``Memory`` would be removed by yosys once its output register is merged, so a report
     listing it would not match the netlist; a constant is what the hardware holds either way.
@@ -86,10 +139,23 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     """
     if len(words) == 1:
         return Const(words[0], unsigned(width))
+    banks = rom_banks(len(words), width) if banked else 1
     if rom_in_luts(len(words)):
-        data = Signal(width, name=f"{name}_data")
-        groups = range(0, width, LUT_ROM_GROUP_BITS)
-        copies = register_copies(m, addr[:(len(words) - 1).bit_length()], len(groups), f"{name}_addr", enable)
+        return _read_lut_rom(m, name, words, width, addr, enable, banks)
+    if banks > 1:
+        return _read_banked_rom(m, name, words, width, addr, enable, banks)
+    m.submodules[name] = rom = memory.Memory(shape=unsigned(width), depth=len(words), init=words)
+    port = rom.read_port()
+    m.d.comb += [port.addr.eq(addr), port.en.eq(enable)]
+    return port.data
+
+
+def _read_lut_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value,
+                  banks: int) -> Value:
+    data = Signal(width, name=f"{name}_data")
+    groups = range(0, width, LUT_ROM_GROUP_BITS)
+    copies = register_copies(m, addr[:(len(words) - 1).bit_length()], len(groups), f"{name}_addr", enable)
+    if banks == 1:
         for low, copy in zip(groups, copies):
             high = min(width, low + LUT_ROM_GROUP_BITS)
             with m.Switch(copy):
@@ -97,10 +163,51 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
                     with m.Case(index):
                         m.d.comb += data[low:high].eq((word >> low) & ((1 << (high - low)) - 1))
         return data
-    m.submodules[name] = rom = memory.Memory(shape=unsigned(width), depth=len(words), init=words)
-    port = rom.read_port()
-    m.d.comb += [port.addr.eq(addr), port.en.eq(enable)]
-    return port.data
+    # Banks of LUT_ROM_TABLE words, one LUT per bit each, registered (zero unless the bank holds
+    # the word read); then an OR of the banks. Left to yosys, the 36 words of a 512-bit ROM
+    # shared LUTs between bits and took five LUT levels.
+    table_bits = (LUT_ROM_TABLE - 1).bit_length()
+    tables = [Signal(width, name=f"{name}{bank}_data", reset_less=True) for bank in range(banks)]
+    for low, copy in zip(groups, copies):
+        high = min(width, low + LUT_ROM_GROUP_BITS)
+        for bank, table in enumerate(tables):
+            m.d.sync += table[low:high].eq(0)
+            with m.If(copy[table_bits:] == bank):
+                with m.Switch(copy[:table_bits]):
+                    for index, word in enumerate(words[bank * LUT_ROM_TABLE:(bank + 1) * LUT_ROM_TABLE]):
+                        with m.Case(index):
+                            m.d.sync += table[low:high].eq((word >> low) & ((1 << (high - low)) - 1))
+    m.d.comb += data.eq(tree_or(tables))
+    return data
+
+
+def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value,
+                     banks: int) -> Value:
+    bank_depth = rom_bank_depth(len(words), width)
+    low_bits = (bank_depth - 1).bit_length()
+    # Each bank's output register holds zero unless its bank holds the word read, so the word is
+    # an OR of the registers: a multiplexer's select, one register to every bit, was the critical
+    # path (its routing 4.9 ns, then four LUT levels for 13 banks).
+    outputs = []
+    for bank in range(banks):
+        # Every bank as deep as the configuration, the last one padded: a short last bank would
+        # be yosys's to put in logic or not, and the blocks hold the padding anyway.
+        contents = words[bank * bank_depth:(bank + 1) * bank_depth]
+        m.submodules[f"{name}{bank}"] = rom = memory.Memory(shape=unsigned(width), depth=bank_depth,
+                                                            init=contents)
+        port = rom.read_port()
+        m.d.comb += [port.addr.eq(addr[:low_bits]), port.en.eq(enable)]
+        # Registered with the memory's address: whether this bank holds the word read.
+        holds = Signal(name=f"{name}{bank}_holds")
+        with m.If(enable):
+            m.d.sync += holds.eq(addr[low_bits:] == bank)
+        registered = Signal(width, name=f"{name}{bank}_data", reset_less=True)
+        carried = Signal(width, name=f"{name}{bank}_carried", reset_less=True)
+        m.d.sync += [registered.eq(Mux(holds, port.data, 0)), carried.eq(registered)]
+        outputs.append(carried)
+    data = Signal(width, name=f"{name}_data")
+    m.d.comb += data.eq(tree_or(outputs))
+    return data
 
 
 def tree_sum(terms: list[Value]) -> Value:
@@ -110,9 +217,18 @@ def tree_sum(terms: list[Value]) -> Value:
     """
     if not terms:
         raise ValueError("tree_sum needs at least one term")
-    level = list(terms)
+    return _balanced(terms, operator.add)
+
+
+def tree_or(values: list[Value]) -> Value:
+    """The bitwise OR of ``values`` as a balanced tree."""
+    return _balanced(values, operator.or_)
+
+
+def _balanced(values: list[Value], combine) -> Value:
+    level = list(values)
     while len(level) > 1:
-        paired = [a + b for a, b in zip(level[0::2], level[1::2])]
+        paired = [combine(a, b) for a, b in zip(level[0::2], level[1::2])]
         level = paired + level[len(paired) * 2:]
     return level[0]
 

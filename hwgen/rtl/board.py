@@ -42,6 +42,9 @@ class UARTBoardTop(wiring.Component):
         class indices out.
     tree_levels : int
         Adder levels between pipeline registers in the network's lanes.
+    banked_weights, register_slices : bool
+        Bank the layers' deep weight ROMs; put register slices between a CNN's stream stages (see
+        :class:`~hwgen.rtl.network.NetworkTop`).
     weight_memories : sequence of str, optional
         Per dense or convolution layer, ``"rom"`` or ``"spram"`` (see :class:`NetworkTop`).
         With SPRAM layers, an :class:`SPIFlashLoader` in the network's domain fills them from the
@@ -74,7 +77,8 @@ class UARTBoardTop(wiring.Component):
     CROSSING_DEPTH = 4
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, divisor: int, led_count: int = 0,
-                 network_domain: str = "sync", tree_levels: int = DEFAULT_TREE_LEVELS,
+                 network_domain: str = "sync", tree_levels: int = DEFAULT_TREE_LEVELS, banked_weights: bool = False,
+                 register_slices: bool = False,
                  weight_memories: Sequence[str] | None = None, loader: dict | None = None, blink_bit: int = 22):
         if not isinstance(led_count, int) or led_count < 0:
             raise TypeError(f"led_count must be a non-negative integer, not {led_count!r}")
@@ -83,7 +87,8 @@ class UARTBoardTop(wiring.Component):
         self._network_domain = network_domain
         self._identity = identity(model)
         self._model = model
-        self._network = NetworkTop(model, folds, tree_levels=tree_levels, weight_memories=weight_memories)
+        self._network = NetworkTop(model, folds, tree_levels=tree_levels, weight_memories=weight_memories,
+                                   banked_weights=banked_weights, register_slices=register_slices)
         self._receiver = UARTReceiver(divisor)
         self._transmitter = UARTTransmitter(divisor)
         self._led_count = led_count

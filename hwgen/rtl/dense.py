@@ -8,10 +8,10 @@ from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
 from .arith import (MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, register_copies,
-                    rom_shapes, tree_stages)
+                    rom_bank_stages, rom_banks, rom_shapes, tree_stages)
 from .spram import SPRAM_WIDTH, SPRAMWeights, spram_columns
 
-__all__ = ["FoldedDense", "tree_levels_for", "weight_words", "spram_load_words", "channel_words", "uses_pair_signs",
+__all__ = ["FoldedDense", "tree_levels_for", "pipelining_for", "weight_words", "spram_load_words", "channel_words", "uses_pair_signs",
            "pair_sign_corrections", "WEIGHT_MEMORIES"]
 
 #: Where a layer's weights live: ``"rom"`` (block RAM or LUTs, contents in the bitstream) or
@@ -41,6 +41,22 @@ PAIR_BITS = 9
 
 #: What a uint8 input is offset by so that lanes sum signed bytes (``x - 128``: its top bit flipped).
 UINT8_OFFSET = 128
+
+
+#: Families whose networks bank their deep weight ROMs, each bank with an output register
+#: (:class:`FoldedDense`'s ``banked_weights``), and put register slices between a CNN's stream
+#: stages (:class:`~hwgen.rtl.network.NetworkTop`'s ``register_slices``). Both cost flip-flops,
+#: which on iCE40 take logic cells of their own where no LUT feeds them; a reference CNN there is
+#: at 87 % of the UP5K's.
+SLICED_FAMILIES = ("ecp5",)
+
+
+def pipelining_for(family: str) -> dict:
+    """The keyword arguments that build a network for an FPGA family
+    (:class:`~hwgen.rtl.network.NetworkTop`): ``tree_levels`` (:func:`tree_levels_for`),
+    ``banked_weights`` and ``register_slices`` (:data:`SLICED_FAMILIES`)."""
+    sliced = family in SLICED_FAMILIES
+    return {"tree_levels": tree_levels_for(family), "banked_weights": sliced, "register_slices": sliced}
 
 
 def tree_levels_for(family: str) -> int:
@@ -164,6 +180,10 @@ class FoldedDense(wiring.Component):
         ``"spram"``: they live in SB_SPRAM256KA blocks (:class:`~hwgen.rtl.spram.SPRAMWeights`),
         which start empty and are written through the ``load_*`` ports before the first image,
         in the order of :func:`spram_load_words`. The pipeline and its formulas are the same.
+    banked_weights : bool
+        Split a weight ROM of more than one block RAM's depth into banks, each with an output
+        register (:func:`~hwgen.rtl.arith.read_rom`), at the cost of a pipeline stage
+        (:attr:`weight_banks`, :attr:`pipeline_stages`).
 
     Attributes
     ----------
@@ -176,7 +196,7 @@ class FoldedDense(wiring.Component):
     """
 
     def __init__(self, layer: DenseLayer, *, pe: int, simd: int, vectors: int = 1,
-                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memory: str = "rom"):
+                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memory: str = "rom", banked_weights: bool = False):
         if weight_memory not in WEIGHT_MEMORIES:
             raise ValueError(f"layer {layer.name!r}: weight_memory must be one of {', '.join(WEIGHT_MEMORIES)}, "
                              f"not {weight_memory!r}")
@@ -187,6 +207,7 @@ class FoldedDense(wiring.Component):
         check_positive_int("tree_levels", tree_levels)
         self._vectors = vectors
         self._tree_levels = tree_levels
+        self._banked_weights = banked_weights and weight_memory == "rom"
         if layer.in_features % simd:
             raise ValueError(f"layer {layer.name!r}: SIMD={simd} does not divide in_features={layer.in_features}; "
                              f"valid SIMD values: {divisors(layer.in_features)}")
@@ -301,11 +322,23 @@ class FoldedDense(wiring.Component):
         return 2 if self.pair_signs else int(self.multiplies)
 
     @property
+    def weight_banks(self) -> int:
+        """Banks of the weight ROM, each with output registers (:func:`~hwgen.rtl.arith.rom_banks`
+        with ``banked_weights``; otherwise 1)."""
+        return rom_banks(self.weight_depth, self.weight_width) if self._banked_weights else 1
+
+    @property
+    def weight_bank_stages(self) -> int:
+        """Pipeline stages the weight banks' output registers add (:func:`~hwgen.rtl.arith.rom_bank_stages`):
+        0 unbanked, 1 for LUT tables, 2 for block RAMs."""
+        return rom_bank_stages(self.weight_depth, self.weight_width) if self._banked_weights else 0
+
+    @property
     def pipeline_stages(self) -> int:
         """Registered stages from issuing an image's last read to its last output being valid:
-        memory read, memory-output register, :attr:`lane_stages`, the adder tree's stages,
-        accumulate, and the output queue's two."""
-        return FIXED_STAGES + self.lane_stages + self.tree_stages
+        memory read, the banks' output registers (:attr:`weight_bank_stages`), memory-output
+        register, :attr:`lane_stages`, the adder tree's stages, accumulate, and the output queue's two."""
+        return FIXED_STAGES + self.weight_bank_stages + self.lane_stages + self.tree_stages
 
     @property
     def lanes_per_flag_copy(self) -> int:
@@ -334,7 +367,7 @@ class FoldedDense(wiring.Component):
         if self._weight_memory == "spram":
             shapes.append(MemoryShape("weights", self.weight_depth, self.weight_width, rom=False, spram=True))
         else:
-            shapes += rom_shapes("weights", self.weight_depth, self.weight_width)
+            shapes += rom_shapes("weights", self.weight_depth, self.weight_width, banked=self._banked_weights)
         if self.start_values is not None:
             shapes += rom_shapes("start", self.output_beats, pe * self.accumulator_shape.width)
         return shapes
@@ -531,7 +564,7 @@ class FoldedDense(wiring.Component):
             weight_data = weights.read_data
         else:
             weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), self.weight_width, weight_addr,
-                                   Const(1))
+                                   Const(1), banked=self._banked_weights)
         with m.If(fire):
             m.d.sync += [weight_addr.eq(Mux(in_last & out_last, 0, weight_addr + 1)), in_first.eq(in_last)]
             with m.If(in_last):
@@ -560,6 +593,12 @@ class FoldedDense(wiring.Component):
         # Stage 1: memory words are out; stage 2: they are registered, so that the block RAMs'
         # clock-to-output delay does not add to the adder trees'.
         flags = [stage("s1", (fire, in_first, in_last, out_index))]
+        for index in range(self.weight_bank_stages):
+            # The weight banks' output registers: the input word waits beside them.
+            waiting = Signal(width, name=f"input_word_waiting{index}", reset_less=True)
+            m.d.sync += waiting.eq(Cat(buffer_word))
+            buffer_word = [waiting]
+            flags.append(stage(f"s1b{index}", flags[-1]))
         data = Signal(width, name="input_word", reset_less=True)
         weight_word = Signal(pe * simd * layer.weight_bits, name="weight_word", reset_less=True)
         m.d.sync += [data.eq(Cat(buffer_word)), weight_word.eq(weight_data)]
@@ -591,14 +630,17 @@ class FoldedDense(wiring.Component):
             flags.append(stage(f"tree{t}", flags[-1]))
 
         # Accumulate (from the start value on an image's first word). Per-channel constants are
-        # read one stage before they are used, so that they arrive with the values.
+        # read two stages before they are used and registered, so that they arrive with the
+        # values from a register: read from a 64-word ROM in the cycle of the accumulation, they
+        # were that adder's critical path on ECP5.
         acc_shape = self.accumulator_shape
         start = [Const(0, acc_shape)] * pe
         start_values = self.start_values
         if start_values is not None:
             width = acc_shape.width
-            start_words = read_rom(m, "start", channel_words(start_values, pe, width), pe * width, flags[-2][3],
-                                   Const(1))
+            start_words = Signal(pe * width, name="start_words", reset_less=True)
+            m.d.sync += start_words.eq(read_rom(m, "start", channel_words(start_values, pe, width), pe * width,
+                                                flags[-3][3], Const(1)))
             start = [start_words.word_select(p, width) for p in range(pe)]
         accs = [Signal(acc_shape, name=f"acc{p}", reset_less=True) for p in range(pe)]
         # Each group of lanes reads its own copy of the tree stage's valid and first flags: one

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 from amaranth.back import verilog
-from amaranth.hdl import ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal, Signal
+from amaranth.hdl import ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal, Shape, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -16,6 +16,7 @@ from .pool import MaxPool
 from .requant import Requantizer
 from .resize import StreamResizer
 from .scores import ScoreSerializer
+from .slice import RegisterSlice
 from .window import SlidingWindow
 
 __all__ = ["Fold", "NetworkTop", "parse_folds", "default_folds", "generate_verilog", "TOP_NAME"]
@@ -137,10 +138,17 @@ class NetworkTop(wiring.Component):
         ports ``load_valid`` and ``load_data`` (16 bits): the words of :func:`spram_load_image`, one
         per ``load_valid`` cycle, in order, ending at least two cycles before the first image (they
         are registered on the way in).
+    banked_weights : bool
+        Bank every layer's deep weight ROM (see :class:`FoldedDense`); :func:`~.dense.pipelining_for`
+        gives it, with ``tree_levels``, for an FPGA family.
+    register_slices : bool
+        A :class:`~.slice.RegisterSlice` after each convolution or requantizer and before each
+        sliding window but the first, ending the ready chains between those stages.
     """
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
-                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None):
+                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None,
+                 banked_weights: bool = False, register_slices: bool = False):
         layers = compute_layers(model)
         if len(folds) != len(layers):
             raise ValueError(f"{len(folds)} folds for {len(layers)} dense/conv layers")
@@ -166,6 +174,13 @@ class NetworkTop(wiring.Component):
                                  f"{incoming} elements per beat the previous stage emits")
             stages.append(StreamResizer(bits, incoming, to, elements))
 
+        def sliced(elements: int) -> None:
+            # Stream stages (a window, a layer's output reservation, a requantizer, resizers, a
+            # pool) pass ready back combinationally; a slice ends that chain. A layer's input
+            # buffer ends it too, so a network of dense layers without requantizers needs none.
+            if register_slices:
+                stages.append(RegisterSlice(Shape.cast(stages[-1].o.payload.shape()).width, elements // incoming))
+
         for layer_index, layer in enumerate(model.layers):
             if isinstance(layer, MaxPool2dLayer):
                 channels = layer.in_shape[2]
@@ -177,10 +192,13 @@ class NetworkTop(wiring.Component):
                 if isinstance(layer, Conv2dLayer):
                     dense, vectors = layer.dense, layer.out_shape[0] * layer.out_shape[1]
                     compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors,
-                                          tree_levels=tree_levels, weight_memory=next(memory_iter))
+                                          tree_levels=tree_levels, weight_memory=next(memory_iter),
+                                          banked_weights=banked_weights)
                     channels = layer.in_shape[2]
                     regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
                     window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
+                    if stages:
+                        sliced(layer.in_features)
                     stages.append(window)
                     incoming = channels
                     if not _compatible(channels, fold.simd):
@@ -192,7 +210,7 @@ class NetworkTop(wiring.Component):
                 else:
                     dense, vectors = layer, 1
                     compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, tree_levels=tree_levels,
-                                          weight_memory=next(memory_iter))
+                                          weight_memory=next(memory_iter), banked_weights=banked_weights)
                     if incoming is not None and not _compatible(incoming, fold.simd):
                         raise ValueError(
                             f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
@@ -209,6 +227,8 @@ class NetworkTop(wiring.Component):
                                               _receives(model, layer_index, self._folds))
                     stages.append(Requantizer(dense, fold.pe, vectors, lanes=lanes))
                     incoming = lanes
+                if vectors > 1 or layer.output_kind == "requant":
+                    sliced(layer.out_features)
             stage_layers += [layer.name] * (len(stages) - len(stage_layers))
         last = model.layers[-1]
         stages.append(ScoreSerializer(last.out_features, last.output_bits, self._folds[-1].pe))
@@ -389,10 +409,12 @@ def spram_load_image(top: NetworkTop) -> list[int]:
 
 
 def build_top(model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
-              tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None) -> NetworkTop:
+              tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None,
+              banked_weights: bool = False, register_slices: bool = False) -> NetworkTop:
     """Construct the top, turning a fold that does not fit the model into a :class:`UserError`."""
     try:
-        return NetworkTop(model, folds, probes=probes, tree_levels=tree_levels, weight_memories=weight_memories)
+        return NetworkTop(model, folds, probes=probes, tree_levels=tree_levels, weight_memories=weight_memories,
+                          banked_weights=banked_weights, register_slices=register_slices)
     except (ValueError, TypeError) as error:
         raise UserError(f"--fold {','.join(map(str, folds))}: {error}") from None
 
