@@ -139,9 +139,16 @@ class SlidingWindow(wiring.Component):
         left = Signal(coord, init=-padding)       # ox * S - P
         iy = Signal(coord, init=-padding)         # top + ky: the input row of the window pixel
         ix = Signal(coord, init=-padding)         # left + kx: its input column
-        top_base = Signal(word, init=(rows - padding) % rows * width)    # ring word of row `top`
-        # ring word of the next image's first `top` row
-        next_image_top_base = Signal(word, init=((rows - padding) * width + height * width) % ring_words)
+        first_top_base = (rows - padding) % rows * width
+        next_image_first_top_base = ((rows - padding) * width + height * width) % ring_words
+        top_base = Signal(word, init=first_top_base)    # ring word of row `top`
+        # ...of the next output row's `top`, its own register: computed from `top_base` when the row
+        # ended, its adder was the critical path of a CNN on the iCE40 (the register placed by the
+        # memory address it feeds, 14 ns of routing out to the adder and back).
+        top_base_after = Signal(word, init=(first_top_base + stride * width) % ring_words)
+        # ring word of the next image's first `top` row, and of the row after it
+        next_image_top_base = Signal(word, init=next_image_first_top_base)
+        next_image_top_base_after = Signal(word, init=(next_image_first_top_base + stride * width) % ring_words)
         row_base = Signal(word, init=(rows - padding) % rows * width)    # ring word of row `iy`
 
         # Producer: writes ring word `write_addr`, column `write_col` of its row.
@@ -210,12 +217,15 @@ class SlidingWindow(wiring.Component):
                         m.d.sync += [ox.eq(0), left.eq(-padding), ix.eq(-padding), inside_x.eq(padding == 0),
                                      oy.eq(oy + 1), top.eq(top_next),
                                      iy.eq(top_next), inside_y.eq(within(top, stride, height)),
-                                     top_base.eq(wrap_words(top_base, stride * width)),
-                                     row_base.eq(wrap_words(top_base, stride * width))]
+                                     top_base.eq(top_base_after), row_base.eq(top_base_after),
+                                     top_base_after.eq(wrap_words(top_base_after, stride * width))]
                         with m.If(oy == out_h - 1):
                             m.d.sync += [oy.eq(0), top.eq(-padding), iy.eq(-padding), inside_y.eq(padding == 0),
                                          top_base.eq(next_image_top_base), row_base.eq(next_image_top_base),
-                                         next_image_top_base.eq(wrap_words(next_image_top_base, height * width))]
+                                         top_base_after.eq(next_image_top_base_after),
+                                         next_image_top_base.eq(wrap_words(next_image_top_base, height * width)),
+                                         next_image_top_base_after.eq(
+                                             wrap_words(next_image_top_base_after, height * width))]
 
         s1_valid, s1_inside = Signal(), Signal()
         with m.If(advance):
