@@ -277,7 +277,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
     if stage.start_values is not None:
         # The accumulators' start values, registered after their ROM.
         lanes.ffs += pe * acc_bits
-    if stage.weight_banks > 1:
+    if stage.weight_bank_stages:
         # The banks' output registers and the input word waiting beside them; the OR after them
         # stands for the multiplexer yosys builds after an unbanked ROM's blocks.
         lanes.ffs += stage.weight_bank_stages * (stage.weight_banks * weight_bits + simd * layer.input_bits)

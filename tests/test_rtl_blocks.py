@@ -85,6 +85,16 @@ def test_folded_dense_banked_weights(monkeypatch, weight_kind, input_kind, outpu
     assert [shape.depth for shape in dut.memories if shape.name.startswith("weights")] == bank_depths
 
 
+def test_folded_dense_single_bank_block_ram_weights(monkeypatch):
+    """A block-RAM weight ROM of one bank takes the banks' two output registers too."""
+    monkeypatch.setattr(arith, "ROM_BANK_SHAPES", ((8, 128),))
+    dut = check_folded_dense("int8", "bits", "threshold", 30, 3, 1, 1, banked_weights=True)
+    assert (dut.weight_depth, dut.weight_banks, dut.weight_bank_stages) == (90, 1, 2)
+    assert dut.pipeline_stages == FoldedDense(dut.layer, pe=1, simd=1).pipeline_stages + 2
+    assert [(shape.name, shape.depth) for shape in dut.memories if shape.name.startswith("weights")] == \
+        [("weights", 90)]
+
+
 def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, tree_levels=3, *,
                        banked_weights=False):
     """Outputs equal golden's on random images; latency and II equal their formulas."""

@@ -154,13 +154,15 @@ def test_random_cnn_rtl_equals_golden(seed, tmp_path):
 
 @pytest.mark.parametrize("kinds", [None, [("int8", "requant"), ("int8", "scores")]])
 def test_ecp5_layers_with_banked_weights_equal_golden(kinds, tmp_path):
-    """The layers as `hwgen build` makes them for ECP5: a 600-word first-layer weight ROM in two
-    banks with output registers, two adder levels per stage; exact, II and latency as the formulas say."""
+    """The layers as `hwgen build` makes them for ECP5: a 1200-word first-layer weight ROM in three
+    block-RAM banks with output registers, a 120-word one in one bank with the same registers, two
+    adder levels per stage; exact, II and latency as the formulas say."""
     rng = np.random.default_rng(600)
-    model = random_model(rng, [600, 36, 10], kinds=kinds)
-    simulator = NetworkSimulator(model, [Fold(6, 6), Fold(2, 6)], tmp_path, family="ecp5")
-    first = simulator.top._stages[0]
-    assert (first.weight_depth, first.weight_banks) == (600, 2)
+    model = random_model(rng, [600, 72, 10], kinds=kinds)
+    simulator = NetworkSimulator(model, [Fold(6, 6), Fold(2, 3)], tmp_path, family="ecp5")
+    first, second = (stage for stage in simulator.top._stages if hasattr(stage, "weight_banks"))
+    assert (first.weight_depth, first.weight_banks, first.weight_bank_stages) == (1200, 3, 2)
+    assert (second.weight_depth, second.weight_banks, second.weight_bank_stages) == (120, 1, 2)
     report = simulator.verify(random_images(rng, 12, 600), stall=0.3, seed=1, timing_images=5)
     assert report.checked.mismatches == [] and report.timing.mismatches == []
     assert report.checked.protocol_errors == [] and report.timing.protocol_errors == []

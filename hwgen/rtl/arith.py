@@ -109,20 +109,24 @@ def rom_banks(depth: int, width: int) -> int:
 
 
 def rom_bank_stages(depth: int, width: int) -> int:
-    """Cycles a banked ROM (:func:`read_rom` with ``banked``) adds to the read: 0 for a single bank,
-    1 for tables in LUTs (their registers), 2 for block RAMs (two registers after each)."""
-    if rom_banks(depth, width) == 1:
-        return 0
-    return 1 if rom_in_luts(depth) else 2
+    """Cycles a banked ROM (:func:`read_rom` with ``banked``) adds to the read: 0 for a constant or
+    a single table in LUTs, 1 for several tables (their registers), 2 for block RAMs (two registers
+    after each bank, one bank or more)."""
+    if rom_in_luts(depth):
+        return 0 if rom_banks(depth, width) == 1 else 1
+    # A block-RAM ROM of one bank takes the two registers as well: hung straight on a 256-bit
+    # register, 29 blocks spread over the device were the int8 MLP's ECP5 critical path (the
+    # blocks' 5.6 ns clock-to-output and 9.2 ns of routing).
+    return 0 if depth == 1 else 2
 
 
 def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value, *,
              banked: bool = False) -> Value:
     """The word of ``words`` at ``addr``, one cycle after ``enable``; a single word is a constant.
 
-    With ``banked``, a ROM of more than one bank (:func:`rom_banks`) is that many memories or LUT
-    tables, each followed by registers of its own, and the word comes :func:`rom_bank_stages`
-    cycles later: yosys joins the blocks of a deep ROM with a multiplexer straight after their
+    With ``banked``, a block-RAM ROM, or a LUT ROM of more than one table, is :func:`rom_banks`
+    memories or tables, each followed by registers of its own, and the word comes
+    :func:`rom_bank_stages` cycles later: yosys joins the blocks of a deep ROM with a multiplexer straight after their
     outputs, and that path, their clock-to-output delay and the routing to the multiplexer
     (12.8 ns), was the critical path of a CNN on ECP5. A block RAM's output takes two registers:
     with one, nextpnr placed it near its loads, and the block's 5.8 ns clock-to-output delay and
@@ -142,7 +146,7 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     banks = rom_banks(len(words), width) if banked else 1
     if rom_in_luts(len(words)):
         return _read_lut_rom(m, name, words, width, addr, enable, banks)
-    if banks > 1:
+    if banked:
         return _read_banked_rom(m, name, words, width, addr, enable, banks)
     m.submodules[name] = rom = memory.Memory(shape=unsigned(width), depth=len(words), init=words)
     port = rom.read_port()
@@ -183,7 +187,7 @@ def _read_lut_rom(m: Module, name: str, words: list[int], width: int, addr: Valu
 
 def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value,
                      banks: int) -> Value:
-    bank_depth = rom_bank_depth(len(words), width)
+    bank_depth = rom_bank_depth(len(words), width) if banks > 1 else len(words)
     low_bits = (bank_depth - 1).bit_length()
     # Each bank's output register holds zero unless its bank holds the word read, so the word is
     # an OR of the registers: a multiplexer's select, one register to every bit, was the critical
@@ -197,13 +201,17 @@ def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addr: V
                                                             init=contents)
         port = rom.read_port()
         m.d.comb += [port.addr.eq(addr[:low_bits]), port.en.eq(enable)]
-        # Registered with the memory's address: whether this bank holds the word read.
-        holds = Signal(name=f"{name}{bank}_holds")
-        with m.If(enable):
-            m.d.sync += holds.eq(addr[low_bits:] == bank)
         registered = Signal(width, name=f"{name}{bank}_data", reset_less=True)
         carried = Signal(width, name=f"{name}{bank}_carried", reset_less=True)
-        m.d.sync += [registered.eq(Mux(holds, port.data, 0)), carried.eq(registered)]
+        m.d.sync += carried.eq(registered)
+        if banks == 1:
+            m.d.sync += registered.eq(port.data)
+        else:
+            # Registered with the memory's address: whether this bank holds the word read.
+            holds = Signal(name=f"{name}{bank}_holds")
+            with m.If(enable):
+                m.d.sync += holds.eq(addr[low_bits:] == bank)
+            m.d.sync += registered.eq(Mux(holds, port.data, 0))
         outputs.append(carried)
     data = Signal(width, name=f"{name}_data")
     m.d.comb += data.eq(tree_or(outputs))
