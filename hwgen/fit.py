@@ -251,7 +251,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         products = pe * simd
         on_dsp = costs.dsps_for(products, dsps_left)
         lanes.dsps = on_dsp
-        lanes.ffs += products * 16
+        lanes.ffs += products * 16 * stage.lane_stages
         per_lane = PRODUCT_LUTS_PER_INPUT * simd + (products - on_dsp) * costs.multiplier_luts / pe
     else:
         per_lane = PAIR_LUTS_PER_INPUT * simd

@@ -95,18 +95,28 @@ def test_folded_dense_single_bank_block_ram_weights(monkeypatch):
         [("weights", 90)]
 
 
+@pytest.mark.parametrize("input_kind, n_in, n_out, pe, simd", [("uint8", 30, 6, 3, 5), ("int8", 24, 4, 2, 12)])
+def test_folded_dense_carried_products(input_kind, n_in, n_out, pe, simd):
+    """Multiplying lanes with a second product register: exact, one pipeline stage more."""
+    dut = check_folded_dense("int8", input_kind, "scores", n_in, n_out, pe, simd, carried_products=True)
+    assert dut.lane_stages == 2
+    assert dut.pipeline_stages == FoldedDense(dut.layer, pe=pe, simd=simd).pipeline_stages + 1
+
+
 def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, tree_levels=3, *,
-                       banked_weights=False):
+                       banked_weights=False, carried_products=False):
     """Outputs equal golden's on random images; latency and II equal their formulas."""
     rng = np.random.default_rng(n_in * 7 + n_out)
     layer = random_layer(rng, "d", input_kind, output_kind, n_in, n_out, weight_kind)
     images = layer_inputs(rng, layer, 4)
     acc = golden.accumulate(layer, images)
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
-    dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels, banked_weights=banked_weights)
-    # Byte inputs: a product register (int8 weights), or pair sums and pair terms (±1 weights).
+    dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels, banked_weights=banked_weights,
+                      carried_products=carried_products)
+    # Byte inputs: a product register (int8 weights; two when carried), or pair sums and pair
+    # terms (±1 weights).
     assert dut.pipeline_stages == 5 + dut.weight_bank_stages + dut.tree_stages + \
-        (input_kind != "bits") * (1 + (weight_kind == "binary"))
+        (input_kind != "bits") * (1 + (weight_kind == "binary") + (weight_kind == "int8" and carried_products))
     beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, layer.input_bits)
              for image in images for k in range(0, n_in, simd)]
     outputs, in_cycles, out_cycles = run_streams(dut, beats, 4 * dut.output_beats)

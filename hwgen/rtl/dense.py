@@ -54,9 +54,10 @@ SLICED_FAMILIES = ("ecp5",)
 def pipelining_for(family: str) -> dict:
     """The keyword arguments that build a network for an FPGA family
     (:class:`~hwgen.rtl.network.NetworkTop`): ``tree_levels`` (:func:`tree_levels_for`),
-    ``banked_weights`` and ``register_slices`` (:data:`SLICED_FAMILIES`)."""
+    ``banked_weights``, ``carried_products`` and ``register_slices`` (:data:`SLICED_FAMILIES`)."""
     sliced = family in SLICED_FAMILIES
-    return {"tree_levels": tree_levels_for(family), "banked_weights": sliced, "register_slices": sliced}
+    return {"tree_levels": tree_levels_for(family), "banked_weights": sliced, "carried_products": sliced,
+            "register_slices": sliced}
 
 
 def tree_levels_for(family: str) -> int:
@@ -184,6 +185,10 @@ class FoldedDense(wiring.Component):
         Split a weight ROM of more than one block RAM's depth into banks, each with an output
         register (:func:`~hwgen.rtl.arith.read_rom`), at the cost of a pipeline stage
         (:attr:`weight_banks`, :attr:`pipeline_stages`).
+    carried_products : bool
+        With multiplying lanes, a second register after the products (:attr:`lane_stages`): the
+        products' own register is the DSP block's, and the route from a DSP column to the adder
+        tree was the mixed MLP's ECP5 critical path (8.2 ns of routing).
 
     Attributes
     ----------
@@ -196,7 +201,8 @@ class FoldedDense(wiring.Component):
     """
 
     def __init__(self, layer: DenseLayer, *, pe: int, simd: int, vectors: int = 1,
-                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memory: str = "rom", banked_weights: bool = False):
+                 tree_levels: int = DEFAULT_TREE_LEVELS, weight_memory: str = "rom", banked_weights: bool = False,
+                 carried_products: bool = False):
         if weight_memory not in WEIGHT_MEMORIES:
             raise ValueError(f"layer {layer.name!r}: weight_memory must be one of {', '.join(WEIGHT_MEMORIES)}, "
                              f"not {weight_memory!r}")
@@ -208,6 +214,7 @@ class FoldedDense(wiring.Component):
         self._vectors = vectors
         self._tree_levels = tree_levels
         self._banked_weights = banked_weights and weight_memory == "rom"
+        self._carried_products = carried_products
         if layer.in_features % simd:
             raise ValueError(f"layer {layer.name!r}: SIMD={simd} does not divide in_features={layer.in_features}; "
                              f"valid SIMD values: {divisors(layer.in_features)}")
@@ -318,8 +325,11 @@ class FoldedDense(wiring.Component):
     @property
     def lane_stages(self) -> int:
         """Registers between the memory-output register and the adder trees: the products (int8
-        weights on bytes); the shared pair sums, then each lane's pair terms (±1 weights on bytes)."""
-        return 2 if self.pair_signs else int(self.multiplies)
+        weights on bytes; two with ``carried_products``); the shared pair sums, then each lane's pair
+        terms (±1 weights on bytes)."""
+        if self.pair_signs:
+            return 2
+        return (2 if self._carried_products else 1) if self.multiplies else 0
 
     @property
     def weight_banks(self) -> int:
@@ -621,6 +631,12 @@ class FoldedDense(wiring.Component):
                 registered.append(products)
             lane_terms = registered
             flags.append(stage("s2p", flags[-1]))
+            if self._carried_products:
+                carried = [[Signal(signed(18), name=f"product{p}_{k}_carried", reset_less=True) for k in range(simd)]
+                           for p in range(pe)]
+                m.d.sync += [to.eq(value) for tos, values in zip(carried, lane_terms) for to, value in zip(tos, values)]
+                lane_terms = carried
+                flags.append(stage("s2c", flags[-1]))
 
         # The lanes' adder trees, registered every tree_levels levels and at the end.
         partials = [pipelined_tree_sum(m, terms, levels_per_stage=self._tree_levels, name=f"lane{p}",

@@ -141,6 +141,8 @@ class NetworkTop(wiring.Component):
     banked_weights : bool
         Bank every layer's deep weight ROM (see :class:`FoldedDense`); :func:`~.dense.pipelining_for`
         gives it, with ``tree_levels``, for an FPGA family.
+    carried_products : bool
+        A second register after every multiplying lane's products (see :class:`FoldedDense`).
     register_slices : bool
         A :class:`~.slice.RegisterSlice` after each convolution or requantizer and before each
         sliding window but the first, ending the ready chains between those stages.
@@ -148,7 +150,7 @@ class NetworkTop(wiring.Component):
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
                  tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None,
-                 banked_weights: bool = False, register_slices: bool = False):
+                 banked_weights: bool = False, carried_products: bool = False, register_slices: bool = False):
         layers = compute_layers(model)
         if len(folds) != len(layers):
             raise ValueError(f"{len(folds)} folds for {len(layers)} dense/conv layers")
@@ -193,7 +195,7 @@ class NetworkTop(wiring.Component):
                     dense, vectors = layer.dense, layer.out_shape[0] * layer.out_shape[1]
                     compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, vectors=vectors,
                                           tree_levels=tree_levels, weight_memory=next(memory_iter),
-                                          banked_weights=banked_weights)
+                                          banked_weights=banked_weights, carried_products=carried_products)
                     channels = layer.in_shape[2]
                     regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
                     window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
@@ -210,7 +212,8 @@ class NetworkTop(wiring.Component):
                 else:
                     dense, vectors = layer, 1
                     compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, tree_levels=tree_levels,
-                                          weight_memory=next(memory_iter), banked_weights=banked_weights)
+                                          weight_memory=next(memory_iter), banked_weights=banked_weights,
+                                          carried_products=carried_products)
                     if incoming is not None and not _compatible(incoming, fold.simd):
                         raise ValueError(
                             f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
@@ -410,11 +413,13 @@ def spram_load_image(top: NetworkTop) -> list[int]:
 
 def build_top(model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
               tree_levels: int = DEFAULT_TREE_LEVELS, weight_memories: Sequence[str] | None = None,
-              banked_weights: bool = False, register_slices: bool = False) -> NetworkTop:
+              banked_weights: bool = False, carried_products: bool = False,
+              register_slices: bool = False) -> NetworkTop:
     """Construct the top, turning a fold that does not fit the model into a :class:`UserError`."""
     try:
         return NetworkTop(model, folds, probes=probes, tree_levels=tree_levels, weight_memories=weight_memories,
-                          banked_weights=banked_weights, register_slices=register_slices)
+                          banked_weights=banked_weights, carried_products=carried_products,
+                          register_slices=register_slices)
     except (ValueError, TypeError) as error:
         raise UserError(f"--fold {','.join(map(str, folds))}: {error}") from None
 
