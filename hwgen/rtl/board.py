@@ -15,6 +15,7 @@ from .dense import DEFAULT_TREE_LEVELS
 from .loader import SPIFlashLoader
 from .network import Fold, NetworkTop
 from .resize import StreamResizer
+from .slice import RegisterSlice
 from .uart import FRAME_BITS, UARTReceiver, UARTTransmitter
 
 __all__ = ["UARTBoardTop"]
@@ -42,8 +43,8 @@ class UARTBoardTop(wiring.Component):
         class indices out.
     tree_levels : int
         Adder levels between pipeline registers in the network's lanes.
-    banked_weights, register_slices : bool
-        Bank the layers' deep weight ROMs; put register slices between a CNN's stream stages (see
+    banked_weights, carried_products, register_slices : bool
+        Bank the layers' deep weight ROMs; register multiplying lanes' products twice; put register slices between a CNN's stream stages (see
         :class:`~hwgen.rtl.network.NetworkTop`).
     weight_memories : sequence of str, optional
         Per dense or convolution layer, ``"rom"`` or ``"spram"`` (see :class:`NetworkTop`).
@@ -78,7 +79,7 @@ class UARTBoardTop(wiring.Component):
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, divisor: int, led_count: int = 0,
                  network_domain: str = "sync", tree_levels: int = DEFAULT_TREE_LEVELS, banked_weights: bool = False,
-                 register_slices: bool = False,
+                 carried_products: bool = False, register_slices: bool = False,
                  weight_memories: Sequence[str] | None = None, loader: dict | None = None, blink_bit: int = 22):
         if not isinstance(led_count, int) or led_count < 0:
             raise TypeError(f"led_count must be a non-negative integer, not {led_count!r}")
@@ -88,7 +89,8 @@ class UARTBoardTop(wiring.Component):
         self._identity = identity(model)
         self._model = model
         self._network = NetworkTop(model, folds, tree_levels=tree_levels, weight_memories=weight_memories,
-                                   banked_weights=banked_weights, register_slices=register_slices)
+                                   banked_weights=banked_weights, carried_products=carried_products,
+                                   register_slices=register_slices)
         self._receiver = UARTReceiver(divisor)
         self._transmitter = UARTTransmitter(divisor)
         self._led_count = led_count
@@ -179,15 +181,23 @@ class UARTBoardTop(wiring.Component):
             m.submodules.network = DomainRenamer({"sync": domain})(network)
             m.submodules.pixels_in = pixels_in = AsyncFIFOBuffered(
                 width=element_bits, depth=self.CROSSING_DEPTH + 1, w_domain="sync", r_domain=domain)
+            # A register slice carries the pixel from the crossing, placed by the UART, to the
+            # packer, placed by the network's first layer: the crossing's output fanned out to a
+            # 112-byte packer across the device (13.9 ns of routing) was mlp-mixed's ECP5 critical path.
+            m.submodules.pixel_slice = pixel_slice = DomainRenamer({"sync": domain})(
+                RegisterSlice(element_bits, model.in_features))
             m.submodules.classes_out = classes_out = AsyncFIFO(
                 width=8, depth=self.CROSSING_DEPTH, w_domain=domain, r_domain="sync")
             m.d.comb += [
                 pixels_in.w_data.eq(receiver.o.payload[:element_bits]),
                 pixels_in.w_en.eq(pixel_valid),
                 pixel_ready.eq(pixels_in.w_rdy),
-                packer.i.payload.eq(pixels_in.r_data),
-                packer.i.valid.eq(pixels_in.r_rdy & packer_free),
-                pixels_in.r_en.eq(packer_free),
+                pixel_slice.i.payload.eq(pixels_in.r_data),
+                pixel_slice.i.valid.eq(pixels_in.r_rdy),
+                pixels_in.r_en.eq(pixel_slice.i.ready),
+                packer.i.payload.eq(pixel_slice.o.payload),
+                packer.i.valid.eq(pixel_slice.o.valid & packer_free),
+                pixel_slice.o.ready.eq(packer_free),
                 classes_out.w_data.eq(network.m_axis_tdata[:8]),
                 classes_out.w_en.eq(network.m_axis_tvalid & network.m_axis_tlast),
                 network.m_axis_tready.eq(~network.m_axis_tlast | classes_out.w_rdy),
