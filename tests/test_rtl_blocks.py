@@ -215,7 +215,7 @@ def test_requantizer_equals_golden_and_formulas(pe, lanes, stall, n_in):
     want = golden.layer_output(layer, accs).reshape(-1)
     signed = layer.requant.out_kind == "int8"
     assert [v - 256 if signed and v > 127 else v for v in elements] == want.tolist()
-    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 6
+    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 7
     if stall == 0.0:
         per_image = 8 // lanes
         assert out_cycles[per_image - 1] - in_cycles[8 // pe - 1] == dut.latency
