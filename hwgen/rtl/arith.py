@@ -47,14 +47,16 @@ def rom_shapes(name: str, depth: int, width: int, *, banked: bool = False) -> li
 KEEP_REGISTER_COPIES = "proc; setattr -set keep 1 w:* a:keep %i %ci1:+$dff[Q] t:$dff %i"
 
 
-def register_copies(m: Module, value: Value, count: int, name: str, enable: Value | None = None) -> list[Signal]:
+def register_copies(m: Module, value: Value, count: int, name: str, enable: Value | None = None, *,
+                    reset_less: bool = True) -> list[Signal]:
     """``count`` registers that each load ``value`` (when ``enable``), so that each copy drives a
-    share of a net with a large fan-out, placed near its loads.
+    share of a net with a large fan-out, placed near its loads; with ``reset_less=False`` they
+    reset to zero with their domain.
 
     The copies carry the ``keep`` attribute: Vivado keeps such registers apart, and yosys does
     with :data:`KEEP_REGISTER_COPIES`. Without it the copies would be merged into one register.
     """
-    copies = [Signal(value.shape(), name=f"{name}_copy{k}", reset_less=True, attrs={"keep": 1})
+    copies = [Signal(value.shape(), name=f"{name}_copy{k}", reset_less=reset_less, attrs={"keep": 1})
               for k in range(count)]
     update = [copy.eq(value) for copy in copies]
     if enable is None:
@@ -121,7 +123,7 @@ def rom_bank_stages(depth: int, width: int) -> int:
 
 
 def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value, *,
-             banked: bool = False) -> Value:
+             banked: bool = False, bank_addrs: list[Value] | None = None) -> Value:
     """The word of ``words`` at ``addr``, one cycle after ``enable``; a single word is a constant.
 
     With ``banked``, a block-RAM ROM, or a LUT ROM of more than one table, is :func:`rom_banks`
@@ -131,6 +133,10 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     (12.8 ns), was the critical path of a CNN on ECP5. A block RAM's output takes two registers:
     with one, nextpnr placed it near its loads, and the block's 5.8 ns clock-to-output delay and
     5.1 ns of routing to it were the critical path in turn.
+
+    ``bank_addrs``, with ``banked`` and a block-RAM ROM, gives each bank its own copy of ``addr``
+    (:func:`rom_banks` of them, as :func:`register_copies` makes): one address register reaching
+    the 105 blocks of an int8 layer's banks was its ECP5 critical path (13.8 ns of routing).
 
     A one-word ``Memory`` would be removed by yosys once its output register is merged, so a report
     listing it would not match the netlist; a constant is what the hardware holds either way.
@@ -147,7 +153,9 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     if rom_in_luts(len(words)):
         return _read_lut_rom(m, name, words, width, addr, enable, banks)
     if banked:
-        return _read_banked_rom(m, name, words, width, addr, enable, banks)
+        if bank_addrs is not None and len(bank_addrs) != banks:
+            raise ValueError(f"{name}: {len(bank_addrs)} bank addresses for {banks} banks")
+        return _read_banked_rom(m, name, words, width, bank_addrs or [addr] * banks, enable)
     m.submodules[name] = rom = memory.Memory(shape=unsigned(width), depth=len(words), init=words)
     port = rom.read_port()
     m.d.comb += [port.addr.eq(addr), port.en.eq(enable)]
@@ -185,15 +193,16 @@ def _read_lut_rom(m: Module, name: str, words: list[int], width: int, addr: Valu
     return data
 
 
-def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value,
-                     banks: int) -> Value:
+def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addrs: list[Value],
+                     enable: Value) -> Value:
+    banks = len(addrs)
     bank_depth = rom_bank_depth(len(words), width) if banks > 1 else len(words)
     low_bits = (bank_depth - 1).bit_length()
     # Each bank's output register holds zero unless its bank holds the word read, so the word is
     # an OR of the registers: a multiplexer's select, one register to every bit, was the critical
     # path (its routing 4.9 ns, then four LUT levels for 13 banks).
     outputs = []
-    for bank in range(banks):
+    for bank, addr in enumerate(addrs):
         # Every bank as deep as the configuration, the last one padded: a short last bank would
         # be yosys's to put in logic or not, and the blocks hold the padding anyway.
         contents = words[bank * bank_depth:(bank + 1) * bank_depth]

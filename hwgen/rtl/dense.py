@@ -573,8 +573,14 @@ class FoldedDense(wiring.Component):
                          weights.load_data.eq(self.load_data)]
             weight_data = weights.read_data
         else:
+            next_weight_addr = Mux(in_last & out_last, 0, weight_addr + 1)
+            bank_addrs = None
+            if self.weight_bank_stages == 2:
+                # Block-RAM banks: each its own copy of the address counter.
+                bank_addrs = register_copies(m, next_weight_addr, self.weight_banks, "weight_addr", fire,
+                                             reset_less=False)
             weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), self.weight_width, weight_addr,
-                                   Const(1), banked=self._banked_weights)
+                                   Const(1), banked=self._banked_weights, bank_addrs=bank_addrs)
         with m.If(fire):
             m.d.sync += [weight_addr.eq(Mux(in_last & out_last, 0, weight_addr + 1)), in_first.eq(in_last)]
             with m.If(in_last):
