@@ -183,8 +183,8 @@ class FoldedDense(wiring.Component):
         in the order of :func:`spram_load_words`. The pipeline and its formulas are the same.
     banked_weights : bool
         Split a weight ROM of more than one block RAM's depth into banks, each with an output
-        register (:func:`~hwgen.rtl.arith.read_rom`), at the cost of a pipeline stage
-        (:attr:`weight_banks`, :attr:`pipeline_stages`).
+        register (:func:`~hwgen.rtl.arith.read_rom`), at the cost of one or two pipeline stages
+        (:attr:`weight_banks`, :attr:`weight_bank_stages`).
     carried_products : bool
         With multiplying lanes, a second register after the products (:attr:`lane_stages`): the
         products' own register is the DSP block's, and the route from a DSP column to the adder
@@ -566,6 +566,7 @@ class FoldedDense(wiring.Component):
             m.d.sync += reserved.eq(reserved + 1)
         with m.Elif(departing & ~closing):
             m.d.sync += reserved.eq(reserved - 1)
+        next_weight_addr = Mux(in_last & out_last, 0, weight_addr + 1)
         if self._weight_memory == "spram":
             m.submodules.weights = weights = SPRAMWeights(self.weight_width, self.weight_depth)
             m.d.comb += [weights.read_addr.eq(weight_addr), weights.load_valid.eq(self.load_valid),
@@ -573,7 +574,6 @@ class FoldedDense(wiring.Component):
                          weights.load_data.eq(self.load_data)]
             weight_data = weights.read_data
         else:
-            next_weight_addr = Mux(in_last & out_last, 0, weight_addr + 1)
             bank_addrs = None
             if self.weight_bank_stages == 2:
                 # Block-RAM banks: each its own copy of the address counter.
@@ -582,7 +582,7 @@ class FoldedDense(wiring.Component):
             weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), self.weight_width, weight_addr,
                                    Const(1), banked=self._banked_weights, bank_addrs=bank_addrs)
         with m.If(fire):
-            m.d.sync += [weight_addr.eq(Mux(in_last & out_last, 0, weight_addr + 1)), in_first.eq(in_last)]
+            m.d.sync += [weight_addr.eq(next_weight_addr), in_first.eq(in_last)]
             with m.If(in_last):
                 m.d.sync += [in_index.eq(0), in_last.eq(beats_in == 1)]
                 with m.If(out_last):
@@ -629,20 +629,15 @@ class FoldedDense(wiring.Component):
             flags.append(stage("s2t", flags[-1]))
         else:
             lane_terms = [self._terms(m, data, weight_word, p) for p in range(pe)]
-        if self.multiplies:
+        # The products' registers: one, or with carried_products a second carrying them on.
+        for suffix in ("", "_carried")[:self.lane_stages if self.multiplies else 0]:
             registered = []
             for p, terms in enumerate(lane_terms):
-                products = [Signal(signed(18), name=f"product{p}_{k}", reset_less=True) for k in range(simd)]
+                products = [Signal(signed(18), name=f"product{p}_{k}{suffix}", reset_less=True) for k in range(simd)]
                 m.d.sync += [product.eq(term) for product, term in zip(products, terms)]
                 registered.append(products)
             lane_terms = registered
-            flags.append(stage("s2p", flags[-1]))
-            if self._carried_products:
-                carried = [[Signal(signed(18), name=f"product{p}_{k}_carried", reset_less=True) for k in range(simd)]
-                           for p in range(pe)]
-                m.d.sync += [to.eq(value) for tos, values in zip(carried, lane_terms) for to, value in zip(tos, values)]
-                lane_terms = carried
-                flags.append(stage("s2c", flags[-1]))
+            flags.append(stage("s2c" if suffix else "s2p", flags[-1]))
 
         # The lanes' adder trees, registered every tree_levels levels and at the end.
         partials = [pipelined_tree_sum(m, terms, levels_per_stage=self._tree_levels, name=f"lane{p}",
