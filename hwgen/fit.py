@@ -60,6 +60,10 @@ class FamilyCosts:
     xnor_luts_per_input_per_level: float = 0.0
     # Address counters, handshakes and pipeline control of one dense layer.
     layer_base_luts: float = 100
+    # `--fold auto`'s bound on a layer's input bits times its lanes (PE x SIMD x input bits): each
+    # lane reads every bit of the input word, so this counts the wires its broadcast must route.
+    # None: no bound (the LUT budget binds first).
+    max_broadcast_sinks: int | None = None
 
     def dsps_for(self, products: int, dsps_left: int) -> int:
         """How many of ``products`` multiplies yosys or Vivado puts in DSP blocks."""
@@ -71,6 +75,10 @@ class FamilyCosts:
 ECP5_LUT_SCALE = 1.22
 #: ECP5's XNOR-popcount lane cost per input: (base, per level of log2(SIMD)), fitted to yosys.
 ECP5_XNOR = (0.3, 0.45)
+#: Measured with nextpnr-ecp5 on the ULX3S-85F: a 784-input uint8 layer at 32x98 (25,088 sinks,
+#: 39k LUT4 in all) did not route (router2 ~10,000 overused wires after 42 minutes); 15x100
+#: (12,000) and 16x98 (12,544) placed above 100 MHz.
+ECP5_MAX_BROADCAST_SINKS = 12800
 
 FAMILY_COSTS = {
     "ice40": FamilyCosts(lut_scale=1.25, bram_cost=64, lutram_cost=None, lut_bits=16, ffs_take_own_luts=True,
@@ -78,7 +86,7 @@ FAMILY_COSTS = {
     "ecp5": FamilyCosts(lut_scale=ECP5_LUT_SCALE, bram_cost=128, lutram_cost=4, lut_bits=16, ffs_take_own_luts=False,
                         multiplier_luts=90, multiplies_spill_to_luts=False,
                         xnor_luts_per_input=ECP5_XNOR[0], xnor_luts_per_input_per_level=ECP5_XNOR[1],
-                        layer_base_luts=70),
+                        layer_base_luts=70, max_broadcast_sinks=ECP5_MAX_BROADCAST_SINKS),
     # Vivado's own memory inference: modelled with the same rule, LUT6 ROMs and 64x1 LUT RAMs.
     "xc7": FamilyCosts(lut_scale=0.7, bram_cost=128, lutram_cost=1, lut_bits=64, ffs_take_own_luts=False,
                        multiplier_luts=60, multiplies_spill_to_luts=True),
@@ -345,11 +353,15 @@ def check_fit(est: Estimate) -> None:
                         + "; ".join(problems) + ". Try --fold auto, or a smaller network or a larger board")
 
 
-def _fold_options(model: IntegerModel) -> list[list[Fold]]:
+def _fold_options(model: IntegerModel, max_broadcast_sinks: int | None = None) -> list[list[Fold]]:
+    """Every fold of every compute layer, without those whose input broadcast exceeds
+    ``max_broadcast_sinks`` (see :attr:`FamilyCosts.max_broadcast_sinks`; 1x1 is always kept)."""
     options = []
     for layer in compute_layers(model):
         dense = layer.dense if isinstance(layer, Conv2dLayer) else layer
-        options.append([Fold(pe, simd) for pe in divisors(dense.out_features) for simd in divisors(dense.in_features)])
+        options.append([Fold(pe, simd) for pe in divisors(dense.out_features) for simd in divisors(dense.in_features)
+                        if max_broadcast_sinks is None or pe * simd == 1
+                        or pe * simd * dense.input_bits <= max_broadcast_sinks])
     return options
 
 
@@ -480,9 +492,10 @@ def auto_folds_placed(model: IntegerModel, board: Board, routing_share: float = 
     whose whole-network estimate fits within budget (LUTs and DSPs up to ``routing_share``, leaving room for routing) wins. With
     ``target_fps`` the only candidate is the interval ``floor(clock / fps)`` (FINN's target_fps rule).
     """
-    options = _fold_options(model)
+    layers = compute_layers(model)
+    options = _fold_options(model, FAMILY_COSTS[board.family].max_broadcast_sinks)
     base = [Fold(1, 1)] * len(options)       # always chains: 1 divides every beat size
-    names = [layer.name for layer in compute_layers(model)]
+    names = [layer.name for layer in layers]
     limits = _limits(board.budget, routing_share)
     costed: list[list[_FoldOption]] = []
     floor = 0

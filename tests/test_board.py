@@ -267,6 +267,18 @@ def test_target_fps_picks_the_cheapest_folding_that_reaches_it():
         auto_folds(model, board, target_fps=2e7)
 
 
+def test_auto_fold_bounds_the_input_broadcast_on_ecp5():
+    """A byte layer fanned out to many lanes does not route on the ULX3S however few LUTs it takes
+    (784-256-256-10 at 32x98: 25,088 input wires to lanes, 39k LUT4, router2 still overused
+    after 42 minutes): `--fold auto` keeps PE x SIMD x input bits within the family's bound."""
+    model = random_model(np.random.default_rng(0), [784, 256, 256, 10])
+    bound = FAMILY_COSTS["ecp5"].max_broadcast_sinks
+    assert 16 * 98 * 8 <= bound < 32 * 98 * 8
+    est = auto_folds(model, load_board("ulx3s-85f"))
+    assert [str(fold) for fold in est.folds] == ["16x98", "4x128", "5x4"] and est.cycles_per_image == 128
+    assert FAMILY_COSTS["ice40"].max_broadcast_sinks is None
+
+
 def test_too_big_for_icebreaker_then_auto_fold_fits(tmp_path):
     model = random_model(np.random.default_rng(2), [64, 128, 128, 10])
     board = load_board("icebreaker")
