@@ -286,9 +286,12 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         # The accumulators' start values, registered after their ROM.
         lanes.ffs += pe * acc_bits
     if stage.weight_bank_stages:
-        # The banks' output registers and the input word waiting beside them; the OR after them
-        # stands for the multiplexer yosys builds after an unbanked ROM's blocks.
+        # The banks' output registers and the input word waiting beside them.
         lanes.ffs += stage.weight_bank_stages * (stage.weight_banks * weight_bits + simd * layer.input_bits)
+        if not in_luts:
+            # The OR of the block-RAM banks' registers, three more banks per LUT4 (yosys: the int8
+            # MLP's 7-bank first layer took 3,291 LUT4 where the lanes alone were estimated at 1,765).
+            lanes.luts += weight_bits * math.ceil((stage.weight_banks - 1) / 3)
     return lanes
 
 
