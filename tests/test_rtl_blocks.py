@@ -1,7 +1,10 @@
 """Each hardware block against its cycle formula and a plain model, in Amaranth's simulator."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
+from amaranth.back import verilog as amaranth_verilog
 import pytest
 
 from hwgen import golden
@@ -83,6 +86,19 @@ def test_folded_dense_banked_weights(monkeypatch, weight_kind, input_kind, outpu
     depth = dut.weight_depth
     bank_depths = [depth] if arith.rom_in_luts(depth) else [arith.rom_bank_depth(depth, dut.weight_width)] * banks
     assert [shape.depth for shape in dut.memories if shape.name.startswith("weights")] == bank_depths
+
+
+@pytest.mark.parametrize("shapes, banks", [(((8, 16), (32, 8)), 9), (((32, 128),), 1)])
+def test_folded_dense_bank_memories_side_by_side(monkeypatch, shapes, banks):
+    """A bank wider than ROM_SLICE_BLOCKS blocks is several memories, each reading its own copy of
+    the address: exact, and as many address copies as memories."""
+    monkeypatch.setattr(arith, "ROM_BANK_SHAPES", shapes)
+    monkeypatch.setattr(arith, "ROM_SLICE_BLOCKS", 1)
+    dut = check_folded_dense("binary", "bits", "threshold", 72, 40, 5, 8, banked_weights=True)
+    assert (dut.weight_depth, dut.weight_width, dut.weight_banks) == (72, 40, banks)     # 40 bits: 32 + 8
+    assert arith.rom_bank_slices(dut.weight_depth, dut.weight_width) == 2
+    text = amaranth_verilog.convert(dut, name="dense", emit_src=False)
+    assert len(set(re.findall(r"weight_addr_copy(\d+)", text))) == 2 * banks
 
 
 def test_folded_dense_single_bank_block_ram_weights(monkeypatch):

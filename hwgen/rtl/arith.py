@@ -100,6 +100,21 @@ def rom_bank_depth(depth: int, width: int) -> int:
                                                    shape[1]))[1]
 
 
+#: Blocks side by side in one memory of a banked block-RAM ROM, with one copy of the address
+#: (:func:`rom_bank_slices`).
+ROM_SLICE_BLOCKS = 4
+
+
+def rom_bank_slices(depth: int, width: int) -> int:
+    """Memories side by side in each bank of a banked block-RAM ROM (:func:`read_rom` with
+    ``banked``), each :data:`ROM_SLICE_BLOCKS` blocks of the bank's configuration wide and reading
+    its own copy of the address; 1 for a constant or a ROM in LUTs."""
+    if depth == 1 or rom_in_luts(depth):
+        return 1
+    block_width = {words: bits for bits, words in ROM_BANK_SHAPES}[rom_bank_depth(depth, width)]
+    return -(-width // (ROM_SLICE_BLOCKS * block_width))
+
+
 def rom_banks(depth: int, width: int) -> int:
     """Banks :func:`read_rom` splits a ROM into when ``banked``: one per :data:`LUT_ROM_TABLE`
     words of a ROM in LUTs, one per :func:`rom_bank_depth` words of a block-RAM ROM; 1 for a constant."""
@@ -134,9 +149,11 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     with one, nextpnr placed it near its loads, and the block's 5.8 ns clock-to-output delay and
     5.1 ns of routing to it were the critical path in turn.
 
-    ``bank_addrs``, with ``banked`` and a block-RAM ROM, gives each bank its own copy of ``addr``
-    (:func:`rom_banks` of them, as :func:`register_copies` makes): one address register reaching
-    the 105 blocks of an int8 layer's banks was its ECP5 critical path (13.8 ns of routing).
+    ``bank_addrs``, with ``banked`` and a block-RAM ROM, gives each memory of each bank its own
+    copy of ``addr`` (:func:`rom_banks` times :func:`rom_bank_slices` of them, bank by bank, as
+    :func:`register_copies` makes): one address register reaching the 105 blocks of an int8
+    layer's banks was its ECP5 critical path (13.8 ns of routing), and then one per bank reaching
+    the 44 blocks of a W1A1 layer's single bank (10.2 ns).
 
     A one-word ``Memory`` would be removed by yosys once its output register is merged, so a report
     listing it would not match the netlist; a constant is what the hardware holds either way.
@@ -153,9 +170,10 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     if rom_in_luts(len(words)):
         return _read_lut_rom(m, name, words, width, addr, enable, banks)
     if banked:
-        if bank_addrs is not None and len(bank_addrs) != banks:
-            raise ValueError(f"{name}: {len(bank_addrs)} bank addresses for {banks} banks")
-        return _read_banked_rom(m, name, words, width, bank_addrs or [addr] * banks, enable)
+        copies = banks * rom_bank_slices(len(words), width)
+        if bank_addrs is not None and len(bank_addrs) != copies:
+            raise ValueError(f"{name}: {len(bank_addrs)} bank addresses for {copies} bank memories")
+        return _read_banked_rom(m, name, words, width, bank_addrs or [addr] * copies, enable)
     m.submodules[name] = rom = memory.Memory(shape=unsigned(width), depth=len(words), init=words)
     port = rom.read_port()
     m.d.comb += [port.addr.eq(addr), port.en.eq(enable)]
@@ -195,32 +213,38 @@ def _read_lut_rom(m: Module, name: str, words: list[int], width: int, addr: Valu
 
 def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addrs: list[Value],
                      enable: Value) -> Value:
-    banks = len(addrs)
+    banks = rom_banks(len(words), width)
+    slices = len(addrs) // banks
     bank_depth = rom_bank_depth(len(words), width) if banks > 1 else len(words)
+    slice_bits = -(-width // slices)
     low_bits = (bank_depth - 1).bit_length()
     # Each bank's output register holds zero unless its bank holds the word read, so the word is
     # an OR of the registers: a multiplexer's select, one register to every bit, was the critical
     # path (its routing 4.9 ns, then four LUT levels for 13 banks).
     outputs = []
-    for bank, addr in enumerate(addrs):
+    for bank in range(banks):
         # Every bank as deep as the configuration, the last one padded: a short last bank would
         # be yosys's to put in logic or not, and the blocks hold the padding anyway.
         contents = words[bank * bank_depth:(bank + 1) * bank_depth]
-        m.submodules[f"{name}{bank}"] = rom = memory.Memory(shape=unsigned(width), depth=bank_depth,
-                                                            init=contents)
-        port = rom.read_port()
-        m.d.comb += [port.addr.eq(addr[:low_bits]), port.en.eq(enable)]
         registered = Signal(width, name=f"{name}{bank}_data", reset_less=True)
+        for index, low in enumerate(range(0, width, slice_bits)):
+            high, addr = min(width, low + slice_bits), addrs[bank * slices + index]
+            suffix = f"{bank}" if slices == 1 else f"{bank}_{index}"
+            mask = (1 << (high - low)) - 1
+            m.submodules[f"{name}{suffix}"] = rom = memory.Memory(
+                shape=unsigned(high - low), depth=bank_depth, init=[(word >> low) & mask for word in contents])
+            port = rom.read_port()
+            m.d.comb += [port.addr.eq(addr[:low_bits]), port.en.eq(enable)]
+            if banks == 1:
+                m.d.sync += registered[low:high].eq(port.data)
+            else:
+                # Registered with the memory's address: whether this bank holds the word read.
+                holds = Signal(name=f"{name}{suffix}_holds")
+                with m.If(enable):
+                    m.d.sync += holds.eq(addr[low_bits:] == bank)
+                m.d.sync += registered[low:high].eq(Mux(holds, port.data, 0))
         carried = Signal(width, name=f"{name}{bank}_carried", reset_less=True)
         m.d.sync += carried.eq(registered)
-        if banks == 1:
-            m.d.sync += registered.eq(port.data)
-        else:
-            # Registered with the memory's address: whether this bank holds the word read.
-            holds = Signal(name=f"{name}{bank}_holds")
-            with m.If(enable):
-                m.d.sync += holds.eq(addr[low_bits:] == bank)
-            m.d.sync += registered.eq(Mux(holds, port.data, 0))
         outputs.append(carried)
     data = Signal(width, name=f"{name}_data")
     m.d.comb += data.eq(tree_or(outputs))

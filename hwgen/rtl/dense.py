@@ -8,7 +8,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
 from .arith import (MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, register_copies,
-                    rom_bank_stages, rom_banks, rom_shapes, tree_stages)
+                    rom_bank_slices, rom_bank_stages, rom_banks, rom_shapes, tree_stages)
 from .spram import SPRAM_WIDTH, SPRAMWeights, spram_columns
 
 __all__ = ["FoldedDense", "tree_levels_for", "pipelining_for", "weight_words", "spram_load_words", "channel_words", "uses_pair_signs",
@@ -576,9 +576,10 @@ class FoldedDense(wiring.Component):
         else:
             bank_addrs = None
             if self.weight_bank_stages == 2:
-                # Block-RAM banks: each its own copy of the address counter.
-                bank_addrs = register_copies(m, next_weight_addr, self.weight_banks, "weight_addr", fire,
-                                             reset_less=False)
+                # Block-RAM banks: each memory of each its own copy of the address counter.
+                bank_addrs = register_copies(m, next_weight_addr,
+                                             self.weight_banks * rom_bank_slices(self.weight_depth, self.weight_width),
+                                             "weight_addr", fire, reset_less=False)
             weight_data = read_rom(m, "weights", weight_words(layer, pe, simd), self.weight_width, weight_addr,
                                    Const(1), banked=self._banked_weights, bank_addrs=bank_addrs)
         with m.If(fire):
