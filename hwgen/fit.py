@@ -17,7 +17,7 @@ from amaranth.hdl import Shape
 from .boards import Board, Budget
 from .errors import UserError
 from .ir import Conv2dLayer, IntegerModel, signed_width
-from .rtl.arith import LUT_ROM_GROUP_BITS, MemoryShape, divisors, rom_in_luts
+from .rtl.arith import LUT_ROM_GROUP_BITS, LUT_ROM_TABLE, MemoryShape, divisors, rom_in_luts
 from .rtl.dense import PAIR_BITS, WEIGHT_MEMORIES, FoldedDense, pipelining_for
 from .rtl.spram import SPRAM_WIDTH, spram_banks, spram_blocks
 from .rtl.network import Fold, NetworkTop, compute_layers
@@ -219,6 +219,12 @@ def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Reso
         return Resources(luts=8, bram_blocks=bram_blocks_for(shape, budget))
     if placement == "distributed":
         return Resources(luts=shape.width * math.ceil(shape.depth / 16) * 1.5, ffs=shape.width)
+    if shape.tables_registered:
+        # A LUT4 per table and bit, then an OR of three more tables per LUT4 (yosys: the reference
+        # CNN's 36 x 512-bit ROM, about 4 LUT4 per bit); the tables' registers are the layer's.
+        tables = math.ceil(shape.depth / LUT_ROM_TABLE)
+        return Resources(luts=shape.width * (tables + math.ceil((tables - 1) / 3)),
+                         ffs=math.ceil(shape.width / LUT_ROM_GROUP_BITS) * (shape.depth - 1).bit_length())
     if shape.rom:
         # LUT tables of lut_bits entries per bit, then a mux tree joining them; read_rom registers
         # a copy of the address per group of bits, yosys the data.
@@ -243,6 +249,8 @@ PAIR_SUM_LUTS_PER_INPUT = 5
 #: The SPI flash loader and the SPRAM load sequencer (logic and flip-flops).
 LOADER_LUTS = 180
 LOADER_FFS = 130
+#: A sliding window's logic besides its pixel width (LUT4).
+WINDOW_LUTS = 370
 #: A requantizer lane besides its multipliers: rounding, shift, clamp, and its constants (LUT4).
 REQUANT_LANE_LUTS = 350
 
@@ -307,7 +315,11 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         return "requant", Resources(luts=REQUANT_LANE_LUTS * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,
                                     ffs=400 * stage.lanes, dsps=on_dsp)
     if isinstance(stage, SlidingWindow):
-        return "window", Resources(luts=180, ffs=120 + Shape.cast(stage.o.payload.shape()).width)
+        # Its counters, position registers and their adders, and a LUT per pixel bit to zero the
+        # padding (yosys, the reference CNN's two windows and three other shapes, 1 and 8 bits:
+        # 327-572 LUT4 on iCE40, 394-639 on ECP5, within 12 % of this).
+        width = Shape.cast(stage.o.payload.shape()).width
+        return "window", Resources(luts=WINDOW_LUTS + width, ffs=130 + 3 * width)
     if isinstance(stage, MaxPool):
         # The row max and the merge with the rows above (an OR per bit on bits, a compare and a
         # select per byte), the row max and output registers; the rows above are in `memories`.

@@ -18,6 +18,9 @@ class MemoryShape(NamedTuple):
     rom: bool
     #: Held in iCE40UP SPRAM blocks (:class:`~hwgen.rtl.spram.SPRAMWeights`), written at power-up.
     spram: bool = False
+    #: A ROM in LUTs read as registered tables of :data:`LUT_ROM_TABLE` words, then OR-ed
+    #: (:func:`read_rom` with ``banked``).
+    tables_registered: bool = False
 
     @property
     def bits(self) -> int:
@@ -37,7 +40,7 @@ def rom_shapes(name: str, depth: int, width: int, *, banked: bool = False) -> li
         return []
     banks = rom_banks(depth, width) if banked else 1
     if banks == 1 or rom_in_luts(depth):
-        return [MemoryShape(name, depth, width, rom=True)]
+        return [MemoryShape(name, depth, width, rom=True, tables_registered=banks > 1)]
     return [MemoryShape(f"{name}{bank}", rom_bank_depth(depth, width), width, rom=True) for bank in range(banks)]
 
 
