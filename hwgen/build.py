@@ -25,7 +25,7 @@ from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, p
 from .rtl.dense import pipelining_for
 from .rtl.network import Fold, build_top, compute_layers, generate_verilog
 from .rtl.uart import FRAME_BITS, uart_divisor
-from .synth import ECP5_SYNTH_OPTIONS, yowasp_tool
+from .synth import ECP5_PLACER_OPTIONS, ECP5_SYNTH_OPTIONS, yowasp_tool
 
 __all__ = ["PlatformTop", "build_board", "BuildResult", "TOOL_ENVIRONMENT", "DEFAULT_BAUD", "WEIGHT_IMAGE_FILE"]
 
@@ -252,7 +252,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                 options["synth_opts"] = ECP5_SYNTH_OPTIONS
                 # router1 spent over 40 minutes on a 784-256-256-10 binary MLP that router2
                 # routes in 85 s (nextpnr-ecp5 0.11 under WebAssembly).
-                options["nextpnr_opts"] += " --router router2"
+                options["nextpnr_opts"] += " --router router2 " + ECP5_PLACER_OPTIONS
         plan = platform.prepare(PlatformTop(board, core, network_hz), name="top", **options)
         plan.extract(staging)
         _write_reproduce_script(staging, board)
