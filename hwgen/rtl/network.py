@@ -144,8 +144,9 @@ class NetworkTop(wiring.Component):
     carried_products : bool
         A second register after every multiplying lane's products (see :class:`FoldedDense`).
     register_slices : bool
-        A :class:`~.slice.RegisterSlice` after each convolution or requantizer and before each
-        sliding window but the first, ending the ready chains between those stages.
+        A :class:`~.slice.RegisterSlice` after each convolution or requantizer, before each
+        sliding window but the first and between a max-pool and a dense layer, ending the ready
+        chains between those stages.
     """
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
@@ -214,6 +215,10 @@ class NetworkTop(wiring.Component):
                     compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, tree_levels=tree_levels,
                                           weight_memory=next(memory_iter), banked_weights=banked_weights,
                                           carried_products=carried_products)
+                    if stages and isinstance(stages[-1], MaxPool):
+                        # The ready chain from this layer's input buffer back through its
+                        # resizer and the pool was the iCE40 CNN's critical path.
+                        sliced(layer.in_features)
                     if incoming is not None and not _compatible(incoming, fold.simd):
                         raise ValueError(
                             f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
