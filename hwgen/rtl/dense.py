@@ -44,20 +44,25 @@ UINT8_OFFSET = 128
 
 
 #: Families whose networks bank their deep weight ROMs, each bank with an output register
-#: (:class:`FoldedDense`'s ``banked_weights``), and put register slices between a CNN's stream
-#: stages (:class:`~hwgen.rtl.network.NetworkTop`'s ``register_slices``). Both cost flip-flops,
-#: which on iCE40 take logic cells of their own where no LUT feeds them; a reference CNN there is
-#: at 87 % of the UP5K's.
+#: (:class:`FoldedDense`'s ``banked_weights``), and register their products twice. Both cost
+#: flip-flops, which on iCE40 take logic cells of their own where no LUT feeds them.
 SLICED_FAMILIES = ("ecp5",)
+
+#: Families whose networks put register slices between a CNN's stream stages
+#: (:class:`~hwgen.rtl.network.NetworkTop`'s ``register_slices``): a few flip-flops per stage
+#: boundary, on iCE40 too, where the ready chain through the pools and resizers was the
+#: reference CNN's critical path.
+SLICE_FAMILIES = ("ecp5", "ice40")
 
 
 def pipelining_for(family: str) -> dict:
     """The keyword arguments that build a network for an FPGA family
     (:class:`~hwgen.rtl.network.NetworkTop`): ``tree_levels`` (:func:`tree_levels_for`),
-    ``banked_weights``, ``carried_products`` and ``register_slices`` (:data:`SLICED_FAMILIES`)."""
+    ``banked_weights`` and ``carried_products`` (:data:`SLICED_FAMILIES`), and ``register_slices``
+    (:data:`SLICE_FAMILIES`)."""
     sliced = family in SLICED_FAMILIES
     return {"tree_levels": tree_levels_for(family), "banked_weights": sliced, "carried_products": sliced,
-            "register_slices": sliced}
+            "register_slices": family in SLICE_FAMILIES}
 
 
 def tree_levels_for(family: str) -> int:
