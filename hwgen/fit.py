@@ -77,7 +77,7 @@ ECP5_LUT_SCALE = 1.22
 ECP5_XNOR = (0.3, 0.45)
 #: Measured with nextpnr-ecp5 on the ULX3S-85F: a 784-input uint8 layer at 32x98 (25,088 sinks,
 #: 39k LUT4 in all) did not route (router2 ~10,000 overused wires after 42 minutes); 15x100
-#: (12,000) and 16x98 (12,544) placed above 100 MHz.
+#: (12,000) and 16x98 (12,544) route (placed at 111.0 and 91.2 MHz).
 ECP5_MAX_BROADCAST_SINKS = 12800
 
 FAMILY_COSTS = {
@@ -507,10 +507,9 @@ def auto_folds_placed(model: IntegerModel, board: Board, routing_share: float = 
     whose whole-network estimate fits within budget (LUTs and DSPs up to ``routing_share``, leaving room for routing) wins. With
     ``target_fps`` the only candidate is the interval ``floor(clock / fps)`` (FINN's target_fps rule).
     """
-    layers = compute_layers(model)
     options = _fold_options(model, FAMILY_COSTS[board.family].max_broadcast_sinks)
     base = [Fold(1, 1)] * len(options)       # always chains: 1 divides every beat size
-    names = [layer.name for layer in layers]
+    names = [layer.name for layer in compute_layers(model)]
     limits = _limits(board.budget, routing_share)
     costed: list[list[_FoldOption]] = []
     floor = 0
