@@ -252,7 +252,9 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                 options["synth_opts"] = ECP5_SYNTH_OPTIONS
                 # router1 spent over 40 minutes on a 784-256-256-10 binary MLP that router2
                 # routes in 85 s (nextpnr-ecp5 0.11 under WebAssembly).
-                options["nextpnr_opts"] += " --router router2 " + ECP5_PLACER_OPTIONS
+                options["nextpnr_opts"] += " --router router2"
+                if not est.total.dsps:
+                    options["nextpnr_opts"] += " " + ECP5_PLACER_OPTIONS
         plan = platform.prepare(PlatformTop(board, core, network_hz), name="top", **options)
         plan.extract(staging)
         _write_reproduce_script(staging, board)

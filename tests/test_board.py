@@ -267,6 +267,20 @@ def test_target_fps_picks_the_cheapest_folding_that_reaches_it():
         auto_folds(model, board, target_fps=2e7)
 
 
+@pytest.mark.parametrize("kinds, timing_weight", [(None, True), ([("int8", "threshold"), ("binary", "scores")], False)])
+def test_ecp5_placer_timing_weight_only_without_multipliers(tmp_path, kinds, timing_weight):
+    """nextpnr-ecp5 places designs without DSP multipliers with a higher timing weight (the
+    reference CNN: 97.5 -> 110.8 MHz) and those with them at its default (the mixed MLP: 79.7 MHz
+    at the default, 65.8 with it)."""
+    from hwgen.synth import ECP5_PLACER_OPTIONS
+
+    model = random_model(np.random.default_rng(6), [32, 16, 10], kinds=kinds)
+    build_board(model, "m", load_board("ulx3s-85f"), [Fold(2, 4), Fold(1, 16)], tmp_path / "out", run_tools=False)
+    script = (tmp_path / "out" / "build_top.sh").read_text()
+    assert "--router router2" in script
+    assert (ECP5_PLACER_OPTIONS in script) == timing_weight
+
+
 def test_auto_fold_bounds_the_input_broadcast_on_ecp5():
     """A byte layer fanned out to many lanes does not route on the ULX3S however few LUTs it takes
     (784-256-256-10 at 32x98: 25,088 input wires to lanes, 39k LUT4, router2 still overused
