@@ -17,7 +17,7 @@ from .boards import Board
 from .errors import UserError
 from .fit import Estimate, check_fit, fit_folds
 from .flash import loader_settings, weight_image
-from .ir import IntegerModel
+from .ir import Conv2dLayer, IntegerModel
 from .process import folder_lock, run_tool
 from .rtl.arith import KEEP_REGISTER_COPIES
 from .rtl.board import UARTBoardTop
@@ -253,7 +253,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                 # router1 spent over 40 minutes on a 784-256-256-10 binary MLP that router2
                 # routes in 85 s (nextpnr-ecp5 0.11 under WebAssembly).
                 options["nextpnr_opts"] += " --router router2"
-                if not est.total.dsps:
+                if any(isinstance(layer, Conv2dLayer) for layer in model.layers):
                     options["nextpnr_opts"] += " " + ECP5_PLACER_OPTIONS
         plan = platform.prepare(PlatformTop(board, core, network_hz), name="top", **options)
         plan.extract(staging)

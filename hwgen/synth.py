@@ -16,11 +16,12 @@ from .rtl.arith import KEEP_REGISTER_COPIES
 #: and 135 carry cells with them and 880 LUT4 and the same carry cells without (bench/lanes.py).
 ECP5_SYNTH_OPTIONS = "-nowidelut"
 
-#: nextpnr-ecp5's placer options for designs without DSP multipliers. At the default timing
-#: weight (10) the HeAP placer put a block RAM's first output register by the register's loads,
-#: 41 columns away: the reference CNN placed at 97.5 MHz with its network clock constrained to 60
-#: or 125 MHz alike; at 40, 110.8 MHz. The mixed MLP's netlist, its 112 products on DSP columns,
-#: placed at 65.8 MHz with it and 79.7 MHz without, so designs with multipliers keep the default.
+#: nextpnr-ecp5's placer options for convolutional networks. At the default timing weight (10)
+#: the HeAP placer put a block RAM's first output register by the register's loads, 41 columns
+#: away: the reference CNN placed at 97.5 MHz with its network clock constrained to 60 or 125 MHz
+#: alike; at 40, 110.8 MHz. MLPs keep the default: the mixed MLP's netlist placed at 65.8 MHz with
+#: it and 79.7 MHz without, and the W1A1 MLP at 16x98 did not route with it (router2 still
+#: overusing about 11,000 wires after 40 iterations) where it had placed at 91.2 MHz without.
 ECP5_PLACER_OPTIONS = "--placer-heap-timingweight 40"
 
 #: yosys synthesis script per target family.
