@@ -88,17 +88,18 @@ def test_folded_dense_banked_weights(monkeypatch, weight_kind, input_kind, outpu
     assert [shape.depth for shape in dut.memories if shape.name.startswith("weights")] == bank_depths
 
 
-@pytest.mark.parametrize("shapes, banks", [(((8, 16), (32, 8)), 9), (((32, 128),), 1)])
-def test_folded_dense_bank_memories_side_by_side(monkeypatch, shapes, banks):
-    """A bank wider than ROM_SLICE_BLOCKS blocks is several memories, each reading its own copy of
-    the address: exact, and as many address copies as memories."""
+@pytest.mark.parametrize("shapes, banks, slices", [(((8, 16), (32, 8)), 9, 2), (((32, 128),), 1, 1)])
+def test_folded_dense_bank_memories_side_by_side(monkeypatch, shapes, banks, slices):
+    """A bank wider than ROM_SLICE_BLOCKS blocks, of a ROM of several banks, is several memories,
+    each reading its own copy of the address: exact, and as many address copies as memories. A
+    ROM of one bank stays one memory."""
     monkeypatch.setattr(arith, "ROM_BANK_SHAPES", shapes)
     monkeypatch.setattr(arith, "ROM_SLICE_BLOCKS", 1)
     dut = check_folded_dense("binary", "bits", "threshold", 72, 40, 5, 8, banked_weights=True)
     assert (dut.weight_depth, dut.weight_width, dut.weight_banks) == (72, 40, banks)     # 40 bits: 32 + 8
-    assert arith.rom_bank_slices(dut.weight_depth, dut.weight_width) == 2
+    assert arith.rom_bank_slices(dut.weight_depth, dut.weight_width) == slices
     text = amaranth_verilog.convert(dut, name="dense", emit_src=False)
-    assert len(set(re.findall(r"weight_addr_copy(\d+)", text))) == 2 * banks
+    assert len(set(re.findall(r"weight_addr_copy(\d+)", text))) == slices * banks
 
 
 def test_folded_dense_single_bank_block_ram_weights(monkeypatch):

@@ -111,8 +111,10 @@ ROM_SLICE_BLOCKS = 4
 def rom_bank_slices(depth: int, width: int) -> int:
     """Memories side by side in each bank of a banked block-RAM ROM (:func:`read_rom` with
     ``banked``), each :data:`ROM_SLICE_BLOCKS` blocks of the bank's configuration wide and reading
-    its own copy of the address; 1 for a constant or a ROM in LUTs."""
-    if depth == 1 or rom_in_luts(depth):
+    its own copy of the address; 1 for a constant, a ROM in LUTs or a ROM of one bank (the W1A1
+    MLP's 44-block first-layer bank, in eleven memories, no longer routed on the ULX3S: router2
+    still overusing about 5,900 wires after 18 iterations, where as one memory it placed at 91.2 MHz)."""
+    if depth == 1 or rom_in_luts(depth) or rom_banks(depth, width) == 1:
         return 1
     block_width = {words: bits for bits, words in ROM_BANK_SHAPES}[rom_bank_depth(depth, width)]
     return -(-width // (ROM_SLICE_BLOCKS * block_width))
@@ -155,8 +157,7 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     ``bank_addrs``, with ``banked`` and a block-RAM ROM, gives each memory of each bank its own
     copy of ``addr`` (:func:`rom_banks` times :func:`rom_bank_slices` of them, bank by bank, as
     :func:`register_copies` makes): one address register reaching the 105 blocks of an int8
-    layer's banks was its ECP5 critical path (13.8 ns of routing), and then one per bank reaching
-    the 44 blocks of a W1A1 layer's single bank (10.2 ns).
+    layer's banks was its ECP5 critical path (13.8 ns of routing).
 
     A one-word ``Memory`` would be removed by yosys once its output register is merged, so a report
     listing it would not match the netlist; a constant is what the hardware holds either way.
