@@ -208,6 +208,11 @@ def memory_placement(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> 
     return "logic" if options["logic"] <= best else min(options, key=options.get)
 
 
+def _or_luts(inputs: int) -> int:
+    """LUT4s per bit of an OR of ``inputs`` registers: the first takes four, each further one three more."""
+    return math.ceil((inputs - 1) / 3)
+
+
 def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Resources:
     """What a memory costs where :func:`memory_placement` puts it (its read register included)."""
     placement = memory_placement(shape, budget, costs)
@@ -223,7 +228,7 @@ def _memory_cost(shape: MemoryShape, budget: Budget, costs: FamilyCosts) -> Reso
         # A LUT4 per table and bit, then an OR of three more tables per LUT4 (yosys: the reference
         # CNN's 36 x 512-bit ROM, about 4 LUT4 per bit); the tables' registers are the layer's.
         tables = math.ceil(shape.depth / LUT_ROM_TABLE)
-        return Resources(luts=shape.width * (tables + math.ceil((tables - 1) / 3)),
+        return Resources(luts=shape.width * (tables + _or_luts(tables)),
                          ffs=math.ceil(shape.width / LUT_ROM_GROUP_BITS) * (shape.depth - 1).bit_length())
     if shape.rom:
         # LUT tables of lut_bits entries per bit, then a mux tree joining them; read_rom registers
@@ -299,7 +304,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         if not in_luts:
             # The OR of the block-RAM banks' registers, three more banks per LUT4 (yosys: the int8
             # MLP's 7-bank first layer took 3,291 LUT4 where the lanes alone were estimated at 1,765).
-            lanes.luts += weight_bits * math.ceil((stage.weight_banks - 1) / 3)
+            lanes.luts += weight_bits * _or_luts(stage.weight_banks)
     return lanes
 
 
