@@ -1,8 +1,8 @@
 """NumPy golden model of the integer model: every layer's integer output, vectorized.
 
-XNOR-popcount layers use bit-packed words (64 bits each); every other layer uses a float64 matrix
-product, which is exact because every partial sum is an integer below 2**53 (accumulators fit
-int32). Requantization is done in int64 exactly as the contract writes it.
+XNOR-popcount layers and k-bit activations on binary, ternary or int2 weights use bit-packed words
+(64 bits each) and popcounts; every other layer uses a float64 matrix product, which is exact
+because every partial sum is an integer below 2**53 (accumulators fit int32). Requantization is done in int64 exactly as the contract writes it.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
-from .ir import Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer
+from .ir import LOW_BIT_ACTIVATIONS, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer
 
 _CHUNK = 512  # images per block: bounds the (images x channels x words) XOR temporary
 
@@ -61,10 +61,59 @@ def popcount_xnor(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
     return result
 
 
+def popcount_and(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
+    """``popcount(AND(x, w))`` for every image and weight row: shape ``(images, rows)``."""
+    x_words, w_words = pack_bits(x_bits), pack_bits(w_bits)
+    result = np.empty((len(x_bits), len(w_bits)), dtype=np.int64)
+    for start in range(0, len(x_bits), _CHUNK):
+        block = x_words[start:start + _CHUNK, None, :] & w_words[None, :, :]
+        result[start:start + _CHUNK] = np.bitwise_count(block).sum(axis=-1, dtype=np.int64)
+    return result
+
+
+def weight_planes(layer: DenseLayer) -> tuple[list[tuple[int, np.ndarray]], int]:
+    """The weights as ``sum(c * plane) + c0``: ``([(c, 0/1 plane), ...], c0)``.
+
+    Binary ``w = 2b - 1``; ternary ``w = [w > 0] - [w < 0]`` (a nonzero mask and a sign, as the
+    hardware stores them, give the same two planes); int2 two's complement ``w = b0 - 2 b1``.
+    """
+    if layer.weight_kind == "binary":
+        return [(2, layer.weights.astype(np.uint8))], -1
+    w = layer.weights.astype(np.int64)
+    if layer.weight_kind == "ternary":
+        return [(1, (w > 0).astype(np.uint8)), (-1, (w < 0).astype(np.uint8))], 0
+    if layer.weight_kind == "int2":
+        return [(1, (w & 1).astype(np.uint8)), (-2, ((w >> 1) & 1).astype(np.uint8))], 0
+    raise ValueError(f"{layer.name}: {layer.weight_kind} weights have no bit-plane form")
+
+
+def bitplane_dot(layer: DenseLayer, x: np.ndarray) -> np.ndarray:
+    """``sum(x * w)`` for k-bit unsigned inputs by bit-plane popcounts, as the hardware lanes do.
+
+    ``sum_i x_i w_i = sum_b 2**b (sum_p c_p popcount(x_b AND plane_p) + c0 popcount(x_b))`` with the
+    planes of :func:`weight_planes`; ``popcount(x_b)`` is shared by every output channel.
+    """
+    planes, constant = weight_planes(layer)
+    acc = np.zeros((len(x), layer.out_features), dtype=np.int64)
+    for bit in range(layer.input_bits):
+        x_plane = ((x >> bit) & 1).astype(np.uint8)
+        terms = sum(coefficient * popcount_and(x_plane, plane) for coefficient, plane in planes)
+        if constant:
+            terms = terms + constant * x_plane.sum(axis=1, dtype=np.int64)[:, None]
+        acc += terms << bit
+    return acc
+
+
 def accumulate(layer: DenseLayer, x: np.ndarray) -> np.ndarray:
-    """The layer's integer accumulator for each image: popcount, or ``sum(x * w) + bias``."""
+    """The layer's integer accumulator for each image: popcount, or ``sum(x * w) + bias``.
+
+    k-bit inputs (``uint2`` to ``uint4``) on binary, ternary or int2 weights go through bit-plane
+    popcounts (:func:`bitplane_dot`); other combinations through an exact float64 product.
+    """
     if layer.is_popcount:
         return popcount_xnor(x, layer.weights)
+    if layer.input_kind in LOW_BIT_ACTIVATIONS and layer.weight_kind != "int8":
+        return bitplane_dot(layer, x.astype(np.int64)) + layer.bias_values
     values = x.astype(np.float64) * 2 - 1 if layer.input_kind == "bits" else x.astype(np.float64)
     return np.rint(values @ layer.weight_values.T.astype(np.float64)).astype(np.int64) + layer.bias_values
 
@@ -94,10 +143,24 @@ def layer_output(layer: DenseLayer, acc: np.ndarray) -> np.ndarray:
     """What a layer passes on, given its accumulators: bits, requantized bytes, or the scores."""
     if layer.output_kind == "threshold":
         return (acc >= layer.thresholds[None, :]).astype(np.uint8)
+    if layer.output_kind == "multithreshold":
+        return multithreshold(acc, layer.thresholds)
     if layer.output_kind == "requant":
         q = layer.requant
         return requantize(acc, q.multiplier[None, :], q.shift[None, :], q.zero_point, q.lo, q.hi, q.rounding)
     return acc
+
+
+def multithreshold(acc: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per channel, how many of its ascending thresholds ``acc`` reaches: ``(images, channels)`` int64.
+
+    ``thresholds`` is ``(channels, levels)``; the count is ``sum_j [acc >= T_cj]``, FINN's
+    MultiThreshold with output scale 1 and bias 0.
+    """
+    counts = np.zeros(acc.shape, dtype=np.int64)
+    for level in range(thresholds.shape[1]):
+        counts += acc >= thresholds[None, :, level]
+    return counts
 
 
 def argmax_lowest(scores: np.ndarray) -> np.ndarray:

@@ -3,14 +3,14 @@
 Everything downstream (golden model, RTL, simulation, board builds) reads this and
 nothing else; nothing here imports torch.
 
-File format ``hwgen-ir`` version 3 (versions 1 and 2 still load)
------------------------------------------------------------------
+File format ``hwgen-ir`` version 4 (versions 1 to 3 still load)
+---------------------------------------------------------------
 A NumPy ``.npz`` archive, loaded with ``allow_pickle=False``:
 
 ``meta``
     uint8 array holding UTF-8 JSON::
 
-        {"format": "hwgen-ir", "version": 3,
+        {"format": "hwgen-ir", "version": 4,
          "input": {"shape": [28, 28], "dtype": "uint8", "quantizer": {...}},   # quantizer: optional
          "output": {"scale": 0.5, "offset": -392.0},                           # optional
          "layers": [{"name": "dense0", "kind": "dense", "weights": "int8", "input": "uint8",
@@ -21,11 +21,13 @@ A NumPy ``.npz`` archive, loaded with ``allow_pickle=False``:
 
 ``<layer>.weights``
     shape ``(out_features, in_features)``: uint8 bits (1 is +1, 0 is -1) for ``"weights": "binary"``,
-    int8 in ``[-127, 127]`` for ``"weights": "int8"``.
+    int8 in ``[-127, 127]`` for ``"weights": "int8"``, in ``[-1, 1]`` for ``"ternary"``, in
+    ``[-2, 1]`` for ``"int2"``.
 ``<layer>.bias``
     int64 per output channel (int8 layers; absent means zero). Input zero points are folded in.
 ``<layer>.thresholds``
-    int64 per output channel; only for ``output == "threshold"``.
+    int64 per output channel for ``output == "threshold"``; int64 ``(out_features, 2**k - 1)``,
+    each row non-decreasing, for ``output == "multithreshold"``.
 ``<layer>.multiplier``, ``<layer>.shift``
     int64 per output channel; only for ``output == "requant"``: ``M0`` in ``[2**30, 2**31)``,
     ``s`` in ``[-31, 30]``.
@@ -39,6 +41,12 @@ Layer semantics (the integer contract of DESIGN.md):
 * output ``"threshold"``: bit ``acc >= T_c``. ``"requant"``: TFLite's single rounding,
   ``clamp(((acc * M0) + 2**(30 - s)) >> (31 - s) + z_out, lo, hi)``, ReLU being ``lo = z_out``.
   ``"scores"``: the raw accumulator per class; the class is the argmax, ties to the lowest index.
+
+Version 4 adds what lies between 1 and 8 bits: ``"uint2"`` to ``"uint4"`` inputs (k-bit unsigned
+activations), ``"ternary"`` and ``"int2"`` weights, and ``"multithreshold"`` outputs with
+``"out": "uintk"``: the output is ``sum_j [acc >= T_cj]`` over the channel's ``2**k - 1``
+thresholds (FINN's MultiThreshold). A k-bit input ``x`` on ternary or int2 weights accumulates
+``sum(x_i * w_i) + bias`` like any non-popcount layer; the hardware computes it from bit-planes.
 
 Version 3 adds ``requant.rounding`` (``"half_up"``, TFLite's and the default, or ``"half_even"``,
 QONNX's ``ROUND``), and the host-side records of imported models: ``input.quantizer`` (the float
@@ -67,14 +75,22 @@ import numpy as np
 from .errors import UserError
 
 FORMAT_NAME = "hwgen-ir"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ROUNDING_MODES = ("half_up", "half_even")
-INPUT_KINDS = ("uint8", "int8", "bits")
-WEIGHT_KINDS = ("binary", "int8")
-OUTPUT_KINDS = ("threshold", "requant", "scores")
+#: Unsigned activations of fewer than 8 bits (version 4): the output of a multi-threshold layer.
+LOW_BIT_ACTIVATIONS = {f"uint{bits}": bits for bits in (2, 3, 4)}
+INPUT_KINDS = ("uint8", "int8", "bits", *LOW_BIT_ACTIVATIONS)
+WEIGHT_KINDS = ("binary", "int8", "ternary", "int2")
+OUTPUT_KINDS = ("threshold", "requant", "scores", "multithreshold")
 #: Value range of each input kind; bits are the bipolar values they stand for.
-INPUT_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "bits": (-1, 1)}
+INPUT_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "bits": (-1, 1),
+                **{kind: (0, (1 << bits) - 1) for kind, bits in LOW_BIT_ACTIVATIONS.items()}}
+#: Value range of each weight kind stored as int8 values (binary weights are stored as bits).
+WEIGHT_RANGES = {"int8": (-127, 127), "ternary": (-1, 1), "int2": (-2, 1)}
+#: Bits of one weight in hardware: a sign bit, int8's byte, and two bit-planes for ternary
+#: (nonzero mask, sign) and int2 (two's complement).
+WEIGHT_BITS = {"binary": 1, "int8": 8, "ternary": 2, "int2": 2}
 QUANT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 INT8_WEIGHT_LIMIT = 127
 SHIFT_RANGE = (-31, 30)
@@ -213,24 +229,35 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return multiplier, exponent
 
 
+def element_bits(kind: str) -> int:
+    """Width in hardware of one activation of ``kind``: 1 for bits, k for ``uintk``, 8 for bytes."""
+    return 1 if kind == "bits" else LOW_BIT_ACTIVATIONS.get(kind, 8)
+
+
 @dataclass(frozen=True, eq=False)
 class DenseLayer:
-    """A fully connected layer: binary (±1) or int8 weights, threshold/requant/scores output.
+    """A fully connected layer: binary (±1), ternary, int2 or int8 weights; threshold, multi-threshold,
+    requant or scores output.
 
     Parameters
     ----------
     name : str
         Unique layer name; used in file keys, error messages and mismatch reports.
     input_kind : str
-        ``"uint8"``, ``"int8"`` or ``"bits"`` (bipolar activations stored as bits).
+        ``"uint8"``, ``"int8"``, ``"bits"`` (bipolar activations stored as bits) or ``"uint2"`` to
+        ``"uint4"`` (k-bit unsigned activations).
     output_kind : str
-        ``"threshold"`` (one bit per channel), ``"requant"`` (int8/uint8) or ``"scores"``.
+        ``"threshold"`` (one bit per channel), ``"multithreshold"`` (a k-bit unsigned value per
+        channel: how many of its ``2**k - 1`` thresholds the accumulator reaches), ``"requant"``
+        (int8/uint8) or ``"scores"``.
     weights : numpy.ndarray
-        Shape ``(out_features, in_features)``: uint8 bits (binary) or int8 values.
+        Shape ``(out_features, in_features)``: uint8 bits (binary) or int8 values (int8, ternary
+        in ``[-1, 1]``, int2 in ``[-2, 1]``).
     thresholds : numpy.ndarray or None
-        int64 per output channel, for ``output_kind == "threshold"``.
+        int64: one per output channel for ``"threshold"``; shape ``(out_features, 2**k - 1)``, each
+        row non-decreasing, for ``"multithreshold"``.
     weight_kind : str
-        ``"binary"`` or ``"int8"``.
+        ``"binary"``, ``"ternary"``, ``"int2"`` or ``"int8"``.
     bias : numpy.ndarray or None
         int64 per output channel, added to the accumulator (non-popcount layers).
     requant : Requant or None
@@ -262,12 +289,12 @@ class DenseLayer:
     @property
     def input_bits(self) -> int:
         """Width of one input element in hardware."""
-        return 1 if self.input_kind == "bits" else 8
+        return element_bits(self.input_kind)
 
     @property
     def weight_bits(self) -> int:
         """Width of one weight in hardware."""
-        return 1 if self.weight_kind == "binary" else 8
+        return WEIGHT_BITS[self.weight_kind]
 
     @property
     def weight_values(self) -> np.ndarray:
@@ -305,15 +332,19 @@ class DenseLayer:
         """What the next layer receives: ``"bits"``, ``"uint8"``, ``"int8"``, or ``None`` for scores."""
         if self.output_kind == "threshold":
             return "bits"
+        if self.output_kind == "multithreshold":
+            return f"uint{self.output_bits}"
         if self.output_kind == "requant":
             return self.requant.out_kind
         return None
 
     @property
     def output_bits(self) -> int:
-        """Width of one output element in hardware: a bit, a byte, or a two's-complement score."""
+        """Width of one output element in hardware: a bit, k bits, a byte, or a two's-complement score."""
         if self.output_kind == "threshold":
             return 1
+        if self.output_kind == "multithreshold":
+            return int(self.thresholds.shape[1] + 1).bit_length() - 1
         if self.output_kind == "requant":
             return 8
         return signed_width(self.acc_min, self.acc_max)
@@ -322,6 +353,8 @@ class DenseLayer:
         header = {"name": self.name, "kind": "dense", "weights": self.weight_kind, "input": self.input_kind,
                   "output": self.output_kind, "in_features": self.in_features, "out_features": self.out_features,
                   "acc_min": self.acc_min, "acc_max": self.acc_max}
+        if self.output_kind == "multithreshold":
+            header["out"] = self.output_type
         if self.requant is not None:
             header["requant"] = self.requant.header()
         return header
@@ -422,7 +455,7 @@ class MaxPool2dLayer:
 
     @property
     def input_bits(self) -> int:
-        return 1 if self.input_kind == "bits" else 8
+        return element_bits(self.input_kind)
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -654,14 +687,24 @@ def _layer_from_header(where: str, header: dict, archive, names: set[str], fail)
     weights = _array(archive, names, f"{name}.weights", (n_out, n_in), fail)
     if weight_kind == "binary" and (weights.dtype != np.uint8 or weights.size and weights.max() > 1):
         raise fail(f"array '{name}.weights' must be uint8 bits (0 or 1)")
-    if weight_kind == "int8" and (weights.dtype != np.int8 or weights.size and weights.min() < -INT8_WEIGHT_LIMIT):
-        raise fail(f"array '{name}.weights' must be int8 in [-127, 127]")
+    if weight_kind in WEIGHT_RANGES:
+        w_lo, w_hi = WEIGHT_RANGES[weight_kind]
+        if weights.dtype != np.int8 or weights.size and (weights.min() < w_lo or weights.max() > w_hi):
+            raise fail(f"array '{name}.weights' must be int8 in [{w_lo}, {w_hi}] ({weight_kind} weights)")
     bias = _array(archive, names, f"{name}.bias", (n_out,), fail, np.int64) if f"{name}.bias" in names else None
     if bias is not None and weight_kind == "binary" and input_kind == "bits":
         raise fail(f"array '{name}.bias' is not allowed on an XNOR-popcount layer (fold it into thresholds)")
     thresholds = requant = None
     if output_kind == "threshold":
         thresholds = _array(archive, names, f"{name}.thresholds", (n_out,), fail, np.int64)
+    if output_kind == "multithreshold":
+        out_kind = header.get("out")
+        if out_kind not in LOW_BIT_ACTIVATIONS:
+            raise fail(f"field '{where}.out' is {out_kind!r}; expected one of {', '.join(LOW_BIT_ACTIVATIONS)}")
+        levels = (1 << LOW_BIT_ACTIVATIONS[out_kind]) - 1
+        thresholds = _array(archive, names, f"{name}.thresholds", (n_out, levels), fail, np.int64)
+        if np.any(np.diff(thresholds, axis=1) < 0):
+            raise fail(f"array '{name}.thresholds' must be non-decreasing along each channel's row")
     if output_kind == "requant":
         try:
             fields = header["requant"]
@@ -689,7 +732,7 @@ def _layer_from_header(where: str, header: dict, archive, names: set[str], fail)
     if not (-ACC_LIMIT <= layer.acc_min and layer.acc_max < ACC_LIMIT):
         raise fail(f"field '{where}': the accumulator range [{layer.acc_min}, {layer.acc_max}] exceeds int32")
     if thresholds is not None:
-        lo_c, hi_c = layer.channel_acc_bounds
+        lo_c, hi_c = (bound.reshape(n_out, *([1] * (thresholds.ndim - 1))) for bound in layer.channel_acc_bounds)
         if np.any(thresholds < lo_c) or np.any(thresholds > hi_c + 1):
             raise fail(f"array '{name}.thresholds' lies outside the accumulator range [acc_min, acc_max + 1]")
     return layer
@@ -790,6 +833,59 @@ def fold_threshold(layer: DenseLayer, positive, decreasing: np.ndarray) -> Dense
                       np.clip(thresholds, out_lo, out_hi + 1).astype(np.int64), layer.weight_kind, folded.bias)
 
 
+def uniform_levels_reference(y: np.ndarray, levels: int) -> np.ndarray:
+    """A k-bit unsigned activation of ``y``: ``round(clamp(y, 0, 1) * levels)`` in float64, ties to even.
+
+    The templates' activation quantizer (a uniform quantizer on the fixed clip range [0, 1] that
+    BN ahead of it scales into) computes the same operations in this order, so torch and NumPy
+    agree on every value.
+    """
+    return np.round(np.clip(y, 0.0, 1.0) * levels)
+
+
+def fold_multithreshold(layer: DenseLayer, level, decreasing: np.ndarray, bits: int) -> DenseLayer:
+    """Turn a monotone per-channel k-bit activation ``level(acc)`` into ``2**bits - 1`` thresholds.
+
+    ``level`` maps a per-channel accumulator array (shape ``(out_features,)``) to integers in
+    ``[0, 2**bits - 1]``, non-decreasing in ``acc`` where ``decreasing`` is false and non-increasing
+    where it is true. Decreasing channels get their weight row (and bias) negated first, so the
+    hardware only compares ``>=``. Threshold ``j`` of a channel is the smallest accumulator of the
+    folded layer whose level is at least ``j`` (bisection, exact), ``acc_max + 1`` where none is:
+    the output is the number of thresholds reached.
+    """
+    decreasing = np.asarray(decreasing, dtype=bool)
+    folded = negate_rows(layer, decreasing)
+    lo, hi = folded.channel_acc_bounds
+    # The folded accumulator is -acc, or N - p on a popcount layer.
+    offset = layer.in_features if layer.is_popcount else 0
+
+    def original(acc: np.ndarray) -> np.ndarray:
+        return np.where(decreasing, offset - acc, acc)
+
+    thresholds = np.stack([first_reached(lo, hi, lambda acc, j=j: np.asarray(level(original(acc))) >= j)
+                           for j in range(1, 1 << bits)], axis=1)
+    return DenseLayer(layer.name, layer.input_kind, "multithreshold", folded.weights, thresholds.astype(np.int64),
+                      layer.weight_kind, folded.bias)
+
+
+def fold_batchnorm_levels(layer: DenseLayer, mean, var, eps: float, gamma, beta, bits: int) -> DenseLayer:
+    """Fold ``uniform_levels(BN(acc))`` (:func:`uniform_levels_reference`, k = ``bits``) into
+    per-channel multi-thresholds (:func:`fold_multithreshold`).
+
+    ``z`` is the accumulator itself (``2p - N`` on an XNOR-popcount layer), BN in float64 as
+    :func:`batchnorm_reference`; channels with ``gamma < 0`` are negated; ``gamma == 0`` makes the
+    level constant, so every threshold is ``acc_min`` or ``acc_max + 1``.
+    """
+    mean, var, gamma, beta = (np.asarray(p, dtype=np.float64) for p in (mean, var, gamma, beta))
+    n_in, levels = layer.in_features, (1 << bits) - 1
+
+    def level(acc: np.ndarray) -> np.ndarray:
+        z = (2 * acc - n_in).astype(np.float64) if layer.is_popcount else acc.astype(np.float64)
+        return uniform_levels_reference(batchnorm_reference(z, mean, var, eps, gamma, beta), levels)
+
+    return fold_multithreshold(layer, level, gamma < 0, bits)
+
+
 def negate_rows(layer: DenseLayer, rows: np.ndarray) -> DenseLayer:
     """``layer`` with the weight rows (and bias entries) of the selected output channels negated.
 
@@ -798,6 +894,8 @@ def negate_rows(layer: DenseLayer, rows: np.ndarray) -> DenseLayer:
     rows = np.asarray(rows, dtype=bool)
     if layer.weight_kind == "binary":
         weights = np.where(rows[:, None], 1 - layer.weights, layer.weights).astype(np.uint8)
+    elif layer.weight_kind == "int2" and np.any(rows[:, None] & (layer.weights == -2)):
+        raise ValueError(f"{layer.name}: an int2 row holding -2 has no int2 negation")
     else:
         weights = np.where(rows[:, None], -layer.weights.astype(np.int16), layer.weights).astype(np.int8)
     bias = None if layer.bias is None else np.where(rows, -layer.bias, layer.bias).astype(np.int64)
