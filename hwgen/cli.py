@@ -90,7 +90,7 @@ def _load_teacher(path: str, arch, ds):
     if teacher.arch.kind != "float":
         raise UserError(f"--teacher {path}: field 'arch.kind' is {teacher.arch.kind!r}; the teacher must be a "
                         "float checkpoint (train one with `hwgen train --kind float`)")
-    if teacher.arch.with_kind(arch.kind) != arch:
+    if teacher.arch.with_kind("float") != arch.with_kind("float"):
         raise UserError(f"--teacher {path}: its architecture {teacher.arch.as_dict()} differs from this "
                         f"run's {arch.as_dict()}; pass the same --hidden and --conv")
     if teacher_info.get("dataset") != ds.name:
@@ -118,6 +118,12 @@ def _augmentation_options(function):
 @click.option("--conv", default="", help="Convolutional front end, e.g. 32c3,m2,64c3,m2 (<channels>c<kernel>"
                                          "[s<stride>][p<padding>], m<pool>); empty for an MLP.")
 @click.option("--hidden", default="256,256", show_default=True, help="Hidden (dense) layer widths.")
+@click.option("--weights", "weight_kind", type=click.Choice(["binary", "ternary"]), default="binary",
+              show_default=True, help="--kind binary: ±1 weights, or ternary {-1, 0, +1} (TWN, threshold "
+                                      "0.7 mean|w| per layer).")
+@click.option("--act-bits", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="--kind binary: hidden activations of 1 bit (±1) or 2-4 bits (unsigned levels, "
+                   "multi-threshold units in hardware).")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--qat-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="int8 only: epochs of quantization-aware fine-tuning after calibration.")
@@ -136,21 +142,24 @@ def _augmentation_options(function):
               help="Weight of the soft loss; the hard cross-entropy gets 1 - this.")
 @_augmentation_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.pt).")
-def train(dataset, data_dir, kind, conv, hidden, epochs, qat_epochs, seed, lr, float_baseline, teacher,
-          distill, temperature, distill_weight, shift, flip, output) -> None:
+def train(dataset, data_dir, kind, conv, hidden, weight_kind, act_bits, epochs, qat_epochs, seed, lr, float_baseline,
+          teacher, distill, temperature, distill_weight, shift, flip, output) -> None:
     """Train a quantized network (uint8 pixels in, integer scores out)."""
     from .frontends import templates
     from .data import load_dataset
 
     ds = load_dataset(dataset, data_dir)
     augmentation = templates.Augmentation(shift, flip)
-    arch = templates.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind, _parse_conv(conv))
+    arch = templates.Architecture(ds.image_shape, _parse_widths(hidden), ds.classes, kind, _parse_conv(conv),
+                                  weight_kind, act_bits)
     arch.widths  # validates the conv front end against the image size
     if distill and kind not in ("binary", "mixed"):
         raise UserError(f"--distill trains a binary or mixed student; --kind {kind} has no float teacher to learn from")
     click.echo(f"dataset {ds.name}: {len(ds.train_x)} train / {len(ds.test_x)} test images of {ds.image_shape}")
     shape = ",".join([*arch.conv, *map(str, arch.widths[1:])])
     info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs, "kind": kind}
+    if kind == "binary":
+        info["precision"] = arch.precision
     if augmentation.active:
         info["augmentation"] = augmentation.as_dict()
     reference = None

@@ -37,7 +37,7 @@ from ..data import Dataset
 from ..errors import UserError
 from .checks import require_finite
 from ..ir import (INT8_WEIGHT_LIMIT, Conv2dLayer, DenseLayer, IntegerModel, MaxPool2dLayer, Requant,
-                 fold_batchnorm_sign, quantize_multiplier, write_atomically)
+                 fold_batchnorm_levels, fold_batchnorm_sign, quantize_multiplier, write_atomically)
 
 UINT8_MAX = 255
 
@@ -64,15 +64,79 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     return _SignSTE.apply(x)
 
 
-class BinaryLinear(nn.Linear):
-    """Linear layer with ±1 weights: latent real weights in [-1, 1], binarized in the forward pass."""
+#: Weight precisions of the ``binary`` templates, and their activation bits.
+LOW_BIT_WEIGHTS = ("binary", "ternary")
+ACT_BITS = (1, 2, 3, 4)
+#: TWN's threshold: weights within ``TERNARY_DELTA * mean|w|`` of zero become 0 (Li & Liu, 2016).
+TERNARY_DELTA = 0.7
 
-    def __init__(self, in_features: int, out_features: int):
+
+class _LevelsSTE(torch.autograd.Function):
+    """``round(clamp(y, 0, 1) * levels)`` (torch's round: ties to even); the gradient passes,
+    scaled by ``levels``, where ``0 <= y <= 1`` (the clipped straight-through estimator of PACT and
+    DoReFa with the clip fixed at 1: the BN in front of it learns the scale)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, levels: int) -> torch.Tensor:
+        ctx.save_for_backward(y)
+        ctx.levels = levels
+        return torch.round(torch.clamp(y, 0.0, 1.0) * levels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return grad * ((y >= 0) & (y <= 1)).to(grad.dtype) * ctx.levels, None
+
+
+def activation(y: torch.Tensor, bits: int) -> torch.Tensor:
+    """The hidden activation: bipolar sign for 1 bit, else the k-bit level ``0 .. 2**k - 1`` itself
+    (an integer, so the next layer's accumulator is the hardware's); same operations as
+    :func:`hwgen.ir.uniform_levels_reference`."""
+    return binarize(y) if bits == 1 else _LevelsSTE.apply(y, (1 << bits) - 1)
+
+
+class _TernarySTE(torch.autograd.Function):
+    """``sign(w) * [|w| > delta]`` with the gradient passed straight through."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.where(w.abs() > delta, torch.sign(w), torch.zeros_like(w))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def ternary_delta(weight: torch.Tensor) -> torch.Tensor:
+    """TWN's per-layer threshold ``0.7 * mean|w|`` over the latent weights (float32, as trained)."""
+    return TERNARY_DELTA * weight.detach().abs().mean()
+
+
+def quantize_low_bit_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """±1 (``sign(0) = +1``) or ternary {-1, 0, +1} weights, with straight-through gradients."""
+    if kind == "ternary":
+        return _TernarySTE.apply(weight, ternary_delta(weight))
+    return binarize(weight)
+
+
+def low_bit_weight_values(weight: torch.Tensor, kind: str) -> np.ndarray:
+    """The integer weights the forward pass uses: uint8 bits for binary, int8 in [-1, 1] for ternary."""
+    with torch.no_grad():
+        if kind == "ternary":
+            return quantize_low_bit_weight(weight, kind).to(torch.int8).cpu().numpy()
+        return (weight.detach() >= 0).to(torch.uint8).cpu().numpy()
+
+
+class BinaryLinear(nn.Linear):
+    """Linear layer with ±1 (or ternary) weights: latent real weights in [-1, 1], quantized in the forward pass."""
+
+    def __init__(self, in_features: int, out_features: int, weights: str = "binary"):
         super().__init__(in_features, out_features, bias=False)
         nn.init.uniform_(self.weight, -1.0, 1.0)
+        self.weight_kind = weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, binarize(self.weight))
+        return F.linear(x, quantize_low_bit_weight(self.weight, self.weight_kind))
 
     def clip_(self) -> None:
         with torch.no_grad():
@@ -81,21 +145,31 @@ class BinaryLinear(nn.Linear):
     def weight_bits(self) -> np.ndarray:
         return (self.weight.detach() >= 0).to(torch.uint8).cpu().numpy()
 
+    def integer_weights(self) -> np.ndarray:
+        """The IR's weights: bits (binary) or int8 values in [-1, 1] (ternary)."""
+        return low_bit_weight_values(self.weight, self.weight_kind)
+
 
 class BinaryConv2d(nn.Module):
-    """K×K convolution with ±1 weights (latent real weights in [-1, 1]); padding is applied by the caller."""
+    """K×K convolution with ±1 (or ternary) weights (latent real weights in [-1, 1]); padding is
+    applied by the caller."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, weights: str = "binary"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel).uniform_(-1.0, 1.0))
+        self.weight_kind = weights
 
     def clip_(self) -> None:
         with torch.no_grad():
             self.weight.clamp_(-1.0, 1.0)
 
-    def weight_bits(self) -> np.ndarray:
-        """Bits in the IR's ``(C_out, K*K*C_in)`` layout, ``(ky, kx, c)`` order."""
-        return (self.weight.detach() >= 0).to(torch.uint8).permute(0, 2, 3, 1).reshape(len(self.weight), -1).numpy()
+    def quantized_weight(self) -> torch.Tensor:
+        return quantize_low_bit_weight(self.weight, self.weight_kind)
+
+    def integer_weights(self) -> np.ndarray:
+        """The IR's weights in its ``(C_out, K*K*C_in)`` layout, ``(ky, kx, c)`` order."""
+        values = low_bit_weight_values(self.weight, self.weight_kind)
+        return values.transpose(0, 2, 3, 1).reshape(len(values), -1)
 
 
 @dataclass(frozen=True)
@@ -112,6 +186,24 @@ class Architecture:
     classes: int
     kind: str = "binary"
     conv: tuple[str, ...] = ()
+    #: Precision of a ``binary`` network's weights: ``"binary"`` (±1) or ``"ternary"`` ({-1, 0, +1}).
+    weights: str = "binary"
+    #: Bits of a ``binary`` network's hidden activations: 1 (±1, sign) or 2 to 4 (unsigned levels).
+    act_bits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.weights not in LOW_BIT_WEIGHTS:
+            raise UserError(f"weights {self.weights!r}: choose one of {', '.join(LOW_BIT_WEIGHTS)}")
+        if self.act_bits not in ACT_BITS:
+            raise UserError(f"activation bits {self.act_bits}: choose one of {', '.join(map(str, ACT_BITS))}")
+        if (self.weights, self.act_bits) != ("binary", 1) and self.kind != "binary":
+            raise UserError(f"--weights {self.weights} --act-bits {self.act_bits} apply to --kind binary, "
+                            f"not {self.kind}")
+
+    @property
+    def precision(self) -> str:
+        """FINN's spelling of the precision: ``W1A1``, ``W1A2``, ``WtA2`` (ternary), ..."""
+        return f"W{'1' if self.weights == 'binary' else 't'}A{self.act_bits}"
 
     @property
     def conv_layers(self) -> list[tuple]:
@@ -134,9 +226,13 @@ class Architecture:
 
     def as_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "hidden": list(self.hidden),
-                "classes": self.classes, "kind": self.kind, "conv": list(self.conv)}
+                "classes": self.classes, "kind": self.kind, "conv": list(self.conv),
+                "weights": self.weights, "act_bits": self.act_bits}
 
     def with_kind(self, kind: str) -> "Architecture":
+        """The same shape as another kind; precision fields go with ``binary`` only."""
+        if kind == "binary":
+            return Architecture(self.input_shape, self.hidden, self.classes, kind, self.conv, self.weights, self.act_bits)
         return Architecture(self.input_shape, self.hidden, self.classes, kind, self.conv)
 
 
@@ -201,14 +297,19 @@ def _conv_modules(arch: Architecture, make_conv) -> tuple[nn.ModuleList, nn.Modu
 
 
 class BinaryMLP(nn.Module):
-    """W1A1 MLP with uint8 input, BN + sign between layers, integer scores out."""
+    """W1A1 MLP with uint8 input, BN + sign between layers, integer scores out.
+
+    With ``arch.weights == "ternary"`` the weights are {-1, 0, +1}; with ``arch.act_bits`` k > 1
+    the hidden activations are k-bit levels ``round(clamp(BN, 0, 1) * (2**k - 1))`` instead of signs.
+    """
 
     def __init__(self, arch: Architecture):
         super().__init__()
         self.arch = arch
         widths = arch.widths
-        self.convs, self.conv_norms = _conv_modules(arch, BinaryConv2d)
-        self.linears = nn.ModuleList(BinaryLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.convs, self.conv_norms = _conv_modules(
+            arch, lambda c_in, c_out, kernel: BinaryConv2d(c_in, c_out, kernel, arch.weights))
+        self.linears = nn.ModuleList(BinaryLinear(a, b, arch.weights) for a, b in zip(widths[:-1], widths[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in widths[1:-1])
         self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(widths[-2])))
 
@@ -220,22 +321,33 @@ class BinaryMLP(nn.Module):
             # (sign is monotone), but the gradient reaches the largest pre-activation, not the
             # first of the tied +1s.
             awaiting_sign = False
+            bits = self.arch.act_bits
             for conv, norm, (_, _, _, stride, padding), first in _conv_steps(self):
                 if conv is None:
                     h = F.max_pool2d(h, stride)
                     continue
-                h = binarize(h) if awaiting_sign else h
-                # Padding is the integer 0 of the input: 0 for pixels, bit 0 = -1 for activations.
-                padded = F.pad(h, (padding,) * 4, value=0.0 if first else -1.0)
-                h, awaiting_sign = norm(F.conv2d(padded, binarize(conv.weight), stride=stride)), True
-            h = (binarize(h) if awaiting_sign else h).flatten(1)
+                h = activation(h, bits) if awaiting_sign else h
+                padded = F.pad(h, (padding,) * 4, value=padding_value(first, bits))
+                h, awaiting_sign = norm(F.conv2d(padded, conv.quantized_weight(), stride=stride)), True
+            h = (activation(h, bits) if awaiting_sign else h).flatten(1)
         for linear, norm in zip(self.linears[:-1], self.norms):
-            h = binarize(norm(linear(h)))
+            h = activation(norm(linear(h)), self.arch.act_bits)
         return self.linears[-1](h) * self.log_scale.exp()
 
     def clip_(self) -> None:
         for layer in [*self.convs, *self.linears]:
             layer.clip_()
+
+
+def padding_value(first: bool, act_bits: int) -> float:
+    """A convolution's padding: the integer 0 of its input, i.e. pixel 0, bit 0 (-1) for ±1
+    activations, level 0 for k-bit ones."""
+    return -1.0 if not first and act_bits == 1 else 0.0
+
+
+def activation_kind(act_bits: int) -> str:
+    """The IR's input kind of a hidden activation of ``act_bits`` bits."""
+    return "bits" if act_bits == 1 else f"uint{act_bits}"
 
 
 class FloatMLP(nn.Module):
@@ -607,6 +719,20 @@ def _bits_forward(z: torch.Tensor, norm: nn.BatchNorm1d, outputs: list) -> torch
     return torch.where(bits, 1.0, -1.0).double()
 
 
+def _activation_forward(z: torch.Tensor, norm: nn.Module, act_bits: int, outputs: list,
+                        as_ir=lambda t: t.numpy()) -> torch.Tensor:
+    """Record a hidden layer's integer outputs (``BN >= 0`` bits, or k-bit levels computed as
+    :func:`hwgen.ir.uniform_levels_reference` does) and return the next layer's float64 input."""
+    y = _batchnorm64(z, norm)
+    if act_bits == 1:
+        bits = y >= 0
+        outputs.append(as_ir(bits.to(torch.uint8)))
+        return torch.where(bits, 1.0, -1.0).double()
+    levels = torch.round(torch.clamp(y, 0.0, 1.0) * ((1 << act_bits) - 1))
+    outputs.append(as_ir(levels.to(torch.int64)))
+    return levels
+
+
 def _dot(h: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
     """Integer dot products, exact in float64, as int64."""
     return torch.round(h @ torch.from_numpy(weights.astype(np.float64)).T).to(torch.int64)
@@ -661,25 +787,26 @@ def integer_forward(model: nn.Module, images: np.ndarray) -> list[np.ndarray]:
         outputs.append((_dot(h, weights) + torch.from_numpy(_quantized_bias(last.bias, scale))).numpy())
         return outputs
     if isinstance(model, BinaryMLP):
+        act_bits = model.arch.act_bits
         if model.arch.conv:
             h = _image_maps(h, model.arch)
             for conv, norm, (_, _, _, stride, padding), first in _conv_steps(model):
                 if conv is None:
                     h = F.max_pool2d(h, stride)
-                    outputs.append(_as_ir_order(torch.where(h > 0, 1, 0).to(torch.uint8)))
+                    pooled = torch.where(h > 0, 1, 0).to(torch.uint8) if act_bits == 1 else h.to(torch.int64)
+                    outputs.append(_as_ir_order(pooled))
                     continue
-                padded = F.pad(h, (padding,) * 4, value=0.0 if first else -1.0)
-                z = F.conv2d(padded, torch.where(conv.weight >= 0, 1.0, -1.0).double(), stride=stride)
-                bits = _batchnorm64(z, norm) >= 0
-                outputs.append(_as_ir_order(bits.to(torch.uint8)))
-                h = torch.where(bits, 1.0, -1.0).double()
+                padded = F.pad(h, (padding,) * 4, value=padding_value(first, act_bits))
+                z = F.conv2d(padded, conv.quantized_weight().detach().double(), stride=stride)
+                h = _activation_forward(z, norm, act_bits, outputs, _as_ir_order)
             h = h.flatten(1)
         for index, linear in enumerate(model.linears):
-            z = F.linear(h, torch.where(linear.weight >= 0, 1.0, -1.0).double())
+            z = F.linear(h, quantize_low_bit_weight(linear.weight, linear.weight_kind).detach().double())
             if index < len(model.norms):
-                h = _bits_forward(z, model.norms[index], outputs)
+                h = _activation_forward(z, model.norms[index], act_bits, outputs)
             else:
-                score = (z + linear.in_features) / 2 if index > 0 or model.arch.conv else z
+                popcount = act_bits == 1 and model.arch.weights == "binary" and (index > 0 or model.arch.conv)
+                score = (z + linear.in_features) / 2 if popcount else z
                 outputs.append(torch.round(score).to(torch.int64).numpy())
         return outputs
     raise UserError("a float model has no integer form; quantize it first (hwgen train --kind int8)")
@@ -687,6 +814,15 @@ def integer_forward(model: nn.Module, images: np.ndarray) -> list[np.ndarray]:
 
 def _binary_hidden(name: str, input_kind: str, bits: np.ndarray, norm: nn.BatchNorm1d) -> DenseLayer:
     return fold_batchnorm_sign(DenseLayer(name, input_kind, "threshold", bits), *_bn_parameters(norm))
+
+
+def _low_bit_hidden(arch: Architecture, name: str, input_kind: str, weights: np.ndarray, norm: nn.Module) -> DenseLayer:
+    """A hidden layer of a ``binary`` template: BN + sign to thresholds, or BN + k-bit levels to
+    multi-thresholds."""
+    layer = DenseLayer(name, input_kind, "threshold", weights, None, arch.weights)
+    if arch.act_bits == 1:
+        return fold_batchnorm_sign(layer, *_bn_parameters(norm))
+    return fold_batchnorm_levels(layer, *_bn_parameters(norm), arch.act_bits)
 
 
 def _int8_requant(acc_scale: np.ndarray, out_scale: float) -> Requant:
@@ -700,16 +836,16 @@ def _conv_front(model: nn.Module) -> list:
     layers: list = []
     compute = 0
     binary = isinstance(model, BinaryMLP)
+    hidden_kind = activation_kind(model.arch.act_bits) if binary else "uint8"
     for (conv, norm, item, first), (_, (channels, height, width)) in zip(_conv_steps(model), conv_shapes(model.arch)):
         shape = (height, width, channels)
         if conv is None:
-            layers.append(MaxPool2dLayer(f"pool{len(layers)}", shape, item[2], "bits" if binary else "uint8"))
+            layers.append(MaxPool2dLayer(f"pool{len(layers)}", shape, item[2], hidden_kind))
             continue
         _, out_channels, kernel, stride, padding = item
         name = f"conv{compute}"
         if binary:
-            dense = fold_batchnorm_sign(DenseLayer(name, "uint8" if first else "bits", "threshold", conv.weight_bits()),
-                                        *_bn_parameters(norm))
+            dense = _low_bit_hidden(model.arch, name, "uint8" if first else hidden_kind, conv.integer_weights(), norm)
         else:
             weights, scale = quantize_weight(conv.weight, per_channel=True)
             weights = weights.transpose(0, 2, 3, 1).reshape(out_channels, -1)
@@ -755,12 +891,13 @@ def export(model: nn.Module, info: dict | None = None) -> IntegerModel:
     elif isinstance(model, BinaryMLP):
         layers = _conv_front(model)
         for index, linear in enumerate(model.linears):
-            input_kind = "uint8" if index == 0 and not model.arch.conv else "bits"
-            bits = _ir_order_columns(model, linear.weight_bits()) if index == 0 else linear.weight_bits()
+            input_kind = "uint8" if index == 0 and not model.arch.conv else activation_kind(model.arch.act_bits)
+            weights = linear.integer_weights()
+            weights = _ir_order_columns(model, weights) if index == 0 else weights
             if index < len(model.norms):
-                layers.append(_binary_hidden(f"dense{index}", input_kind, bits, model.norms[index]))
+                layers.append(_low_bit_hidden(model.arch, f"dense{index}", input_kind, weights, model.norms[index]))
             else:
-                layers.append(DenseLayer(f"dense{index}", input_kind, "scores", bits))
+                layers.append(DenseLayer(f"dense{index}", input_kind, "scores", weights, None, model.arch.weights))
     else:
         raise UserError("a float checkpoint does not export to the integer model; train --kind binary, "
                         "int8 or mixed")
@@ -797,7 +934,8 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
         arch_fields = blob["arch"]
         arch = Architecture(tuple(arch_fields["input_shape"]), tuple(arch_fields["hidden"]),
                             int(arch_fields["classes"]), str(arch_fields["kind"]),
-                            tuple(arch_fields.get("conv", ())))
+                            tuple(arch_fields.get("conv", ())), str(arch_fields.get("weights", "binary")),
+                            int(arch_fields.get("act_bits", 1)))
         model = build_model(arch)
         model.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
