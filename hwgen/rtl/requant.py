@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import stream, wiring
-from amaranth.lib.wiring import In, Out
+from amaranth.hdl import Module, Mux, Signal, signed
 
-from ..ir import DenseLayer, signed_width
-from .arith import MemoryShape, check_positive_int, divisors, read_rom, rom_shapes
+from ..ir import DenseLayer
+from .arith import MemoryShape, read_rom, rom_shapes
 from .dense import channel_words
+from .lanes import ChannelLanes
 
 __all__ = ["Requantizer"]
 
@@ -21,7 +20,7 @@ _SHIFT_BITS = 6
 _CONSTANT_BITS = 31 + _SHIFT_BITS
 
 
-class Requantizer(wiring.Component):
+class Requantizer(ChannelLanes):
     """``clamp(round(acc * M0 / 2**(31 - s)) + z_out, lo, hi)`` per channel, ``lanes`` elements per cycle.
 
     Takes the PE accumulators a :class:`~hwgen.rtl.dense.FoldedDense` emits per beat and returns
@@ -49,99 +48,35 @@ class Requantizer(wiring.Component):
         The requantized elements, two's complement for int8 outputs, element ``l`` in bits ``[8l, 8l + 8)``.
     """
 
+    OUTPUT_KIND = "requant"
+    LANE_NAME = "requantizer"
+    PIPELINE_STAGES = PIPELINE_STAGES
+
     def __init__(self, layer: DenseLayer, pe: int, vectors: int = 1, lanes: int = 1):
-        check_positive_int("pe", pe)
-        check_positive_int("vectors", vectors)
-        check_positive_int("lanes", lanes)
-        self._vectors = vectors
-        if layer.output_kind != "requant":
-            raise ValueError(f"layer {layer.name!r} has output {layer.output_kind!r}; a Requantizer needs 'requant'")
-        if layer.out_features % pe:
-            raise ValueError(f"layer {layer.name!r}: PE={pe} does not divide out_features={layer.out_features}; "
-                             f"valid PE values: {divisors(layer.out_features)}")
-        if pe % lanes:
-            raise ValueError(f"layer {layer.name!r}: {lanes} requantizer lanes do not divide PE={pe}; "
-                             f"valid lane counts: {divisors(pe)}")
-        self._layer = layer
-        self._pe = pe
-        self._lanes = lanes
-        self._acc_bits = signed_width(layer.acc_min, layer.acc_max)
-        super().__init__({
-            "i": In(stream.Signature(unsigned(pe * self._acc_bits))),
-            "o": Out(stream.Signature(unsigned(8 * lanes))),
-        })
-
-    @property
-    def lanes(self) -> int:
-        return self._lanes
-
-    @property
-    def cycles_per_image(self) -> int:
-        """``lanes`` elements per cycle: ``N_out / lanes`` per vector."""
-        return self._layer.out_features // self._lanes * self._vectors
-
-    @property
-    def accept_interval(self) -> int:
-        """A beat of PE accumulators is taken apart in ``PE / lanes`` cycles."""
-        return self._pe // self._lanes
+        super().__init__(layer, pe, vectors, lanes, element_bits=8)
 
     @property
     def memories(self) -> list[MemoryShape]:
         """The per-channel multiplier-and-shift ROM, ``lanes`` channels per word."""
         return rom_shapes("constants", self._layer.out_features // self._lanes, self._lanes * _CONSTANT_BITS)
 
-    @property
-    def latency(self) -> int:
-        """Cycles from the last input transfer to the last output transfer, unstalled."""
-        return self.accept_interval + PIPELINE_STAGES
-
     def elaborate(self, platform):
         m = Module()
         layer, lanes, width = self._layer, self._lanes, self._acc_bits
-        pieces, groups = self._pe // lanes, layer.out_features // lanes
         q = layer.requant
         constants = (q.multiplier.astype(np.int64) << _SHIFT_BITS) | (30 - q.shift.astype(np.int64))
 
         advance = Signal()
         m.d.comb += advance.eq(~self.o.valid | self.o.ready)
-
-        # Stage 0: take the held beat apart, lanes accumulators per cycle, and look up their channels.
-        held = Signal(self._pe * width)
-        have = Signal()
-        piece = Signal(range(pieces))
-        group = Signal(range(groups))
-        take = Signal()
-        last_piece = piece == pieces - 1
-        m.d.comb += [
-            take.eq(have & advance),
-            self.i.ready.eq(~have | (take & last_piece)),
-        ]
-        with m.If(take):
-            m.d.sync += [piece.eq(piece + 1), group.eq(Mux(group == groups - 1, 0, group + 1))]
-            with m.If(last_piece):
-                m.d.sync += [piece.eq(0), have.eq(0)]
-        with m.If(self.i.valid & self.i.ready):
-            m.d.sync += [held.eq(self.i.payload), have.eq(1)]
-
-        # Stage 1: the accumulators, with M0 and r - 1 from the ROM.
-        s1_valid = Signal()
-        s1_accs = Signal(lanes * width)
-        with m.If(advance):
-            m.d.sync += [s1_valid.eq(take), s1_accs.eq(held.word_select(piece, lanes * width))]
+        s1_valid, s1_accs, group = self._take_lanes(m, advance)
+        # Stage 1 also holds M0 and r - 1 from the ROM.
         constant_words = read_rom(m, "constants", channel_words(constants, lanes, _CONSTANT_BITS),
                                   lanes * _CONSTANT_BITS, group, advance)
-
-        valid = [s1_valid] + [Signal(name=f"s{stage}_valid") for stage in range(2, PIPELINE_STAGES)]
-        with m.If(advance):
-            m.d.sync += [later.eq(earlier) for earlier, later in zip(valid, valid[1:])]
         results = []
         for lane in range(lanes):
             constant = constant_words.word_select(lane, _CONSTANT_BITS)
             results.append(self._lane(m, lane, s1_accs.word_select(lane, width).as_signed(), constant, advance))
-        with m.If(self.o.ready):
-            m.d.sync += self.o.valid.eq(0)
-        with m.If(advance & valid[-1]):
-            m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(Cat(results))]
+        self._emit(m, advance, s1_valid, results)
         return m
 
     def _lane(self, m: Module, lane: int, acc, constant, advance: Signal):
