@@ -12,6 +12,11 @@ def random_layer(rng: np.random.Generator, name: str, input_kind: str, output_ki
     with random per-channel M0 and shifts scaled so outputs spread over the range and saturate."""
     if weight_kind == "binary":
         weights, bias = rng.integers(0, 2, (n_out, n_in)).astype(np.uint8), None
+    elif weight_kind in ("ternary", "int2"):
+        low = -1 if weight_kind == "ternary" else -2
+        weights = rng.integers(low, 2, (n_out, n_in)).astype(np.int8)
+        weights[0, :] = 0 if n_out > 1 else weights[0, :]      # an all-zero row
+        bias = rng.integers(-20, 21, n_out).astype(np.int64)
     else:
         weights = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
         weights[0, :] = 127 * (1 if n_out % 2 else -1)        # an extreme row
@@ -33,6 +38,16 @@ def random_layer(rng: np.random.Generator, name: str, input_kind: str, output_ki
         requant = Requant(multiplier, exp.astype(np.int64), zero_point, out_kind, lo_clamp, q_hi)
         return DenseLayer(name, input_kind, output_kind, weights, None, weight_kind, bias, requant)
     lo, hi = layer.channel_acc_bounds
+    if output_kind == "multithreshold":
+        # Sorted rows of 2**k - 1 thresholds (k from the name's digit, default 2) near the centre,
+        # with whole rows and single thresholds at the clip ends.
+        levels = (1 << int(name[-1])) - 1 if name[-1].isdigit() else 3
+        rows = np.sort(np.stack([centred_thresholds(layer, rng) for _ in range(levels)], axis=1), axis=1)
+        ends = rng.random(n_out)
+        rows = np.where(ends[:, None] < 0.08, lo[:, None], np.where(ends[:, None] > 0.92, hi[:, None] + 1, rows))
+        rows[:, 0] = np.where(rng.random(n_out) < 0.2, lo, rows[:, 0])
+        rows[:, -1] = np.where(rng.random(n_out) < 0.2, hi + 1, rows[:, -1])
+        return DenseLayer(name, input_kind, output_kind, weights, rows.astype(np.int64), weight_kind, bias)
     # Most thresholds sit where random inputs land, so outputs vary; some sit at the clip ends.
     thresholds = centred_thresholds(layer, rng)
     ends = rng.random(n_out)
@@ -46,6 +61,12 @@ def centred_thresholds(layer: DenseLayer, rng: np.random.Generator) -> np.ndarra
     lo, hi = layer.channel_acc_bounds
     if layer.is_popcount:
         centre, spread = np.full(layer.out_features, layer.in_features // 2), max(1, layer.in_features // 4)
+    elif layer.input_kind.startswith("uint") and layer.weight_kind != "int8":
+        # Low-bit layers: random inputs put the accumulator near the middle of the bounds only for
+        # ±1 weights; the mean input times the weight sum is closer for any weights.
+        mean_input = ((1 << layer.input_bits) - 1) / 2
+        centre = np.round(mean_input * layer.weight_values.sum(axis=1)).astype(np.int64) + layer.bias_values
+        spread = np.maximum((hi - lo) // 8, 1)
     else:
         centre, spread = (lo + hi) // 2, np.maximum((hi - lo) // 8, 1)
     return np.clip(centre + rng.integers(-spread, spread + 1, layer.out_features), lo, hi + 1)

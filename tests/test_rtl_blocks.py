@@ -8,9 +8,10 @@ from amaranth.back import verilog as amaranth_verilog
 import pytest
 
 from hwgen import golden
-from hwgen.ir import DenseLayer, Requant
+from hwgen.ir import DenseLayer, Requant, element_bits
 from hwgen.rtl import arith
 from hwgen.rtl.dense import FoldedDense
+from hwgen.rtl.multithreshold import MultiThreshold
 from hwgen.rtl.requant import Requantizer
 from hwgen.rtl.resize import StreamResizer
 from hwgen.rtl.scores import ScoreSerializer
@@ -34,6 +35,10 @@ def layer_beats(layer, simd, images):
 def layer_inputs(rng, layer, count):
     if layer.input_kind == "bits":
         return rng.integers(0, 2, (count, layer.in_features)).astype(np.uint8)
+    if layer.input_bits < 8:
+        images = rng.integers(0, 1 << layer.input_bits, (count, layer.in_features)).astype(np.uint8)
+        images[0], images[-1] = 0, (1 << layer.input_bits) - 1     # both ends of the input range
+        return images
     images = random_images(rng, count, layer.in_features)
     return images.view(np.int8) if layer.input_kind == "int8" else images
 
@@ -48,6 +53,13 @@ def layer_inputs(rng, layer, count):
     ("int8", "int8", "threshold", 9, 6, 3, 9),
     ("int8", "bits", "scores", 10, 5, 5, 2),
     ("int8", "uint8", "requant", 8, 4, 4, 4),
+    ("binary", "uint2", "scores", 12, 4, 2, 6),
+    ("binary", "uint3", "multithreshold", 10, 4, 4, 5),
+    ("binary", "uint4", "threshold", 9, 3, 1, 3),
+    ("ternary", "uint2", "scores", 12, 6, 3, 4),
+    ("ternary", "uint8", "multithreshold", 8, 4, 2, 8),
+    ("int2", "uint2", "scores", 7, 2, 2, 7),
+    ("int2", "uint4", "threshold", 16, 4, 4, 16),
 ])
 def test_folded_dense_outputs_and_cycle_formulas(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd):
     check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd)
@@ -127,13 +139,14 @@ def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, si
     layer = random_layer(rng, "d", input_kind, output_kind, n_in, n_out, weight_kind)
     images = layer_inputs(rng, layer, 4)
     acc = golden.accumulate(layer, images)
+    # A multi-threshold layer's FoldedDense emits its accumulators (MultiThreshold counts them).
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
     dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels, banked_weights=banked_weights,
                       carried_products=carried_products)
-    # Byte inputs: a product register (int8 weights; two when carried), or pair sums and pair
-    # terms (±1 weights).
-    assert dut.pipeline_stages == 5 + dut.weight_bank_stages + dut.tree_stages + \
-        (input_kind != "bits") * (1 + (weight_kind == "binary") + (weight_kind == "int8" and carried_products))
+    # Integer inputs: a product register (int8 weights; two when carried), or pair sums and pair
+    # terms (±1 weights); ternary and int2 products go straight into the trees.
+    lane_stages = {"binary": 2, "int8": 1 + carried_products}.get(weight_kind, 0)
+    assert dut.pipeline_stages == 5 + dut.weight_bank_stages + dut.tree_stages + (input_kind != "bits") * lane_stages
     beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, layer.input_bits)
              for image in images for k in range(0, n_in, simd)]
     outputs, in_cycles, out_cycles = run_streams(dut, beats, 4 * dut.output_beats)
@@ -167,6 +180,7 @@ def test_byte_lanes_at_their_extremes(input_kind, output_kind):
                        [greatest, least] * (n_in // 2)], dtype=np.int64)
     images = images.astype(np.uint8) if input_kind == "uint8" else images.astype(np.int8)
     acc = golden.accumulate(layer, images)
+    # A multi-threshold layer's FoldedDense emits its accumulators (MultiThreshold counts them).
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
     dut = FoldedDense(layer, pe=pe, simd=simd)
     beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, 8) for image in images for k in range(0, n_in, simd)]
@@ -239,6 +253,32 @@ def test_requantizer_equals_golden_and_formulas(pe, lanes, stall, n_in):
         assert out_cycles[-1] - out_cycles[-1 - per_image] == dut.cycles_per_image
 
 
+@pytest.mark.parametrize("pe, lanes, stall", [(1, 1, 0.0), (4, 1, 0.0), (4, 2, 0.5), (8, 8, 0.0), (8, 4, 0.3)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_multithreshold_equals_golden_and_formulas(pe, lanes, stall, bits):
+    """Levels equal golden's at random accumulators, at every threshold and one below it, and at
+    both ends of the range; latency and II equal their formulas."""
+    rng = np.random.default_rng(pe * 10 + bits)
+    layer = random_layer(rng, f"m{bits}", "uint2", "multithreshold", 40, 8, "ternary")
+    lo, hi = layer.channel_acc_bounds
+    on_thresholds = np.clip(layer.thresholds.T, lo, hi)
+    accs = np.concatenate([rng.integers(lo, hi + 1, (4, 8)), lo[None, :], hi[None, :], on_thresholds,
+                           np.clip(on_thresholds - 1, lo, hi)])
+    dut = MultiThreshold(layer, pe, lanes=lanes)
+    width = dut._acc_bits
+    beats = [pack(row[k:k + pe] & ((1 << width) - 1), width) for row in accs for k in range(0, 8, pe)]
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, accs.size // lanes, stall_in=stall, stall_out=stall,
+                                                 seed=pe)
+    levels = [(word >> (bits * lane)) & ((1 << bits) - 1) for word in outputs for lane in range(lanes)]
+    assert levels == golden.layer_output(layer, accs).reshape(-1).tolist()
+    assert dut.levels == (1 << bits) - 1 and dut.comparators == dut.levels * lanes
+    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 4
+    if stall == 0.0:
+        per_image = 8 // lanes
+        assert out_cycles[per_image - 1] - in_cycles[8 // pe - 1] == dut.latency
+        assert out_cycles[-1] - out_cycles[-1 - per_image] == dut.cycles_per_image
+
+
 @pytest.mark.parametrize("rounding", ["half_up", "half_even"])
 def test_requantizer_rounds_exact_ties_by_its_mode(rounding):
     """Power-of-two multipliers put many accumulators exactly on a tie; both modes match golden."""
@@ -282,6 +322,15 @@ def test_parameter_validation_messages():
         ScoreSerializer(10, 8, 3)
     with pytest.raises(ValueError, match=r"^layer 'dense1' has output 'scores'; a Requantizer needs 'requant'$"):
         Requantizer(layer, 1)
+    with pytest.raises(ValueError, match=r"^layer 'dense1' has output 'scores'; a MultiThreshold needs "
+                                         r"'multithreshold'$"):
+        MultiThreshold(layer, 1)
+    levels = random_layer(np.random.default_rng(0), "m2", "uint2", "multithreshold", 8, 6, "binary")
+    with pytest.raises(ValueError, match=r"^layer 'm2': 4 multi-threshold lanes do not divide PE=6; "
+                                         r"valid lane counts: \[1, 2, 3, 6\]$"):
+        MultiThreshold(levels, 6, lanes=4)
+    with pytest.raises(ValueError, match=r"^layer 'm2': PE=4 does not divide out_features=6"):
+        MultiThreshold(levels, 4)
     requant = random_layer(np.random.default_rng(0), "dense2", "uint8", "requant", 16, 8, "int8")
     with pytest.raises(ValueError, match=r"^layer 'dense2': 3 requantizer lanes do not divide PE=4; "
                                          r"valid lane counts: \[1, 2, 4\]$"):
@@ -308,7 +357,7 @@ def test_sliding_window_emits_every_window_pixel(height, width, channels, kernel
         assert per_image[2] - per_image[1] == dut.cycles_per_image
 
 
-@pytest.mark.parametrize("kind", ["bits", "uint8", "int8"])
+@pytest.mark.parametrize("kind", ["bits", "uint8", "int8", "uint2", "uint3"])
 @pytest.mark.parametrize("height, width, kernel", [(4, 6, 2), (7, 5, 2), (6, 6, 3), (8, 7, 3), (3, 5, 1)])
 @pytest.mark.parametrize("stall", [0.0, 0.3])
 def test_max_pool_equals_golden(kind, height, width, kernel, stall):
@@ -316,8 +365,8 @@ def test_max_pool_equals_golden(kind, height, width, kernel, stall):
     from hwgen.rtl.pool import MaxPool
 
     rng = np.random.default_rng(height + width + kernel)
-    channels, bits = 3, (1 if kind == "bits" else 8)
-    low, high = {"bits": (0, 2), "uint8": (0, 256), "int8": (-128, 128)}[kind]
+    channels, bits = 3, element_bits(kind)
+    low, high = {"bits": (0, 2), "uint8": (0, 256), "int8": (-128, 128)}.get(kind, (0, 1 << bits))
     maps = rng.integers(low, high, (3, height, width, channels))
     layer = MaxPool2dLayer("p", (height, width, channels), kernel, kind)
     want = golden._layer(layer, maps.reshape(3, -1)).reshape(-1, channels)

@@ -116,10 +116,13 @@ def weight_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
     tiles = layer.weights.reshape(n_out // pe, pe, n_in // simd, simd).transpose(0, 2, 1, 3)
     if uses_pair_signs(layer):
         tiles = _pair_sign_bits(tiles)
-    rows = np.ascontiguousarray(tiles.reshape(-1, pe * simd))
-    if layer.weight_kind == "binary":
-        rows = np.packbits(rows, axis=1, bitorder="little")
-    return [int.from_bytes(row.tobytes(), "little") for row in rows.view(np.uint8)]
+    rows = tiles.reshape(-1, pe * simd).astype(np.int64)
+    bits = layer.weight_bits
+    # Each weight as ``bits`` bits of two's complement (a ternary weight's low bit is its nonzero
+    # mask, its high bit its sign), weight 0 lowest.
+    planes = (rows[..., None] >> np.arange(bits)) & 1
+    packed = np.packbits(planes.reshape(len(rows), -1).astype(np.uint8), axis=1, bitorder="little")
+    return [int.from_bytes(row.tobytes(), "little") for row in packed]
 
 
 def spram_load_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
@@ -434,16 +437,17 @@ class FoldedDense(wiring.Component):
         return 1 if layer.output_kind == "threshold" else signed_width(layer.acc_min, layer.acc_max)
 
     def _inputs(self, data: Signal) -> list:
-        kind = self._layer.input_kind
+        kind, bits = self._layer.input_kind, self._layer.input_bits
         if kind == "bits":
             return [data[k] for k in range(self._simd)]
-        return [data.word_select(k, 8).as_signed() if kind == "int8" else data.word_select(k, 8)
+        return [data.word_select(k, bits).as_signed() if kind == "int8" else data.word_select(k, bits)
                 for k in range(self._simd)]
 
     def _weights(self, data: Signal, lane: int) -> list:
         simd, bits = self._simd, self._layer.weight_bits
         word = data[lane * simd * bits:(lane + 1) * simd * bits]
-        return [word[k] for k in range(simd)] if bits == 1 else [word.word_select(k, 8).as_signed() for k in range(simd)]
+        return [word[k] for k in range(simd)] if bits == 1 else [word.word_select(k, bits).as_signed()
+                                                                 for k in range(simd)]
 
     def _pair_operands(self, m: Module, x: Signal) -> list[tuple]:
         """Per pair of input elements, the shared ``(a + b, a - b)`` of signed bytes (a uint8 ``x``
@@ -490,6 +494,10 @@ class FoldedDense(wiring.Component):
         xs, ws = self._inputs(x), self._weights(w, lane)
         if layer.input_kind == "bits":
             return [Mux(xk, wk, -wk) for xk, wk in zip(xs, ws)]
+        if layer.weight_bits == 2:
+            # A ternary or 2-bit weight is b0 - 2*b1 in two's complement: two masked operands and one
+            # subtraction map to LUT4 + carry, where ``x * w`` is mapped onto a DSP block by yosys.
+            return [Mux(wk[0], xk, 0) - Mux(wk[1], xk << 1, 0) for xk, wk in zip(xs, ws)]
         return [xk * wk for xk, wk in zip(xs, ws)]
 
     def elaborate(self, platform):

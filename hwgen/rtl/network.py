@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from .arith import divisors
 from .dense import DEFAULT_TREE_LEVELS, WEIGHT_MEMORIES, FoldedDense, spram_load_words
+from .multithreshold import MultiThreshold
 from .pool import MaxPool
 from .requant import Requantizer
 from .resize import StreamResizer
@@ -22,6 +23,8 @@ from .window import SlidingWindow
 __all__ = ["Fold", "NetworkTop", "parse_folds", "default_folds", "generate_verilog", "TOP_NAME"]
 
 TOP_NAME = "hwgen_network"
+#: Output kinds whose accumulators a stage of their own turns into the next layer's elements.
+CONVERTED_OUTPUTS = {"requant": Requantizer, "multithreshold": MultiThreshold}
 
 
 class Fold(NamedTuple):
@@ -80,7 +83,7 @@ def default_folds(model: IntegerModel, max_pe: int = 16, max_simd: int = 32) -> 
             simd_choices = [d for d in simd_choices if _compatible(d, receives)] or [receives]
         pe = max(d for d in divisors(dense.out_features) if d <= max_pe)
         folds.append(Fold(pe, max(simd_choices)))
-        incoming = 1 if layer.output_kind == "requant" else pe
+        incoming = 1 if layer.output_kind in CONVERTED_OUTPUTS else pe
     return folds
 
 
@@ -227,15 +230,15 @@ class NetworkTop(wiring.Component):
                     regroup(layer.name, layer.input_bits, fold.simd, layer.in_features, "SIMD")
                 stages.append(compute)
                 incoming = fold.pe
-                if layer.output_kind == "requant":
+                if layer.output_kind in CONVERTED_OUTPUTS:
                     # A requantizer emitting one element per cycle would set the interval where
                     # PE channels arrive faster (a convolution over few input channels).
                     bound = max(compute.cycles_per_image, window.cycles_per_image if vectors > 1 else 0)
                     lanes = requantizer_lanes(dense.out_features, vectors, fold.pe, bound,
                                               _receives(model, layer_index, self._folds))
-                    stages.append(Requantizer(dense, fold.pe, vectors, lanes=lanes))
+                    stages.append(CONVERTED_OUTPUTS[layer.output_kind](dense, fold.pe, vectors, lanes=lanes))
                     incoming = lanes
-                if vectors > 1 or layer.output_kind == "requant":
+                if vectors > 1 or layer.output_kind in CONVERTED_OUTPUTS:
                     sliced(layer.out_features)
             stage_layers += [layer.name] * (len(stages) - len(stage_layers))
         last = model.layers[-1]

@@ -5,6 +5,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..ir import LOW_BIT_ACTIVATIONS, element_bits
 from .arith import MemoryShape, check_positive_int
 
 __all__ = ["MaxPool"]
@@ -29,7 +30,7 @@ class MaxPool(wiring.Component):
     kernel : int
         Block size and stride.
     element_kind : str
-        ``"bits"``, ``"uint8"`` or ``"int8"``.
+        ``"bits"``, ``"uint8"``, ``"int8"`` or ``"uint2"`` to ``"uint4"``.
 
     Attributes
     ----------
@@ -41,14 +42,15 @@ class MaxPool(wiring.Component):
         height, width, channels = in_shape
         for name, value in (("height", height), ("width", width), ("channels", channels), ("kernel", kernel)):
             check_positive_int(name, value)
-        if element_kind not in ("bits", "uint8", "int8"):
-            raise ValueError(f"element_kind must be 'bits', 'uint8' or 'int8', not {element_kind!r}")
+        if element_kind not in ("bits", "uint8", "int8", *LOW_BIT_ACTIVATIONS):
+            raise ValueError(f"element_kind must be 'bits', 'uint8', 'int8' or one of "
+                             f"{', '.join(map(repr, LOW_BIT_ACTIVATIONS))}, not {element_kind!r}")
         if kernel > min(height, width):
             raise ValueError(f"a {kernel}x{kernel} pool does not fit a {height}x{width} map")
         self._in_shape = (height, width, channels)
         self._kernel = kernel
         self._kind = element_kind
-        self._bits = 1 if element_kind == "bits" else 8
+        self._bits = element_bits(element_kind)
         super().__init__({
             "i": In(stream.Signature(unsigned(channels * self._bits))),
             "o": Out(stream.Signature(unsigned(channels * self._bits))),
@@ -84,10 +86,10 @@ class MaxPool(wiring.Component):
         channels = self._in_shape[2]
         pick = []
         for c in range(channels):
-            x, y = a.word_select(c, 8), b.word_select(c, 8)
+            x, y = a.word_select(c, self._bits), b.word_select(c, self._bits)
             if self._kind == "int8":
                 x, y = x.as_signed(), y.as_signed()
-            pick.append(Mux(x > y, x, y)[:8])
+            pick.append(Mux(x > y, x, y)[:self._bits])
         return Cat(pick)
 
     def elaborate(self, platform):
