@@ -22,6 +22,7 @@ from .rtl.dense import PAIR_BITS, WEIGHT_MEMORIES, FoldedDense, pipelining_for
 from .rtl.spram import SPRAM_WIDTH, spram_banks, spram_blocks
 from .rtl.network import Fold, NetworkTop, compute_layers
 from .rtl.pool import MaxPool
+from .rtl.multithreshold import MultiThreshold
 from .rtl.requant import Requantizer
 from .rtl.scores import ScoreSerializer
 from .rtl.slice import RegisterSlice
@@ -251,6 +252,10 @@ PRODUCT_LUTS_PER_INPUT = 12
 PAIR_LUTS_PER_INPUT = 10.0
 #: The pair sums and differences shared by a layer's lanes, per input.
 PAIR_SUM_LUTS_PER_INPUT = 5
+#: A ternary or int2 weight times an unsigned input, and its share of the adder tree, per product bit.
+SMALL_PRODUCT_LUTS_PER_BIT = 2.0
+#: A multi-threshold lane besides its comparators (LUT4): the level count and the output register's input.
+MULTITHRESHOLD_LANE_LUTS = 28
 #: The SPI flash loader and the SPRAM load sequencer (logic and flip-flops).
 LOADER_LUTS = 180
 LOADER_FFS = 130
@@ -274,11 +279,17 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         lanes.dsps = on_dsp
         lanes.ffs += products * 16 * stage.lane_stages
         per_lane = PRODUCT_LUTS_PER_INPUT * simd + (products - on_dsp) * costs.multiplier_luts / pe
-    else:
-        per_lane = PAIR_LUTS_PER_INPUT * simd
-        lanes.luts += PAIR_SUM_LUTS_PER_INPUT * simd
+    elif stage.pair_signs:
+        # Pair terms are an input bit wider than the inputs (9 bits for bytes).
+        term_share = min(PAIR_BITS, layer.input_bits + 1) / PAIR_BITS
+        per_lane = PAIR_LUTS_PER_INPUT * simd * term_share
+        lanes.luts += PAIR_SUM_LUTS_PER_INPUT * simd * term_share
         # Each lane's registered pair terms.
-        lanes.ffs += pe * -(-simd // 2) * PAIR_BITS
+        lanes.ffs += pe * -(-simd // 2) * PAIR_BITS * term_share
+    else:
+        # Ternary or int2 weights on k-bit (or byte) inputs: a select-and-negate per product bit,
+        # then the adder tree.
+        per_lane = SMALL_PRODUCT_LUTS_PER_BIT * simd * (layer.input_bits + layer.weight_bits)
     # Pipeline registers of the adder trees (bench/lanes.py).
     lanes.ffs += pe * simd * (0.8 if layer.is_popcount else 1.75) * stage.tree_stages
     # The memory-output registers (input_word, weight_word) take their D from a register or a
@@ -319,6 +330,16 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         on_dsp = costs.dsps_for(products, dsps_left)
         return "requant", Resources(luts=REQUANT_LANE_LUTS * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,
                                     ffs=400 * stage.lanes, dsps=on_dsp)
+    if isinstance(stage, MultiThreshold):
+        # Per lane the pick of its accumulator from the held beat, a comparator per threshold (a
+        # LUT4 per threshold bit) and the count; registers for the held beat, the accumulators
+        # (twice), the thresholds, the comparisons and the output (yosys, the W1A2 MLP's two units:
+        # 354 and 216 LUT4 on ECP5, within 10 % of this).
+        lanes, width, bits = stage.lanes, stage.acc_bits, stage.threshold_bits
+        pick = width * (stage.accept_interval - 1) / 2
+        return "multithreshold", Resources(
+            luts=40 + lanes * (pick + stage.levels * bits + MULTITHRESHOLD_LANE_LUTS),
+            ffs=20 + stage.pe * width + lanes * (2 * width + stage.levels * (bits + 1) + stage.output_bits))
     if isinstance(stage, SlidingWindow):
         # Its counters, position registers and their adders, and a LUT per pixel bit to zero the
         # padding (yosys, the reference CNN's two windows and three other shapes, 1 and 8 bits:
