@@ -7,9 +7,10 @@ from hwgen.ir import DenseLayer, IntegerModel, Requant
 
 
 def random_layer(rng: np.random.Generator, name: str, input_kind: str, output_kind: str,
-                 n_in: int, n_out: int, weight_kind: str = "binary") -> DenseLayer:
+                 n_in: int, n_out: int, weight_kind: str = "binary", act_bits: int = 2) -> DenseLayer:
     """Random weights; thresholds over the whole legal range (both ends included); requantization
-    with random per-channel M0 and shifts scaled so outputs spread over the range and saturate."""
+    with random per-channel M0 and shifts scaled so outputs spread over the range and saturate;
+    ``2**act_bits - 1`` thresholds per channel for a multi-threshold layer."""
     if weight_kind == "binary":
         weights, bias = rng.integers(0, 2, (n_out, n_in)).astype(np.uint8), None
     elif weight_kind in ("ternary", "int2"):
@@ -39,9 +40,9 @@ def random_layer(rng: np.random.Generator, name: str, input_kind: str, output_ki
         return DenseLayer(name, input_kind, output_kind, weights, None, weight_kind, bias, requant)
     lo, hi = layer.channel_acc_bounds
     if output_kind == "multithreshold":
-        # Sorted rows of 2**k - 1 thresholds (k from the name's digit, default 2) near the centre,
-        # with whole rows and single thresholds at the clip ends.
-        levels = (1 << int(name[-1])) - 1 if name[-1].isdigit() else 3
+        # Sorted rows of 2**k - 1 thresholds near the centre, with whole rows and single thresholds
+        # at the clip ends.
+        levels = (1 << act_bits) - 1
         rows = np.sort(np.stack([centred_thresholds(layer, rng) for _ in range(levels)], axis=1), axis=1)
         ends = rng.random(n_out)
         rows = np.where(ends[:, None] < 0.08, lo[:, None], np.where(ends[:, None] > 0.92, hi[:, None] + 1, rows))
@@ -93,18 +94,20 @@ def meta_edit(edit):
 
 
 def random_model(rng: np.random.Generator, widths: list[int], input_kind: str = "uint8",
-                 kinds: list[tuple[str, str]] | None = None) -> IntegerModel:
+                 kinds: list[tuple] | None = None) -> IntegerModel:
     """A model with the given widths (input first).
 
-    ``kinds`` gives ``(weight_kind, output_kind)`` per layer; by default binary threshold layers
-    and a binary scores layer. Each layer's input kind follows from the previous layer's output.
+    ``kinds`` gives ``(weight_kind, output_kind)`` or ``(weight_kind, "multithreshold", act_bits)``
+    per layer; by default binary threshold layers and a binary scores layer. Each layer's input
+    kind follows from the previous layer's output.
     """
     count = len(widths) - 1
     kinds = kinds or [("binary", "threshold")] * (count - 1) + [("binary", "scores")]
     layers: list[DenseLayer] = []
-    for index, ((n_in, n_out), (weight_kind, output_kind)) in enumerate(zip(zip(widths[:-1], widths[1:]), kinds)):
+    for index, ((n_in, n_out), (weight_kind, output_kind, *act_bits)) in enumerate(
+            zip(zip(widths[:-1], widths[1:]), kinds)):
         kind_in = input_kind if index == 0 else layers[-1].output_type
-        layers.append(random_layer(rng, f"dense{index}", kind_in, output_kind, n_in, n_out, weight_kind))
+        layers.append(random_layer(rng, f"dense{index}", kind_in, output_kind, n_in, n_out, weight_kind, *act_bits))
     return IntegerModel((widths[0],), tuple(layers))
 
 
@@ -120,14 +123,16 @@ def random_images(rng: np.random.Generator, count: int, features: int) -> np.nda
 def random_cnn(rng: np.random.Generator, size: tuple[int, int, int], convs: list[dict], classes: int,
                head_kind: str = "binary") -> IntegerModel:
     """A convolutional model: ``convs`` items are ``dict(channels, kernel, stride, padding, weights,
-    output, pool)``; a dense scores head of ``head_kind`` weights follows."""
+    output, pool)`` and for a multi-threshold output ``act_bits``; a dense scores head of
+    ``head_kind`` weights follows."""
     from hwgen.ir import Conv2dLayer, MaxPool2dLayer
 
     layers: list = []
     shape, kind = size, "uint8"
     for index, spec in enumerate(convs):
         n_in = spec["kernel"] ** 2 * shape[2]
-        dense = random_layer(rng, f"conv{index}", kind, spec["output"], n_in, spec["channels"], spec["weights"])
+        dense = random_layer(rng, f"conv{index}", kind, spec["output"], n_in, spec["channels"], spec["weights"],
+                             spec.get("act_bits", 2))
         conv = Conv2dLayer(dense, shape, spec["kernel"], spec["stride"], spec["padding"])
         layers.append(conv)
         shape, kind = conv.out_shape, conv.output_type

@@ -259,7 +259,7 @@ def test_multithreshold_equals_golden_and_formulas(pe, lanes, stall, bits):
     """Levels equal golden's at random accumulators, at every threshold and one below it, and at
     both ends of the range; latency and II equal their formulas."""
     rng = np.random.default_rng(pe * 10 + bits)
-    layer = random_layer(rng, f"m{bits}", "uint2", "multithreshold", 40, 8, "ternary")
+    layer = random_layer(rng, "m", "uint2", "multithreshold", 40, 8, "ternary", bits)
     lo, hi = layer.channel_acc_bounds
     on_thresholds = np.clip(layer.thresholds.T, lo, hi)
     accs = np.concatenate([rng.integers(lo, hi + 1, (4, 8)), lo[None, :], hi[None, :], on_thresholds,
@@ -325,7 +325,7 @@ def test_parameter_validation_messages():
     with pytest.raises(ValueError, match=r"^layer 'dense1' has output 'scores'; a MultiThreshold needs "
                                          r"'multithreshold'$"):
         MultiThreshold(layer, 1)
-    levels = random_layer(np.random.default_rng(0), "m2", "uint2", "multithreshold", 8, 6, "binary")
+    levels = random_layer(np.random.default_rng(0), "m", "uint2", "multithreshold", 8, 6, "binary")
     with pytest.raises(ValueError, match=r"^layer 'm2': 4 multi-threshold lanes do not divide PE=6; "
                                          r"valid lane counts: \[1, 2, 3, 6\]$"):
         MultiThreshold(levels, 6, lanes=4)

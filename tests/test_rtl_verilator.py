@@ -186,3 +186,48 @@ def test_random_cnn_as_built_for_ecp5_equals_golden(seed, tmp_path):
     assert report.checked.mismatches == [] and report.timing.mismatches == [], where
     assert report.checked.protocol_errors == [] and report.timing.protocol_errors == [], where
     assert report.timing.intervals[-2:] == [report.ii_formula] * 2, (report.timing.intervals, report.ii_formula, where)
+
+
+#: Low-bit MLPs: (widths, per-layer kinds, folds). k-bit activations from multi-threshold units on
+#: ±1, ternary and 2-bit weights, thresholds at both ends of the range, all-zero ternary rows.
+LOW_BIT_MLPS = [
+    ([49, 24, 16, 5], [("binary", "multithreshold", 2), ("binary", "multithreshold", 2), ("binary", "scores")],
+     [Fold(4, 7), Fold(8, 4), Fold(5, 16)]),
+    ([36, 12, 10, 3], [("ternary", "multithreshold", 2), ("ternary", "multithreshold", 3), ("ternary", "scores")],
+     [Fold(3, 9), Fold(2, 3), Fold(1, 10)]),
+    ([25, 16, 6], [("int2", "multithreshold", 4), ("int2", "scores")], [Fold(16, 5), Fold(3, 16)]),
+]
+
+
+@pytest.mark.parametrize("family", [None, "ecp5"])
+@pytest.mark.parametrize("index", range(len(LOW_BIT_MLPS)))
+def test_low_bit_mlp_rtl_equals_golden(index, family, tmp_path):
+    widths, kinds, folds = LOW_BIT_MLPS[index]
+    rng = np.random.default_rng(700 + index)
+    model = random_model(rng, widths, kinds=kinds)
+    simulator = NetworkSimulator(model, folds, tmp_path, family=family)
+    report = simulator.verify(random_images(rng, 24, model.in_features), stall=0.3, seed=index, timing_images=6)
+    where = f"{[layer.header() for layer in model.layers]}, folds {folds}"
+    assert report.checked.mismatches == [] and report.timing.mismatches == [], where
+    assert report.checked.protocol_errors == [] and report.timing.protocol_errors == [], where
+    assert report.timing.intervals[-3:] == [report.ii_formula] * 3, (report.timing.intervals, report.ii_formula, where)
+    if report.latency_exact:
+        assert report.timing.latency == report.latency_formula, where
+
+
+def test_low_bit_cnn_rtl_equals_golden(tmp_path):
+    """uint2 and uint3 feature maps through sliding windows, padding (level 0) and max-pools."""
+    from helpers import random_cnn
+
+    rng = np.random.default_rng(710)
+    convs = [dict(channels=4, kernel=3, stride=1, padding=1, weights="binary", output="multithreshold", act_bits=2,
+                  pool=2),
+             dict(channels=6, kernel=3, stride=1, padding=0, weights="ternary", output="multithreshold", act_bits=3)]
+    model = random_cnn(rng, (9, 9, 1), convs, 3, "int2")
+    folds = [Fold(2, 3), Fold(3, 4), Fold(3, 6)]
+    simulator = NetworkSimulator(model, folds, tmp_path)
+    report = simulator.verify(random_images(rng, 8, model.in_features), stall=0.3, seed=3, timing_images=5)
+    where = f"{[layer.header() for layer in model.layers]}, folds {folds}"
+    assert report.checked.mismatches == [] and report.timing.mismatches == [], where
+    assert report.checked.protocol_errors == [] and report.timing.protocol_errors == [], where
+    assert report.timing.intervals[-2:] == [report.ii_formula] * 2, (report.timing.intervals, report.ii_formula, where)
