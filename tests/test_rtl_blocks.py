@@ -326,7 +326,7 @@ def test_parameter_validation_messages():
                                          r"'multithreshold'$"):
         MultiThreshold(layer, 1)
     levels = random_layer(np.random.default_rng(0), "m", "uint2", "multithreshold", 8, 6, "binary")
-    with pytest.raises(ValueError, match=r"^layer 'm2': 4 multi-threshold lanes do not divide PE=6; "
+    with pytest.raises(ValueError, match=r"^layer 'm': 4 multi-threshold lanes do not divide PE=6; "
                                          r"valid lane counts: \[1, 2, 3, 6\]$"):
         MultiThreshold(levels, 6, lanes=4)
     with pytest.raises(ValueError, match=r"^layer 'm2': PE=4 does not divide out_features=6"):
