@@ -329,7 +329,7 @@ def test_parameter_validation_messages():
     with pytest.raises(ValueError, match=r"^layer 'm': 4 multi-threshold lanes do not divide PE=6; "
                                          r"valid lane counts: \[1, 2, 3, 6\]$"):
         MultiThreshold(levels, 6, lanes=4)
-    with pytest.raises(ValueError, match=r"^layer 'm2': PE=4 does not divide out_features=6"):
+    with pytest.raises(ValueError, match=r"^layer 'm': PE=4 does not divide out_features=6"):
         MultiThreshold(levels, 4)
     requant = random_layer(np.random.default_rng(0), "dense2", "uint8", "requant", 16, 8, "int8")
     with pytest.raises(ValueError, match=r"^layer 'dense2': 3 requantizer lanes do not divide PE=4; "
