@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from .errors import UserError
+from .ir import FORMAT_NAME, FORMAT_VERSION
 from .process import Terminated, end_children, exit_on_sigterm
 
 DATASET_CHOICES = click.Choice(["auto", "digits", "fashion-mnist", "idx", "npz"])
@@ -199,7 +200,7 @@ def train(dataset, data_dir, kind, conv, hidden, weight_kind, act_bits, epochs, 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
-              help="Integer model to write (.npz, format hwgen-ir v1).")
+              help=f"Integer model to write (.npz, format {FORMAT_NAME} v{FORMAT_VERSION}).")
 @click.option("--dataset", type=DATASET_CHOICES, default=None, help="Test set for the check (default: training's).")
 @click.option("--data", "data_dir", type=click.Path(), default=None, help=DATA_HELP)
 def export(checkpoint, output, dataset, data_dir) -> None:
