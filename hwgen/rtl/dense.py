@@ -394,7 +394,8 @@ class FoldedDense(wiring.Component):
     def start_values(self) -> np.ndarray | None:
         """Per output channel, what its accumulator starts from (None: all zero, no ROM).
 
-        The bias, plus the pair lanes' corrections, minus the threshold: a threshold layer's
+        The bias, plus the pair lanes' corrections (or for ternary and 2-bit weights the row's count
+        of negative weights, whose terms are ones' complements), minus the threshold: a threshold layer's
         accumulator then ends at ``acc - T``, and its output bit ``acc >= T`` is that value's
         sign bit inverted, so no lane needs a comparator.
         """
@@ -404,6 +405,8 @@ class FoldedDense(wiring.Component):
             start += np.asarray(layer.bias, dtype=np.int64)
         if self.pair_signs:
             start += pair_sign_corrections(layer, self._simd)
+        if layer.weight_bits == 2 and layer.input_kind != "bits":
+            start += (layer.weight_values < 0).sum(axis=1)
         if layer.output_kind == "threshold":
             start -= np.asarray(layer.thresholds, dtype=np.int64)
         return start if start.any() else None
@@ -495,9 +498,22 @@ class FoldedDense(wiring.Component):
         if layer.input_kind == "bits":
             return [Mux(xk, wk, -wk) for xk, wk in zip(xs, ws)]
         if layer.weight_bits == 2:
-            # A ternary or 2-bit weight is b0 - 2*b1 in two's complement: two masked operands and one
-            # subtraction map to LUT4 + carry, where ``x * w`` is mapped onto a DSP block by yosys.
-            return [Mux(wk[0], xk, 0) - Mux(wk[1], xk << 1, 0) for xk, wk in zip(xs, ws)]
+            # Ternary and 2-bit weights select the input, doubled or complemented, since yosys maps
+            # ``x * w`` onto a DSP block. -x and -2x are the ones' complements ~x = -x - 1 and
+            # ~2x: no adder per term, a LUT4 per term bit; the accumulator starts with the row's
+            # count of negative weights instead (:attr:`start_values`). A weight's bits are two's
+            # complement (b0 - 2 b1); a ternary weight never has b1 without b0.
+            ternary = layer.weight_kind == "ternary"
+            terms = []
+            for xk, wk in zip(xs, ws):
+                # x one bit wider as signed (two for 2x), so that ~x holds -x - 1.
+                single = xk if layer.input_kind == "int8" else Cat(xk, Const(0, 1)).as_signed()
+                if ternary:
+                    terms.append(Mux(wk[1], ~single, Mux(wk[0], single, 0)))
+                else:
+                    double = single << 1
+                    terms.append(Mux(wk[1], Mux(wk[0], ~single, ~double), Mux(wk[0], single, 0)))
+            return terms
         return [xk * wk for xk, wk in zip(xs, ws)]
 
     def elaborate(self, platform):
