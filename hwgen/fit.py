@@ -360,6 +360,17 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
     return kind, Resources(luts=20 + width / 2, ffs=10 + width)
 
 
+def stage_resources(stage, dsps_left: int, board: Board) -> tuple[str, Resources]:
+    """What a stage is called in reports, and what it and its memories take on ``board`` (LUTs as
+    placed), with ``dsps_left`` DSP blocks not yet taken by the stages before it."""
+    costs = FAMILY_COSTS[board.family]
+    kind, logic = _stage_cost(stage, dsps_left, costs)
+    for shape in getattr(stage, "memories", []):
+        logic = logic + _memory_cost(shape, board.budget, costs)
+    logic.luts *= costs.lut_scale
+    return kind, logic
+
+
 def estimate(model: IntegerModel, folds: list[Fold], board: Board, weight_memories: list[str] | None = None) -> Estimate:
     """Estimate every stage of ``model`` folded by ``folds`` on ``board``, with each layer's weights
     where ``weight_memories`` says (default: all ROM)."""
@@ -372,11 +383,8 @@ def estimate(model: IntegerModel, folds: list[Fold], board: Board, weight_memori
     stages = []
     dsps_left = budget.dsps
     for stage, layer in zip(top.stages, top.stage_layers):
-        kind, logic = _stage_cost(stage, dsps_left, costs)
+        kind, logic = stage_resources(stage, dsps_left, board)
         dsps_left -= logic.dsps
-        for shape in getattr(stage, "memories", []):
-            logic = logic + _memory_cost(shape, budget, costs)
-        logic.luts *= costs.lut_scale
         stages.append(StageEstimate(layer, kind, logic, stage.cycles_per_image))
     # UART receiver and transmitter, command decoder, identity ROM, class and LED registers; the
     # flash loader's shift registers, CRC, header compare and counters.
