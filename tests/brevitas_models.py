@@ -91,15 +91,16 @@ class FloatScaleMLP(nn.Module):
         return self.fc1(self.relu0(self.fc0(self.input_quant(x.flatten(1)))))
 
 
-class BNBeforeTwoBits(nn.Module):
-    """BatchNorm before a 2-bit quantizer: its float bias is off the accumulator grid (refused)."""
+class BNBeforeLowBits(nn.Module):
+    """BatchNorm before a ``bits``-bit ReLU quantizer: its float bias is off the accumulator grid
+    (multi-thresholds import it exactly up to 4 bits; a requantizer cannot, beyond)."""
 
-    def __init__(self):
+    def __init__(self, bits: int = 2):
         super().__init__()
         self.input_quant = pixel_input()
         self.fc0 = int8_linear(64, 16, per_channel=False)
         self.bn0 = nn.BatchNorm1d(16)
-        self.relu0 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, bit_width=2, return_quant_tensor=True)
+        self.relu0 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, bit_width=bits, return_quant_tensor=True)
         self.fc1 = int8_linear(16, 10, per_channel=False)
 
     def forward(self, x):

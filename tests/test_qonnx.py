@@ -13,7 +13,7 @@ import brevitas_models as bm
 from hwgen import golden
 from hwgen.errors import UserError
 from hwgen.frontends.qonnx import check_against_executor, executor_outputs, float_inputs_for, import_model
-from hwgen.ir import IntegerModel
+from hwgen.ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from hwgen.rtl.network import default_folds
 from sim.verify import NetworkSimulator
 from test_cli import assert_user_error, hwgen
@@ -81,9 +81,10 @@ def test_binary_cnn_cnv_style(tmp_path):
     assert_rtl_equals_golden(model, codes, tmp_path / "sim")
 
 
-def test_four_bit_activations_import_exactly_as_a_narrow_requantizer(tmp_path):
+def test_four_bit_activations_import_exactly_as_multi_thresholds(tmp_path):
     path, model, codes, accuracy = import_and_check(tmp_path, lambda: bm.IntMLP(4), "a4")
-    assert [(layer.requant.lo, layer.requant.hi) for layer in model.layers[:2]] == [(0, 15), (0, 15)]
+    assert [(layer.output_kind, layer.output_type, layer.thresholds.shape[1]) for layer in model.layers[:2]] == [
+        ("multithreshold", "uint4", 15)] * 2
     # the codes are 4-bit: they never leave [0, 15] and use many of its values
     hidden = golden.run(model, codes).outputs[0]
     assert hidden.min() == 0 and hidden.max() <= 15 and len(np.unique(hidden)) >= 8
@@ -113,13 +114,21 @@ def test_learned_float_scales_import_and_agree_with_the_executor_all_but_near_ti
     assert agreement.classes_equal + agreement.classes_tied >= len(test_x) - 1
 
 
-def test_batchnorm_before_two_bits_is_refused(tmp_path):
-    path = bm.train_and_export(bm.BNBeforeTwoBits, tmp_path, "bn2")
+def test_batchnorm_before_two_bits_imports_exactly_as_multi_thresholds(tmp_path):
+    path, model, codes, accuracy = import_and_check(tmp_path, bm.BNBeforeLowBits, "bn2")
+    assert (model.layers[0].output_kind, model.layers[0].output_type) == ("multithreshold", "uint2")
+    hidden = golden.run(model, codes).outputs[0]
+    assert set(np.unique(hidden).tolist()) == {0, 1, 2, 3}
+    assert_rtl_equals_golden(model, codes, tmp_path / "sim")
+
+
+def test_batchnorm_before_six_bits_is_refused(tmp_path):
+    path = bm.train_and_export(lambda: bm.BNBeforeLowBits(6), tmp_path, "bn6")
     with pytest.raises(UserError, match=re.escape(
             f"{path}: node 'Quant_5' (Quant): channel 0: no requantizer (M0, shift, integer bias, half-even "
-            "rounding) gives this 2-bit quantizer's codes on the whole accumulator range (a bias off the "
-            "accumulator grid, or BatchNorm before a multi-bit quantizer); quantize the bias with Int32Bias, or "
-            "use a 1-bit activation after BatchNorm") + "$"):
+            "rounding) gives this 6-bit quantizer's codes on the whole accumulator range (a bias off the "
+            "accumulator grid, or BatchNorm before a 5-8-bit quantizer); quantize the bias with Int32Bias, or "
+            "use an activation of at most 4 bits after BatchNorm") + "$"):
         import_model(path)
 
 
@@ -171,26 +180,44 @@ def test_executor_outputs_in_a_batch_equal_one_at_a_time(tmp_path):
             assert np.array_equal(single[tensor][0], batch[tensor][k]), tensor
 
 
-@pytest.mark.parametrize("name, rtl", [("tfc_1w1a", True), ("cnv_1w1a", False)])
-def test_bnn_pynq_networks_import_exactly(tmp_path, name, rtl):
-    """FINN's own reference networks: TFC's 2x - 1 before a bipolar input quantizer, its TensorNorm
-    output (Sub, Div, Mul, Add), CNV's signed 8-bit input of scale 2**-7 on 32x32x3 images."""
+def import_bnn_pynq_exactly(name: str, tmp_path) -> tuple[IntegerModel, np.ndarray]:
+    """A BNN-PYNQ network exported, imported and held to the executor on 200 random inputs (every
+    activation quantizer compared); the model and the inputs' codes."""
     path, shape = bm.bnn_pynq(name, tmp_path)
     model = import_model(path)
     inputs = np.random.default_rng(1).random((200, *shape[1:])).astype(np.float32)
     agreement = check_against_executor(path, model, inputs)
     assert agreement.ok and agreement.classes_equal == 200, agreement.summary()
     assert activation_quantizer_outputs(path) <= {tensor for _, tensor, _, _ in agreement.tensors}
+    return model, model.input_quantizer.codes(inputs)
+
+
+@pytest.mark.parametrize("name, rtl", [("tfc_1w1a", True), ("cnv_1w1a", False)])
+def test_bnn_pynq_networks_import_exactly(tmp_path, name, rtl):
+    """FINN's own reference networks: TFC's 2x - 1 before a bipolar input quantizer, its TensorNorm
+    output (Sub, Div, Mul, Add), CNV's signed 8-bit input of scale 2**-7 on 32x32x3 images."""
+    model, codes = import_bnn_pynq_exactly(name, tmp_path)
     assert [layer.output_kind for layer in model.layers].count("threshold") == (3 if name.startswith("tfc") else 8)
     if rtl:
-        assert_rtl_equals_golden(model, model.input_quantizer.codes(inputs), tmp_path / "sim")
+        assert_rtl_equals_golden(model, codes, tmp_path / "sim")
 
 
-def test_bnn_pynq_two_bit_activations_are_refused_with_the_documented_message(tmp_path):
-    path, _ = bm.bnn_pynq("tfc_1w2a", tmp_path, steps=5)
-    with pytest.raises(UserError, match=r"node 'Quant_\d+' \(Quant\): channel \d+: no requantizer \(M0, shift, "
-                                        r"integer bias, half-even rounding\) gives this 2-bit quantizer's codes"):
-        import_model(path)
+@pytest.mark.parametrize("name, weights, rtl", [("tfc_1w2a", "binary", True), ("tfc_2w2a", "ternary", True),
+                                                ("sfc_1w2a", "binary", False), ("cnv_1w2a", "binary", False)])
+def test_bnn_pynq_two_bit_networks_import_exactly_as_multi_thresholds(tmp_path, name, weights, rtl):
+    """Brevitas's W1A2 and W2A2 BNN-PYNQ definitions: signed narrow 2-bit activations (codes -1, 0,
+    +1 become levels 0, 1, 2) after BatchNorm, 2-bit narrow weights (ternary)."""
+    model, codes = import_bnn_pynq_exactly(name, tmp_path)
+    dense = [layer.dense if isinstance(layer, Conv2dLayer) else layer for layer in model.layers
+             if not isinstance(layer, MaxPool2dLayer)]
+    assert {layer.weight_kind for layer in dense} == {weights}
+    hidden = [layer for layer in dense if layer.output_kind != "scores"]
+    assert len(hidden) == (8 if name.startswith("cnv") else 3)
+    assert {(layer.output_kind, layer.output_type) for layer in hidden} == {("multithreshold", "uint2")}
+    levels = golden.run(model, codes).outputs[0]
+    assert set(np.unique(levels).tolist()) == {0, 1, 2}
+    if rtl:
+        assert_rtl_equals_golden(model, codes, tmp_path / "sim")
 
 
 @pytest.mark.parametrize("name", ["tfc", pytest.param("int8", marks=pytest.mark.slow),

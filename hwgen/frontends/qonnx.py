@@ -17,11 +17,14 @@ How each layer's decisions are reproduced (FINN's streamlining, on hwgen's contr
 * a 1-bit output (``BipolarQuant``) becomes ``acc >= T_c``: ``T_c`` is found by bisection over
   the accumulator's whole range, evaluating the layer's *own* element-wise tail (BN, scales,
   biases, the quantizer) with qonnx's executor, so the threshold is where the source model flips;
-* a 2-8-bit output (``Quant``) becomes hwgen's requantizer with ``rounding="half_even"`` (QONNX's
+* a 2-4-bit output (``Quant``, signed or not, after any BN, scales, biases, ReLU) becomes a
+  multi-threshold layer: its k-bit level is the code minus the quantizer's least code, and each of
+  the channel's ``2**k - 1`` thresholds is found by the same bisection with the executor;
+* a 5-8-bit output (``Quant``) becomes hwgen's requantizer with ``rounding="half_even"`` (QONNX's
   ``ROUND``); its ``(M0, s)``, bias and clamp are accepted only after a proof that they give the
   source model's code at every accumulator of the range: both are monotone step functions, so
   agreeing at every step of the model and one below it is agreeing everywhere. Where no
-  requantizer passes (a bias off the accumulator grid, BatchNorm before a multi-bit quantizer) the
+  requantizer passes (a bias off the accumulator grid, BatchNorm before a 5-8-bit quantizer) the
   import is refused, naming the node;
 * the last layer's tail must be one positive affine map for all classes (``OutputScale``), so
   raw integer scores rank the classes as the float outputs do.
@@ -44,15 +47,17 @@ from ..errors import UserError
 from .checks import require_finite
 from ..ir import (ACC_LIMIT, INT8_WEIGHT_LIMIT, MULTIPLIER_RANGE, SHIFT_RANGE, Conv2dLayer, DenseLayer,
                   InputQuantizer, IntegerModel, MaxPool2dLayer, OutputScale, Requant, first_reached,
-                  fold_threshold, negate_rows, quantize_multiplier)
+                  fold_multithreshold, fold_threshold, negate_rows, quantize_multiplier)
 
 QUANTIZERS = ("Quant", "BipolarQuant", "MultiThreshold")
 TAIL_OPS = ("Add", "Sub", "Mul", "Div", "BatchNormalization", "Relu")
 REORDER_OPS = ("Reshape", "Flatten", "Transpose")
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 PREPROCESS_OPS = ("Mul", "Div", "Add", "Sub")
-SUPPORTED = ("Quant (2-8 bits; 1 bit signed), BipolarQuant, MultiThreshold (one threshold), MatMul, Gemm, "
-             "Conv, BatchNormalization, Relu, MaxPool, Flatten, Reshape, Transpose, and Add/Sub/Mul/Div "
+#: Activation quantizers of up to this many bits become multi-threshold units; wider ones requantizers.
+MULTITHRESHOLD_MAX_BITS = 4
+SUPPORTED = ("Quant (activations: 2-4 bits as multi-thresholds, 5-8 bits requantized, 1 bit signed; "
+             "weights: 1-8 bits), BipolarQuant, MultiThreshold (one threshold), MatMul, Gemm, Conv, BatchNormalization, Relu, MaxPool, Flatten, Reshape, Transpose, and Add/Sub/Mul/Div "
              "by constants")
 
 
@@ -413,7 +418,7 @@ class _Importer:
         pool = MaxPool2dLayer(self.name("pool"), (height, width, channels), int(kernel[0]), act.kind)
         self.layers.append(pool)
         self.tensors.append({"layer": pool.name, "tensor": node.output[0], "quantizer": self.tensors[-1]["quantizer"],
-                             "layout": "nchw"})
+                             "layout": "nchw", "code_offset": self.tensors[-1].get("code_offset", 0)})
         out = pool.out_shape
         return _canonical_layout((out[2], out[0], out[1])), node.output[0]
 
@@ -445,7 +450,8 @@ class _Importer:
             dequantized = quant(latent, scale, zero_point, bit_width, 1, g.attr(source, "narrow", 0),
                                 g.attr(source, "rounding_mode", "ROUND"))
             codes = np.rint(dequantized / np.broadcast_to(scale, latent.shape)).astype(np.int64)
-            kind = "int8"
+            # 2-bit codes are ternary (narrow range, Brevitas's default) or int2 {-2, ..., 1}.
+            kind = ("ternary" if codes.min() >= -1 else "int2") if bits == 2 else "int8"
             if codes.min() < -INT8_WEIGHT_LIMIT:
                 raise g.refuse(source, f"a weight code is {codes.min()}; hwgen's int8 weights are symmetric "
                                        "[-127, 127]: quantize with narrow_range=True")
@@ -641,6 +647,7 @@ class _Importer:
 
     def _hidden_layer(self, step: dict, tail: list, end, quantizer: _Quantizer):
         g, raw = self.g, step["raw"]
+        code_offset = 0
         if quantizer.kind == "bipolar":
             runner = _TailRunner(g, tail + [end], step["node"].output[0], raw.out_features,
                                  step["geometry"] is not None)
@@ -651,16 +658,43 @@ class _Importer:
             lo, hi = raw.channel_acc_bounds
             layer = fold_threshold(raw, positive, positive(lo) & ~positive(hi))
             next_act = _Act("bits", quantizer.scale)
+        elif quantizer.bits <= MULTITHRESHOLD_MAX_BITS:
+            layer, code_offset = self._multithreshold_layer(step, tail, end, quantizer)
+            next_act = _Act(f"uint{quantizer.bits}", quantizer.scale, 1, quantizer.zero_point - code_offset)
         else:
             layer = self._requant_layer(step, tail, end, quantizer)
             next_act = _Act("int8" if quantizer.signed else "uint8", quantizer.scale, 1, quantizer.zero_point)
         self._append(step, layer)
         self.tensors.append({"layer": layer.name, "tensor": end.output[0], "quantizer": quantizer.header(),
-                             "layout": "flat" if step["geometry"] is None else "nchw"})
+                             "layout": "flat" if step["geometry"] is None else "nchw",
+                             "code_offset": code_offset})
         out = self.layers[-1]
         new_layout = _canonical_layout((out.out_shape[2], out.out_shape[0], out.out_shape[1])) \
             if step["geometry"] is not None else np.arange(out.out_features)
         return next_act, new_layout
+
+    def _multithreshold_layer(self, step: dict, tail: list, end, quantizer: _Quantizer) -> tuple[DenseLayer, int]:
+        """A 2-4-bit quantizer after any monotone tail (BN, scales, biases, ReLU) as a multi-threshold
+        layer, and the code its level 0 stands for.
+
+        The level is the code minus the quantizer's least code (a signed 2-bit narrow quantizer's
+        -1, 0, +1 become levels 0, 1, 2; level 3 is never reached). Each threshold is where the
+        source model's code, computed by qonnx's executor on the layer's own tail, first reaches
+        that level: bisection over the whole accumulator range, exact like the 1-bit threshold.
+        """
+        g, raw = self.g, step["raw"]
+        code_offset = quantizer.code_range[0]
+        runner = _TailRunner(g, tail + [end], step["node"].output[0], raw.out_features, step["geometry"] is not None)
+
+        def level(acc: np.ndarray) -> np.ndarray:
+            return quantizer.codes(runner(self._x(step, np.asarray(acc)[None, :])))[0] - code_offset
+
+        lo, hi = raw.channel_acc_bounds
+        try:
+            layer = fold_multithreshold(raw, level, level(lo) > level(hi), quantizer.bits)
+        except ValueError as error:
+            raise g.refuse(end, str(error)) from None
+        return layer, code_offset
 
     def _requant_layer(self, step: dict, tail: list, end, quantizer: _Quantizer) -> DenseLayer:
         """A 2-8-bit quantizer after an affine tail as a half-even requantizer, proved at every step.
@@ -726,8 +760,9 @@ class _Importer:
             channel = int(np.argmin(done))
             raise g.refuse(end, f"channel {channel}: no requantizer (M0, shift, integer bias, half-even rounding) "
                                 f"gives this {quantizer.bits}-bit quantizer's codes on the whole accumulator range "
-                                "(a bias off the accumulator grid, or BatchNorm before a multi-bit quantizer); "
-                                "quantize the bias with Int32Bias, or use a 1-bit activation after BatchNorm")
+                                "(a bias off the accumulator grid, or BatchNorm before a 5-8-bit quantizer); "
+                                "quantize the bias with Int32Bias, or use an activation of at most "
+                                f"{MULTITHRESHOLD_MAX_BITS} bits after BatchNorm")
         bias = base_bias + chosen_bias
         if np.any(np.abs(bias) >= 2**31) or not SHIFT_RANGE[0] <= chosen_shift.min() <= chosen_shift.max() <= SHIFT_RANGE[1]:
             raise g.refuse(end, "the requantizer's bias or shift is out of range")
@@ -890,7 +925,7 @@ def check_against_executor(path: Path | str, model: IntegerModel, float_inputs: 
     agreement = Agreement(len(codes))
     for entry in record["tensors"]:
         theirs = _hwgen_order(codes_of(entry["quantizer"], context[entry["tensor"]]), entry["layout"])
-        ours = np.asarray(by_layer[entry["layer"]], dtype=np.int64)
+        ours = np.asarray(by_layer[entry["layer"]], dtype=np.int64) + entry.get("code_offset", 0)
         differ = theirs != ours
         agreement.tensors.append((entry["layer"], entry["tensor"], int(differ.size), int(differ.sum())))
         if differ.any() and agreement.first_mismatch is None:
