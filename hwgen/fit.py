@@ -252,10 +252,15 @@ PRODUCT_LUTS_PER_INPUT = 12
 PAIR_LUTS_PER_INPUT = 10.0
 #: The pair sums and differences shared by a layer's lanes, per input.
 PAIR_SUM_LUTS_PER_INPUT = 5
-#: A ternary or int2 weight times an unsigned input, and its share of the adder tree, per product bit.
-SMALL_PRODUCT_LUTS_PER_BIT = 2.0
-#: A multi-threshold lane besides its comparators (LUT4): the level count and the output register's input.
-MULTITHRESHOLD_LANE_LUTS = 28
+#: A ternary or int2 weight's term (the input selected, doubled or complemented) and its share of the
+#: adder tree, per input and per term bit (LUT4).
+SMALL_PRODUCT_LUTS_PER_INPUT = 2.0
+SMALL_PRODUCT_LUTS_PER_BIT = 1.2
+#: A multi-threshold unit (LUT4): its control and counters; the share of a full multiplexer its
+#: lanes' accumulator picks cost; per bit of each comparator (the level count included).
+MULTITHRESHOLD_BASE_LUTS = 120
+MULTITHRESHOLD_PICK_SHARE = 0.4
+MULTITHRESHOLD_LUTS_PER_THRESHOLD_BIT = 0.65
 #: The SPI flash loader and the SPRAM load sequencer (logic and flip-flops).
 LOADER_LUTS = 180
 LOADER_FFS = 130
@@ -289,7 +294,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
     else:
         # Ternary or int2 weights on k-bit (or byte) inputs: a select-and-negate per product bit,
         # then the adder tree.
-        per_lane = SMALL_PRODUCT_LUTS_PER_BIT * simd * (layer.input_bits + layer.weight_bits)
+        per_lane = simd * (SMALL_PRODUCT_LUTS_PER_INPUT + SMALL_PRODUCT_LUTS_PER_BIT * stage.term_bits)
     # Pipeline registers of the adder trees (bench/lanes.py).
     lanes.ffs += pe * simd * (0.8 if layer.is_popcount else 1.75) * stage.tree_stages
     # The memory-output registers (input_word, weight_word) take their D from a register or a
@@ -331,14 +336,15 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         return "requant", Resources(luts=REQUANT_LANE_LUTS * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,
                                     ffs=400 * stage.lanes, dsps=on_dsp)
     if isinstance(stage, MultiThreshold):
-        # Per lane the pick of its accumulator from the held beat, a comparator per threshold (a
-        # LUT4 per threshold bit) and the count; registers for the held beat, the accumulators
-        # (twice), the thresholds, the comparisons and the output (yosys, the W1A2 MLP's two units:
-        # 354 and 216 LUT4 on ECP5, within 10 % of this).
+        # Per lane the pick of its accumulator from the held beat (a multiplexer of PE / lanes
+        # inputs per accumulator bit) and a comparator per threshold; registers for the held beat,
+        # the accumulators (twice), the thresholds, the comparisons and the output. Fitted to yosys
+        # (synth_ecp5) on six units: 1-32 lanes, 2-4 bits, 9-11-bit accumulators, within 15 %.
         lanes, width, bits = stage.lanes, stage.acc_bits, stage.threshold_bits
         pick = width * (stage.accept_interval - 1) / 2
         return "multithreshold", Resources(
-            luts=40 + lanes * (pick + stage.levels * bits + MULTITHRESHOLD_LANE_LUTS),
+            luts=MULTITHRESHOLD_BASE_LUTS + lanes * (MULTITHRESHOLD_PICK_SHARE * pick
+                                                     + MULTITHRESHOLD_LUTS_PER_THRESHOLD_BIT * stage.levels * bits),
             ffs=20 + stage.pe * width + lanes * (2 * width + stage.levels * (bits + 1) + stage.output_bits))
     if isinstance(stage, SlidingWindow):
         # Its counters, position registers and their adders, and a LUT per pixel bit to zero the

@@ -326,6 +326,20 @@ class FoldedDense(wiring.Component):
         return -(-self._simd // 2) if self.pair_signs else self._simd
 
     @property
+    def term_bits(self) -> int:
+        """Bits of one term a lane's adder tree sums: 1 (XNOR), the pair term's, a product's (16
+        before the DSP's register), or for ternary and 2-bit weights the selected input, one bit
+        wider for its complement (two with 2x)."""
+        layer = self._layer
+        if layer.is_popcount:
+            return 1
+        if self.pair_signs:
+            return min(PAIR_BITS, layer.input_bits + 1)
+        if layer.weight_bits == 2 and layer.input_kind != "bits":
+            return layer.input_bits + (1 if layer.weight_kind == "ternary" else 2) - (layer.input_kind == "int8")
+        return 16 if self.multiplies else layer.weight_bits + 1
+
+    @property
     def tree_stages(self) -> int:
         """Registers in a lane's adder tree: ``max(1, ceil(ceil(log2(terms)) / tree_levels))``."""
         return tree_stages(self.lane_terms, self._tree_levels)
