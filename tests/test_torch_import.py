@@ -121,6 +121,23 @@ def test_binarize_a_user_mlp_with_self_distillation(kind, tmp_path, digits):
     assert saved.layers[0].output_kind == "threshold"
 
 
+@pytest.mark.parametrize("weights, act_bits", [("binary", 2), ("ternary", 2)])
+def test_binarize_a_user_mlp_to_low_bit_precisions(weights, act_bits, tmp_path, digits):
+    torch.manual_seed(3)
+    network = hwgen.binarize(fit(UserMLP()), digits, kind="binary", weights=weights, act_bits=act_bits, epochs=8)
+    assert network.info["precision"] == ("W1A2" if weights == "binary" else "WtA2")
+    model = assert_torch_equals_golden(network, digits)
+    assert network.evaluate(digits) > 0.8
+    hidden = [layer for layer in model.layers if layer.output_kind != "scores"]
+    assert {(layer.output_kind, layer.output_type) for layer in hidden} == {("multithreshold", "uint2")}
+    assert {layer.weight_kind for layer in model.layers} == {weights}
+
+
+def test_binarize_refuses_low_bit_precision_for_mixed(digits):
+    with pytest.raises(UserError, match=r"^--weights ternary --act-bits 2 apply to --kind binary"):
+        hwgen.binarize(fit(UserMLP()), digits, kind="mixed", weights="ternary", act_bits=2, epochs=1)
+
+
 def test_cli_quantize_a_torch_export_archive_and_binarize_a_cnn(tmp_path, digits):
     torch.manual_seed(4)
     archive = tmp_path / "cnn.pt2"

@@ -18,7 +18,7 @@ The model's input is the uint8 sample (``(H, W)``, ``(H, W, C)`` channels last, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -358,11 +358,15 @@ def quantize(model, calibration, kind: str = "int8", *, input_scale: float = 1 /
     return QuantizedNetwork(quantized, user, info)
 
 
-def binarize(model, train_data, kind: str = "binary", *, epochs: int = 10, distill: bool = True,
+def binarize(model, train_data, kind: str = "binary", *, weights: str = "binary", act_bits: int = 1,
+             epochs: int = 10, distill: bool = True,
              temperature: float = 4.0, distill_weight: float = 0.7, lr: float = 1e-2, seed: int = 0,
              input_scale: float = 1 / 255, input_offset: float = 0.0,
              augmentation: templates.Augmentation = templates.Augmentation()) -> QuantizedNetwork:
     """Quantization-aware fine-tuning to ``binary`` (W1A1) or ``mixed`` from the float weights.
+
+    With ``kind="binary"``, ``weights="ternary"`` gives {-1, 0, +1} weights (TWN) and ``act_bits``
+    2-4 gives k-bit hidden activations (multi-threshold units in hardware): W1A2, WtA2 and so on.
 
     The student starts from the float model's weights (scaled into the latent [-1, 1]) and, with
     ``distill``, learns from the float model itself as teacher: soft targets at ``temperature``,
@@ -376,7 +380,8 @@ def binarize(model, train_data, kind: str = "binary", *, epochs: int = 10, disti
     template = float_template(program, ds.image_shape, input_scale=input_scale, input_offset=input_offset,
                               classes=ds.classes)
     user = _UserModel(program, ds.image_shape, input_scale, input_offset)
-    student = templates.build_model(template.arch.with_kind(kind), seed)
+    arch = template.arch.with_kind(kind)
+    student = templates.build_model(replace(arch, weights=weights, act_bits=act_bits), seed)
     with torch.no_grad():
         for source, target in [*zip(template.convs, getattr(student, "convs", [])),
                                *zip(template.linears, student.linears)]:
@@ -387,7 +392,8 @@ def binarize(model, train_data, kind: str = "binary", *, epochs: int = 10, disti
                 target.weight.copy_(source.weight)
                 if getattr(target, "bias", None) is not None:
                     target.bias.copy_(source.bias)
-    info = {"dataset": ds.name, "kind": kind, "source": "torch", "seed": seed, "epochs": epochs,
+    info = {"dataset": ds.name, "kind": kind, "precision": student.arch.precision, "source": "torch", "seed": seed,
+            "epochs": epochs,
             "float_accuracy": templates.float_accuracy(user, ds.test_x, ds.test_y)}
     if distill:
         info["distillation"] = {"temperature": temperature, "weight": distill_weight, "teacher": "the float model"}
