@@ -119,9 +119,9 @@ def _augmentation_options(function):
 @click.option("--conv", default="", help="Convolutional front end, e.g. 32c3,m2,64c3,m2 (<channels>c<kernel>"
                                          "[s<stride>][p<padding>], m<pool>); empty for an MLP.")
 @click.option("--hidden", default="256,256", show_default=True, help="Hidden (dense) layer widths.")
-@click.option("--weights", "weight_kind", type=click.Choice(["binary", "ternary"]), default="binary",
-              show_default=True, help="--kind binary: ±1 weights, or ternary {-1, 0, +1} (TWN, threshold "
-                                      "0.7 mean|w| per layer).")
+@click.option("--weights", "weight_kind", type=click.Choice(["binary", "ternary", "int2"]), default="binary",
+              show_default=True, help="--kind binary: ±1 weights, ternary {-1, 0, +1} (TWN, threshold "
+                                      "0.7 mean|w| per layer), or 2-bit {-2, -1, 0, 1} (step mean|w| per layer).")
 @click.option("--act-bits", type=click.IntRange(1, 4), default=1, show_default=True,
               help="--kind binary: hidden activations of 1 bit (±1) or 2-4 bits (unsigned levels, "
                    "multi-threshold units in hardware).")

@@ -145,7 +145,8 @@ def test_bad_low_bit_fields_are_named(tmp_path, mutate, message):
 
 @pytest.mark.parametrize("weights, act_bits, conv", [
     ("binary", 2, ()), ("ternary", 2, ()), ("ternary", 1, ()), ("binary", 4, ()),
-    ("binary", 2, ("8c3", "m2")), ("ternary", 3, ("6c3", "m2", "8c3s2p1"))])
+    ("binary", 2, ("8c3", "m2")), ("ternary", 3, ("6c3", "m2", "8c3s2p1")), ("int2", 2, ()),
+    ("int2", 2, ("6c3", "m2"))])
 def test_templates_torch_equals_golden(digits, weights, act_bits, conv):
     """Fake-quant torch == golden on every integer output of every test image, after training."""
     from hwgen.frontends import templates
@@ -162,6 +163,10 @@ def test_templates_torch_equals_golden(digits, weights, act_bits, conv):
     for got, want in zip(result.outputs, torch_outputs):
         assert np.array_equal(got, want)
     assert np.mean(result.classes == digits.test_y) == pytest.approx(accuracy)
+    if weights == "int2":
+        # every 2-bit value in use, and no BN scale below 0 (so no row needed negating)
+        assert set(np.unique(hidden[0].weights).tolist()) == {-2, -1, 0, 1}
+        assert all((norm.weight >= 0).all() for norm in [*model.conv_norms, *model.norms])
 
 
 def test_precision_needs_a_binary_template():

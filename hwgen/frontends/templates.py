@@ -65,7 +65,7 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
 
 
 #: Weight precisions of the ``binary`` templates, and their activation bits.
-LOW_BIT_WEIGHTS = ("binary", "ternary")
+LOW_BIT_WEIGHTS = ("binary", "ternary", "int2")
 ACT_BITS = (1, 2, 3, 4)
 #: TWN's threshold: weights within ``TERNARY_DELTA * mean|w|`` of zero become 0 (Li & Liu, 2016).
 TERNARY_DELTA = 0.7
@@ -112,17 +112,38 @@ def ternary_delta(weight: torch.Tensor) -> torch.Tensor:
     return TERNARY_DELTA * weight.detach().abs().mean()
 
 
+class _Int2STE(torch.autograd.Function):
+    """``clamp(round(w / step), -2, 1)`` (torch's round) with the gradient passed straight through."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(w / step), -2.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def int2_step(weight: torch.Tensor) -> torch.Tensor:
+    """The per-layer step of 2-bit weights: ``mean|w|`` of the latent weights (float32, as trained)."""
+    return weight.detach().abs().mean().clamp(min=1e-8)
+
+
 def quantize_low_bit_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """±1 (``sign(0) = +1``) or ternary {-1, 0, +1} weights, with straight-through gradients."""
+    """±1 (``sign(0) = +1``), ternary {-1, 0, +1} or 2-bit {-2, -1, 0, 1} weights, with
+    straight-through gradients."""
     if kind == "ternary":
         return _TernarySTE.apply(weight, ternary_delta(weight))
+    if kind == "int2":
+        return _Int2STE.apply(weight, int2_step(weight))
     return binarize(weight)
 
 
 def low_bit_weight_values(weight: torch.Tensor, kind: str) -> np.ndarray:
-    """The integer weights the forward pass uses: uint8 bits for binary, int8 in [-1, 1] for ternary."""
+    """The integer weights the forward pass uses: uint8 bits for binary, int8 values for ternary
+    and 2-bit weights."""
     with torch.no_grad():
-        if kind == "ternary":
+        if kind in ("ternary", "int2"):
             return quantize_low_bit_weight(weight, kind).to(torch.int8).cpu().numpy()
         return (weight.detach() >= 0).to(torch.uint8).cpu().numpy()
 
@@ -202,8 +223,8 @@ class Architecture:
 
     @property
     def precision(self) -> str:
-        """FINN's spelling of the precision: ``W1A1``, ``W1A2``, ``WtA2`` (ternary), ..."""
-        return f"W{'1' if self.weights == 'binary' else 't'}A{self.act_bits}"
+        """FINN's spelling of the precision: ``W1A1``, ``W1A2``, ``WtA2`` (ternary), ``W2A2`` (2-bit), ..."""
+        return f"W{ {'binary': '1', 'ternary': 't', 'int2': '2'}[self.weights]}A{self.act_bits}"
 
     @property
     def conv_layers(self) -> list[tuple]:
@@ -299,7 +320,8 @@ def _conv_modules(arch: Architecture, make_conv) -> tuple[nn.ModuleList, nn.Modu
 class BinaryMLP(nn.Module):
     """W1A1 MLP with uint8 input, BN + sign between layers, integer scores out.
 
-    With ``arch.weights == "ternary"`` the weights are {-1, 0, +1}; with ``arch.act_bits`` k > 1
+    With ``arch.weights == "ternary"`` the weights are {-1, 0, +1}, with ``"int2"`` {-2, -1, 0, 1}
+    (a per-layer step ``mean|w|``); with ``arch.act_bits`` k > 1
     the hidden activations are k-bit levels ``round(clamp(BN, 0, 1) * (2**k - 1))`` instead of signs.
     """
 
@@ -337,6 +359,12 @@ class BinaryMLP(nn.Module):
     def clip_(self) -> None:
         for layer in [*self.convs, *self.linears]:
             layer.clip_()
+        if self.arch.weights == "int2":
+            # A channel with gamma < 0 is exported with its weight row negated, and a 2-bit row
+            # holding -2 has no negation in [-2, 1]: keep every BN scale >= 0.
+            with torch.no_grad():
+                for norm in [*self.conv_norms, *self.norms]:
+                    norm.weight.clamp_(min=0.0)
 
 
 def padding_value(first: bool, act_bits: int) -> float:
