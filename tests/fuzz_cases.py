@@ -22,7 +22,12 @@ from hwgen.rtl.network import Fold
 
 #: (weights, output) of a hidden layer the RTL builds; the last layer gives scores.
 HIDDEN_KINDS = (("binary", "threshold"), ("int8", "threshold"), ("int8", "requant"))
+#: ... with k-bit activations and ternary or 2-bit weights (the head's weights come from the same draw).
+LOW_BIT_KINDS = (("binary", "multithreshold"), ("ternary", "multithreshold"), ("int2", "multithreshold"),
+                 ("ternary", "threshold"), ("int2", "threshold"))
 WEIGHT_PATTERNS = ("random", "plus", "minus", "extreme")
+#: Ternary and 2-bit weights may also be all zero (every row zero: the accumulator is the bias).
+LOW_BIT_WEIGHT_PATTERNS = WEIGHT_PATTERNS + ("zero",)
 THRESHOLD_PATTERNS = ("random", "low", "high", "ends")
 SHIFT_PATTERNS = ("random", "low", "high")
 IMAGE_PATTERNS = ("random", "zeros", "full")
@@ -33,7 +38,8 @@ class LayerSpec:
     """One dense or convolution layer (a convolution may be followed by a 2x2 max-pool).
 
     A requantizing layer rounds half up (TFLite) or half to even (QONNX), and ``narrow`` clamps
-    its output to 16 codes, as an imported 4-bit activation does.
+    its output to 16 codes, as an imported 4-bit activation does. A multi-threshold layer gives
+    ``act_bits``-bit levels.
 
     ``pe`` and ``simd`` index the layer's legal choices (taken modulo their number), so that
     every drawn case is buildable and shrinking goes towards the most folded layer.
@@ -54,6 +60,7 @@ class LayerSpec:
     stride: int = 1
     padding: int = 0
     pool: bool = False
+    act_bits: int = 2
 
 
 @dataclass(frozen=True)
@@ -79,32 +86,40 @@ class FuzzCase:
 
 
 def _with_weights(layer: DenseLayer, pattern: str, rng: np.random.Generator) -> DenseLayer:
-    """All +1 / all −1 (binary) or all ±127 (int8), or int8 at ±127 with random signs."""
+    """All +1 / all −1 (binary) or all ±127 (int8), or int8 at ±127 with random signs; ternary and
+    2-bit weights at +1, at their least value, at both with random signs, or all 0."""
     if pattern == "random" or (pattern == "extreme" and layer.weight_kind == "binary"):
         return layer
     shape = layer.weights.shape
     if layer.weight_kind == "binary":
         weights = np.full(shape, 1 if pattern == "plus" else 0, np.uint8)
-    elif pattern == "extreme":
-        weights = np.where(rng.random(shape) < 0.5, 127, -127).astype(np.int8)
     else:
-        weights = np.full(shape, 127 if pattern == "plus" else -127, np.int8)
+        high = {"ternary": 1, "int2": 1}.get(layer.weight_kind, 127)
+        low = {"ternary": -1, "int2": -2}.get(layer.weight_kind, -127)
+        if pattern == "extreme":
+            weights = np.where(rng.random(shape) < 0.5, high, low)
+        else:
+            weights = np.full(shape, {"plus": high, "minus": low, "zero": 0}[pattern])
+        weights = weights.astype(np.int8)
     return dataclasses.replace(layer, weights=weights)
 
 
 def _with_thresholds(layer: DenseLayer, pattern: str, rng: np.random.Generator) -> DenseLayer:
-    """Thresholds where inputs land, at the accumulator's low end (always 1), one past its high end
-    (always 0), or each channel at one end or the other."""
+    """Thresholds where inputs land, at the accumulator's low end (always reached), one past its
+    high end (never reached), or each at one end or the other; a multi-threshold layer's rows
+    sorted."""
     lo, hi = layer.channel_acc_bounds
+    shape = layer.thresholds.shape
+    lo, hi = (lo[:, None], hi[:, None]) if len(shape) == 2 else (lo, hi)
     if pattern == "random":
-        thresholds = centred_thresholds(layer, rng)
-    elif pattern == "low":
-        thresholds = lo
+        return layer
+    if pattern == "low":
+        thresholds = np.broadcast_to(lo, shape)
     elif pattern == "high":
-        thresholds = hi + 1
+        thresholds = np.broadcast_to(hi + 1, shape)
     else:
-        thresholds = np.where(rng.random(layer.out_features) < 0.5, lo, hi + 1)
-    return dataclasses.replace(layer, thresholds=np.asarray(thresholds, np.int64))
+        thresholds = np.sort(np.where(rng.random(shape) < 0.5, lo, hi + 1), axis=-1)
+    return dataclasses.replace(layer, thresholds=np.array(thresholds, np.int64))
 
 
 def _with_shift(layer: DenseLayer, pattern: str) -> DenseLayer:
@@ -122,9 +137,9 @@ def _with_shift(layer: DenseLayer, pattern: str) -> DenseLayer:
 
 
 def _dense(spec: LayerSpec, name: str, input_kind: str, n_in: int, rng: np.random.Generator) -> DenseLayer:
-    layer = random_layer(rng, name, input_kind, spec.output, n_in, spec.width, spec.weights)
+    layer = random_layer(rng, name, input_kind, spec.output, n_in, spec.width, spec.weights, spec.act_bits)
     layer = _with_weights(layer, spec.weight_pattern, rng)
-    if spec.output == "threshold":
+    if spec.output in ("threshold", "multithreshold"):
         layer = _with_thresholds(layer, spec.threshold_pattern, rng)
     elif spec.output == "requant":
         layer = _with_shift(layer, spec.shift_pattern)
@@ -157,7 +172,7 @@ def build_case(case: FuzzCase) -> tuple[IntegerModel, list[Fold], np.ndarray]:
         pe_choices = divisors(dense.out_features)
         folds.append(Fold(pe_choices[spec.pe % len(pe_choices)], simd_choices[spec.simd % len(simd_choices)]))
         layers.append(layer)
-        kind, incoming = layer.output_type, 1 if spec.output == "requant" else folds[-1].pe
+        kind, incoming = layer.output_type, 1 if spec.output in ("requant", "multithreshold") else folds[-1].pe
         shape = layer.out_shape if spec.conv else (layer.out_features,)
         if spec.pool:
             pool = MaxPool2dLayer(f"pool{index}", shape, 2, kind)
@@ -169,14 +184,23 @@ def build_case(case: FuzzCase) -> tuple[IntegerModel, list[Fold], np.ndarray]:
     return IntegerModel(case.input_shape, tuple(layers)), folds, images
 
 
-def _hidden_kind(draw, allow_int8: bool) -> tuple[str, str]:
+def _hidden_kind(draw, allow_int8: bool, low_bit: bool = False) -> tuple[str, str]:
+    if low_bit:
+        return draw(st.sampled_from(LOW_BIT_KINDS))
     return draw(st.sampled_from(HIDDEN_KINDS if allow_int8 else HIDDEN_KINDS[:1]))
+
+
+def _head_weights(draw, mixed: bool, low_bit: bool) -> str:
+    return draw(st.sampled_from(["binary", "ternary", "int2"] if low_bit else ["binary", "int8"] if mixed else ["binary"]))
 
 
 def _layer_spec(draw, width: int, kinds: tuple[str, str], **geometry) -> LayerSpec:
     weights, output = kinds
+    low_bit = weights in ("ternary", "int2") or output == "multithreshold"
+    if low_bit:
+        geometry["act_bits"] = draw(st.integers(2, 4))
     return LayerSpec(width=width, weights=weights, output=output,
-                     weight_pattern=draw(st.sampled_from(WEIGHT_PATTERNS)),
+                     weight_pattern=draw(st.sampled_from(LOW_BIT_WEIGHT_PATTERNS if low_bit else WEIGHT_PATTERNS)),
                      threshold_pattern=draw(st.sampled_from(THRESHOLD_PATTERNS)),
                      shift_pattern=draw(st.sampled_from(SHIFT_PATTERNS)),
                      rounding=draw(st.sampled_from(["half_up", "half_even"])), narrow=draw(st.booleans()),
@@ -191,18 +215,18 @@ def _run_spec(draw) -> dict:
 
 
 @st.composite
-def dense_cases(draw, mixed: bool) -> FuzzCase:
-    """1–3 dense layers of odd and prime sizes; ``mixed``: int8 layers and requantizers too."""
+def dense_cases(draw, mixed: bool, low_bit: bool = False) -> FuzzCase:
+    """1–3 dense layers of odd and prime sizes; ``mixed``: int8 layers and requantizers too;
+    ``low_bit``: k-bit activations from multi-threshold units, ternary and 2-bit weights."""
     depth = draw(st.integers(1, 3))
     n_in = draw(st.integers(1, 90))
-    specs = [_layer_spec(draw, draw(st.integers(1, 40)), _hidden_kind(draw, mixed)) for _ in range(depth - 1)]
-    head = (draw(st.sampled_from(["binary", "int8"])) if mixed else "binary", "scores")
-    specs.append(_layer_spec(draw, draw(st.integers(2, 10)), head))
+    specs = [_layer_spec(draw, draw(st.integers(1, 40)), _hidden_kind(draw, mixed, low_bit)) for _ in range(depth - 1)]
+    specs.append(_layer_spec(draw, draw(st.integers(2, 10)), (_head_weights(draw, mixed, low_bit), "scores")))
     return FuzzCase((n_in,), tuple(specs), **_run_spec(draw))
 
 
 @st.composite
-def conv_cases(draw) -> FuzzCase:
+def conv_cases(draw, low_bit: bool = False) -> FuzzCase:
     """1–2 convolutions (kernel 1/2/3, stride 1/2, padding 0/1, a max-pool or not), then a dense head."""
     height, width, channels = draw(st.integers(3, 9)), draw(st.integers(3, 9)), draw(st.integers(1, 3))
     specs, shape = [], (height, width)
@@ -214,7 +238,7 @@ def conv_cases(draw) -> FuzzCase:
         pool = min(shape) >= 2 and draw(st.booleans())
         if pool:
             shape = tuple(size // 2 for size in shape)
-        specs.append(_layer_spec(draw, draw(st.integers(1, 6)), _hidden_kind(draw, True), conv=True,
+        specs.append(_layer_spec(draw, draw(st.integers(1, 6)), _hidden_kind(draw, True, low_bit), conv=True,
                                  kernel=kernel, stride=stride, padding=padding, pool=pool))
-    specs.append(_layer_spec(draw, draw(st.integers(2, 6)), (draw(st.sampled_from(["binary", "int8"])), "scores")))
+    specs.append(_layer_spec(draw, draw(st.integers(2, 6)), (_head_weights(draw, True, low_bit), "scores")))
     return FuzzCase((height, width, channels), tuple(specs), **_run_spec(draw))

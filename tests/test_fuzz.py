@@ -1,7 +1,8 @@
 """Property-based RTL tests: hypothesis draws whole networks, the RTL must equal golden on every word.
 
-Each example is a network (dense or convolutional, binary or int8 or mixed, odd sizes, random
-legal folds) with weights, thresholds and requantizer shifts often at their extremes, run in
+Each example is a network (dense or convolutional, binary or int8 or mixed, or low-bit: k-bit
+activations, ternary and 2-bit weights; odd sizes, random legal folds) with weights, thresholds
+(multi-thresholds too) and requantizer shifts often at their extremes (all-zero ternary rows), run in
 Verilator with random stalls on both stream ends. Every output word and every hidden layer's
 output element (probed) must equal the golden model's.
 
@@ -83,6 +84,18 @@ def test_fuzz_mixed_precision_mlp(case):
 @given(conv_cases())
 def test_fuzz_cnn(case):
     check_case(case, "cnn")
+
+
+@FUZZ_SETTINGS
+@given(dense_cases(mixed=False, low_bit=True))
+def test_fuzz_low_bit_mlp(case):
+    check_case(case, "low-bit-mlp")
+
+
+@FUZZ_SETTINGS
+@given(conv_cases(low_bit=True))
+def test_fuzz_low_bit_cnn(case):
+    check_case(case, "low-bit-cnn")
 
 
 @pytest.mark.parametrize("text", REGRESSIONS)
