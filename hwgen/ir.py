@@ -46,7 +46,9 @@ Version 4 adds what lies between 1 and 8 bits: ``"uint2"`` to ``"uint4"`` inputs
 activations), ``"ternary"`` and ``"int2"`` weights, and ``"multithreshold"`` outputs with
 ``"out": "uintk"``: the output is ``sum_j [acc >= T_cj]`` over the channel's ``2**k - 1``
 thresholds (FINN's MultiThreshold). A k-bit input ``x`` on ternary or int2 weights accumulates
-``sum(x_i * w_i) + bias`` like any non-popcount layer; the hardware computes it from bit-planes.
+``sum(x_i * w_i) + bias`` like any non-popcount layer (the golden model computes it from
+bit-plane popcounts, the hardware from selected and complemented inputs; both exactly). Weights
+are stored as int8 values; ternary rows hold -1, 0, +1, int2 rows -2 to 1.
 
 Version 3 adds ``requant.rounding`` (``"half_up"``, TFLite's and the default, or ``"half_even"``,
 QONNX's ``ROUND``), and the host-side records of imported models: ``input.quantizer`` (the float
