@@ -202,8 +202,10 @@ def test_bnn_pynq_networks_import_exactly(tmp_path, name, rtl):
         assert_rtl_equals_golden(model, codes, tmp_path / "sim")
 
 
-@pytest.mark.parametrize("name, weights, rtl", [("tfc_1w2a", "binary", True), ("tfc_2w2a", "ternary", True),
-                                                ("sfc_1w2a", "binary", False), ("cnv_1w2a", "binary", False)])
+@pytest.mark.parametrize("name, weights, rtl", [
+    ("tfc_1w2a", "binary", True), ("tfc_2w2a", "ternary", True),
+    pytest.param("sfc_1w2a", "binary", False, marks=pytest.mark.slow),
+    pytest.param("cnv_1w2a", "binary", False, marks=pytest.mark.slow)])
 def test_bnn_pynq_two_bit_networks_import_exactly_as_multi_thresholds(tmp_path, name, weights, rtl):
     """Brevitas's W1A2 and W2A2 BNN-PYNQ definitions: signed narrow 2-bit activations (codes -1, 0,
     +1 become levels 0, 1, 2) after BatchNorm, 2-bit narrow weights (ternary)."""

@@ -121,7 +121,7 @@ def test_binarize_a_user_mlp_with_self_distillation(kind, tmp_path, digits):
     assert saved.layers[0].output_kind == "threshold"
 
 
-@pytest.mark.parametrize("weights, act_bits", [("binary", 2), ("ternary", 2)])
+@pytest.mark.parametrize("weights, act_bits", [pytest.param("binary", 2, marks=pytest.mark.slow), ("ternary", 2)])
 def test_binarize_a_user_mlp_to_low_bit_precisions(weights, act_bits, tmp_path, digits):
     torch.manual_seed(3)
     network = hwgen.binarize(fit(UserMLP()), digits, kind="binary", weights=weights, act_bits=act_bits, epochs=8)
