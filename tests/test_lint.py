@@ -1,6 +1,7 @@
 """The generated Verilog passes ``verilator --lint-only -Wall`` with only the waivers of sim/lint.py."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from helpers import reference_shapes
@@ -34,3 +35,14 @@ def test_lint_reports_what_is_not_waived():
     """A latch (an always block that does not assign in every branch) is a finding."""
     findings = lint_verilog("module t(input a, output reg y);\n  always @* if (a) y = 1'b1;\nendmodule\n", "t")
     assert any(line.startswith("%Warning-LATCH") for line in findings), findings
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_low_bit_networks_lint_clean(index):
+    """Multi-threshold units and the k-bit x ±1, ternary and int2 lanes."""
+    from helpers import random_model
+    from test_rtl_verilator import LOW_BIT_MLPS
+
+    widths, kinds, folds = LOW_BIT_MLPS[index]
+    model = random_model(np.random.default_rng(700 + index), widths, kinds=kinds)
+    assert lint_verilog(generate_verilog(NetworkTop(model, folds)), "hwgen_network") == []
