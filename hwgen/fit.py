@@ -286,7 +286,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         per_lane = PRODUCT_LUTS_PER_INPUT * simd + (products - on_dsp) * costs.multiplier_luts / pe
     elif stage.pair_signs:
         # Pair terms are an input bit wider than the inputs (9 bits for bytes).
-        term_share = min(PAIR_BITS, layer.input_bits + 1) / PAIR_BITS
+        term_share = stage.term_bits / PAIR_BITS
         per_lane = PAIR_LUTS_PER_INPUT * simd * term_share
         lanes.luts += PAIR_SUM_LUTS_PER_INPUT * simd * term_share
         # Each lane's registered pair terms.

@@ -47,29 +47,23 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.uint64)
 
 
+def _word_popcounts(x_words: np.ndarray, w_words: np.ndarray, combine) -> np.ndarray:
+    """``popcount(combine(x, w))`` of packed words for every row pair: shape ``(rows of x, rows of w)``,
+    ``_CHUNK`` rows of ``x`` at a time."""
+    result = np.empty((len(x_words), len(w_words)), dtype=np.int64)
+    for start in range(0, len(x_words), _CHUNK):
+        block = combine(x_words[start:start + _CHUNK, None, :], w_words[None, :, :])
+        result[start:start + _CHUNK] = np.bitwise_count(block).sum(axis=-1, dtype=np.int64)
+    return result
+
+
 def popcount_xnor(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
     """``popcount(XNOR(x, w))`` for every image and weight row: shape ``(images, rows)``.
 
     Padding bits are zero in both operands, so they never count as mismatches, and the popcount
     is ``N - popcount(x XOR w)``.
     """
-    n = x_bits.shape[1]
-    x_words, w_words = pack_bits(x_bits), pack_bits(w_bits)
-    result = np.empty((len(x_bits), len(w_bits)), dtype=np.int64)
-    for start in range(0, len(x_bits), _CHUNK):
-        block = x_words[start:start + _CHUNK, None, :] ^ w_words[None, :, :]
-        result[start:start + _CHUNK] = n - np.bitwise_count(block).sum(axis=-1, dtype=np.int64)
-    return result
-
-
-def popcount_and(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
-    """``popcount(AND(x, w))`` for every image and weight row: shape ``(images, rows)``."""
-    x_words, w_words = pack_bits(x_bits), pack_bits(w_bits)
-    result = np.empty((len(x_bits), len(w_bits)), dtype=np.int64)
-    for start in range(0, len(x_bits), _CHUNK):
-        block = x_words[start:start + _CHUNK, None, :] & w_words[None, :, :]
-        result[start:start + _CHUNK] = np.bitwise_count(block).sum(axis=-1, dtype=np.int64)
-    return result
+    return x_bits.shape[1] - _word_popcounts(pack_bits(x_bits), pack_bits(w_bits), np.bitwise_xor)
 
 
 def weight_planes(layer: DenseLayer) -> tuple[list[tuple[int, np.ndarray]], int]:
@@ -95,6 +89,7 @@ def bitplane_dot(layer: DenseLayer, x: np.ndarray) -> np.ndarray:
     planes of :func:`weight_planes`; ``popcount(x_b)`` is shared by every output channel.
     """
     planes, constant = weight_planes(layer)
+    packed_planes = [(coefficient, pack_bits(plane)) for coefficient, plane in planes]
     acc = np.zeros((len(x), layer.out_features), dtype=np.int64)
     # Rows (images, or a convolution's windows of every image) a block at a time: the planes of a
     # whole test set's windows would not fit in memory (a 10,000-image CNN took 21 GB at once).
@@ -103,7 +98,9 @@ def bitplane_dot(layer: DenseLayer, x: np.ndarray) -> np.ndarray:
         block = acc[start:start + _PLANE_ROWS]
         for bit in range(layer.input_bits):
             x_plane = (rows >> bit) & 1
-            terms = sum(coefficient * popcount_and(x_plane, plane) for coefficient, plane in planes)
+            x_words = pack_bits(x_plane)
+            terms = sum(coefficient * _word_popcounts(x_words, words, np.bitwise_and)
+                        for coefficient, words in packed_planes)
             if constant:
                 terms = terms + constant * x_plane.sum(axis=1, dtype=np.int64)[:, None]
             block += terms << bit

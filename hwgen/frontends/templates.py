@@ -95,12 +95,13 @@ def activation(y: torch.Tensor, bits: int) -> torch.Tensor:
     return binarize(y) if bits == 1 else _LevelsSTE.apply(y, (1 << bits) - 1)
 
 
-class _TernarySTE(torch.autograd.Function):
-    """``sign(w) * [|w| > delta]`` with the gradient passed straight through."""
+class _StraightThrough(torch.autograd.Function):
+    """``quantized`` (the weights' integer values, computed from them) with the gradient passed
+    straight through to the latent weights."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return torch.where(w.abs() > delta, torch.sign(w), torch.zeros_like(w))
+    def forward(ctx, w: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -112,18 +113,6 @@ def ternary_delta(weight: torch.Tensor) -> torch.Tensor:
     return TERNARY_DELTA * weight.detach().abs().mean()
 
 
-class _Int2STE(torch.autograd.Function):
-    """``clamp(round(w / step), -2, 1)`` (torch's round) with the gradient passed straight through."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(w / step), -2.0, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
 def int2_step(weight: torch.Tensor) -> torch.Tensor:
     """The per-layer step of 2-bit weights: ``mean|w|`` of the latent weights (float32, as trained)."""
     return weight.detach().abs().mean().clamp(min=1e-8)
@@ -132,11 +121,14 @@ def int2_step(weight: torch.Tensor) -> torch.Tensor:
 def quantize_low_bit_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """±1 (``sign(0) = +1``), ternary {-1, 0, +1} or 2-bit {-2, -1, 0, 1} weights, with
     straight-through gradients."""
-    if kind == "ternary":
-        return _TernarySTE.apply(weight, ternary_delta(weight))
-    if kind == "int2":
-        return _Int2STE.apply(weight, int2_step(weight))
-    return binarize(weight)
+    if kind == "binary":
+        return binarize(weight)
+    with torch.no_grad():
+        if kind == "ternary":
+            quantized = torch.where(weight.abs() > ternary_delta(weight), torch.sign(weight), torch.zeros_like(weight))
+        else:
+            quantized = torch.clamp(torch.round(weight / int2_step(weight)), -2.0, 1.0)
+    return _StraightThrough.apply(weight, quantized)
 
 
 def low_bit_weight_values(weight: torch.Tensor, kind: str) -> np.ndarray:

@@ -326,6 +326,12 @@ class FoldedDense(wiring.Component):
         return -(-self._simd // 2) if self.pair_signs else self._simd
 
     @property
+    def complement_terms(self) -> bool:
+        """Whether lanes select the input, doubled or complemented, per ternary or 2-bit weight (on
+        integer inputs); the accumulator then starts with each row's count of negative weights."""
+        return self._layer.weight_bits == 2 and self._layer.input_kind != "bits"
+
+    @property
     def term_bits(self) -> int:
         """Bits of one term a lane's adder tree sums: 1 (XNOR), the pair term's, a product's (16
         before the DSP's register), or for ternary and 2-bit weights the selected input, one bit
@@ -335,7 +341,7 @@ class FoldedDense(wiring.Component):
             return 1
         if self.pair_signs:
             return min(PAIR_BITS, layer.input_bits + 1)
-        if layer.weight_bits == 2 and layer.input_kind != "bits":
+        if self.complement_terms:
             return layer.input_bits + (1 if layer.weight_kind == "ternary" else 2) - (layer.input_kind == "int8")
         return 16 if self.multiplies else layer.weight_bits + 1
 
@@ -419,7 +425,7 @@ class FoldedDense(wiring.Component):
             start += np.asarray(layer.bias, dtype=np.int64)
         if self.pair_signs:
             start += pair_sign_corrections(layer, self._simd)
-        if layer.weight_bits == 2 and layer.input_kind != "bits":
+        if self.complement_terms:
             start += (layer.weight_values < 0).sum(axis=1)
         if layer.output_kind == "threshold":
             start -= np.asarray(layer.thresholds, dtype=np.int64)
@@ -511,7 +517,7 @@ class FoldedDense(wiring.Component):
         xs, ws = self._inputs(x), self._weights(w, lane)
         if layer.input_kind == "bits":
             return [Mux(xk, wk, -wk) for xk, wk in zip(xs, ws)]
-        if layer.weight_bits == 2:
+        if self.complement_terms:
             # Ternary and 2-bit weights select the input, doubled or complemented, since yosys maps
             # ``x * w`` onto a DSP block. -x and -2x are the ones' complements ~x = -x - 1 and
             # ~2x: no adder per term, a LUT4 per term bit; the accumulator starts with the row's
