@@ -157,3 +157,41 @@ def test_malformed_data_file_is_one_message(tmp_path):
     assert_user_error(result, f"error: {bad}: array 'test_x' is missing; the file needs train_x, train_y, test_x, "
                               "test_y\n")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_export_check_runs_in_batches_and_names_the_image(tmp_path, monkeypatch, capsys):
+    """The torch == golden check goes a batch at a time; its accuracy is golden's on the whole test
+    set, and a wrong threshold is caught with the image's index in the whole set, nothing written."""
+    from hwgen import cli, golden
+    from hwgen.data import load_dataset
+    from hwgen.errors import UserError
+    from hwgen.frontends import templates
+
+    monkeypatch.setattr(cli, "CHECK_BATCH_IMAGES", 100)
+    digits = load_dataset("digits")
+    arch = templates.Architecture(digits.image_shape, (24,), digits.classes, "binary", (), "ternary", 2)
+    model = templates.build_model(arch, seed=2)
+    templates.train(model, digits, epochs=1, seed=2, progress=False)
+    integer_model = templates.export(model)
+    cli._check_torch_and_save(model, integer_model, digits, str(tmp_path / "m.npz"))
+    whole = golden.run(integer_model, digits.test_x)
+    assert integer_model.info["quantized_accuracy"] == float(np.mean(whole.classes == digits.test_y))
+    # Raise the one threshold whose first exact hit (accumulator == threshold) comes latest: golden
+    # then differs from torch first on that image, beyond the first batch.
+    hidden = integer_model.layers[0]
+    accumulators = digits.test_x.reshape(len(digits.test_x), -1).astype(np.int64) @ hidden.weights.T.astype(np.int64)
+    accumulators += 0 if hidden.bias is None else hidden.bias
+    first_hit = {}
+    for channel, row in enumerate(hidden.thresholds):
+        for level, threshold in enumerate(row):
+            raisable = level + 1 == len(row) or row[level + 1] > threshold
+            hits = np.flatnonzero(accumulators[:, channel] == threshold)
+            if raisable and len(hits):
+                first_hit[channel, level] = int(hits[0])
+    (channel, level), image = max(first_hit.items(), key=lambda item: item[1])
+    assert image >= 100
+    hidden.thresholds[channel, level] += 1
+    with pytest.raises(UserError, match="torch and golden disagree; the model was not written"):
+        cli._check_torch_and_save(model, integer_model, digits, str(tmp_path / "bad.npz"))
+    assert f"MISMATCH image {image}, layer {hidden.name}, index {channel}:" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
