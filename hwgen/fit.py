@@ -289,8 +289,10 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         term_share = stage.term_bits / PAIR_BITS
         per_lane = PAIR_LUTS_PER_INPUT * simd * term_share
         lanes.luts += PAIR_SUM_LUTS_PER_INPUT * simd * term_share
-        # Each lane's registered pair terms.
+        # Each lane's registered pair terms; the pair sums' copies and the weight word beside them.
         lanes.ffs += pe * -(-simd // 2) * PAIR_BITS * term_share
+        if stage.pair_sum_copies > 1:
+            lanes.ffs += stage.pair_sum_copies * simd * PAIR_BITS * term_share + pe * simd
     else:
         # Ternary or int2 weights on k-bit (or byte) inputs: a select-and-negate per product bit,
         # then the adder tree.

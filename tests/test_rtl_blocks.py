@@ -55,6 +55,8 @@ def layer_inputs(rng, layer, count):
     ("int8", "uint8", "requant", 8, 4, 4, 4),
     ("binary", "uint2", "scores", 12, 4, 2, 6),
     ("binary", "uint3", "multithreshold", 10, 4, 4, 5),
+    ("binary", "uint8", "threshold", 10, 6, 6, 5),         # two copies of the pair sums, 4 and 2 lanes
+    ("binary", "uint2", "scores", 8, 9, 9, 4),             # three copies
     ("binary", "uint4", "threshold", 9, 3, 1, 3),
     ("ternary", "uint2", "scores", 12, 6, 3, 4),
     ("ternary", "uint8", "multithreshold", 8, 4, 2, 8),
@@ -132,6 +134,19 @@ def test_folded_dense_carried_products(input_kind, n_in, n_out, pe, simd):
     assert dut.pipeline_stages == FoldedDense(dut.layer, pe=pe, simd=simd).pipeline_stages + 1
 
 
+def test_folded_dense_pair_sum_copies():
+    """Each group of four pair lanes reads its own registered copy of the shared pair sums."""
+    rng = np.random.default_rng(3)
+    layer = random_layer(rng, "d", "uint8", "threshold", 10, 12, "binary")
+    assert [FoldedDense(layer, pe=pe, simd=5).pair_sum_copies for pe in (1, 4, 6, 12)] == [1, 1, 2, 3]
+    text = amaranth_verilog.convert(FoldedDense(layer, pe=12, simd=5), name="dense", emit_src=False)
+    # Two pairs and the odd element, each copied three times (the odd one once per copy).
+    assert sorted(set(re.findall(r"reg .*?(pair_\w+_copy\d+)\b", text))) == sorted(
+        f"{name}_copy{c}" for name in ("pair_sum0", "pair_difference0", "pair_sum1", "pair_difference1",
+                                       "pair_odd") for c in range(3))
+    assert FoldedDense(random_layer(rng, "d", "bits", "threshold", 10, 12, "binary"), pe=12, simd=5).pair_sum_copies == 0
+
+
 def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, tree_levels=3, *,
                        banked_weights=False, carried_products=False):
     """Outputs equal golden's on random images; latency and II equal their formulas."""
@@ -143,9 +158,10 @@ def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, si
     want = (acc >= layer.thresholds).astype(np.int64) if output_kind == "threshold" else acc
     dut = FoldedDense(layer, pe=pe, simd=simd, tree_levels=tree_levels, banked_weights=banked_weights,
                       carried_products=carried_products)
-    # Integer inputs: a product register (int8 weights; two when carried), or pair sums and pair
-    # terms (±1 weights); ternary and int2 products go straight into the trees.
-    lane_stages = {"binary": 2, "int8": 1 + carried_products}.get(weight_kind, 0)
+    # Integer inputs: a product register (int8 weights; two when carried), or pair sums, their
+    # copies beyond four lanes, and pair terms (±1 weights); ternary and int2 products go straight
+    # into the trees.
+    lane_stages = {"binary": 2 + (pe > 4), "int8": 1 + carried_products}.get(weight_kind, 0)
     assert dut.pipeline_stages == 5 + dut.weight_bank_stages + dut.tree_stages + (input_kind != "bits") * lane_stages
     beats = [pack(image[k:k + simd].astype(np.int64) & 0xFF, layer.input_bits)
              for image in images for k in range(0, n_in, simd)]

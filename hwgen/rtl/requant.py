@@ -5,7 +5,7 @@ import numpy as np
 from amaranth.hdl import Module, Mux, Signal, signed
 
 from ..ir import DenseLayer
-from .arith import MemoryShape, read_rom, rom_shapes
+from .arith import MemoryShape, read_rom, register_copies, rom_shapes
 from .dense import channel_words
 from .lanes import ChannelLanes
 
@@ -90,10 +90,11 @@ class Requantizer(ChannelLanes):
                 m.d.sync += register.eq(value)
             return register
 
-        # Stage 2: the accumulator and the constant registered again, so that no ROM or block RAM
-        # output feeds a multiplier directly.
-        acc = stage(acc, "acc")
-        multiplier = stage(constant[_SHIFT_BITS:], "multiplier")
+        # Stage 2: the accumulator's and the constant's pieces registered again, a copy for each
+        # multiplier, so that no ROM or block RAM output feeds a multiplier directly and each
+        # copy is placed beside its multiplier: one register shared by two multipliers was the
+        # int8 MLP's ECP5 critical path (routed 54 columns to the MULT18X18D).
+        multiplier = constant[_SHIFT_BITS:]
         shift = stage(constant[:_SHIFT_BITS], "shift_stage2_")
 
         # Stage 3: partial products of operand pieces (acc < 2**31, M0 < 2**31), each within one
@@ -104,9 +105,12 @@ class Requantizer(ChannelLanes):
             top = value[_PIECE_BITS:]
             return [(value[:_PIECE_BITS], 0), (top.as_signed() if signed_top else top, _PIECE_BITS)]
 
-        partials = [(stage(a * b, f"partial{index}_"), a_offset + b_offset)
-                    for index, ((a, a_offset), (b, b_offset)) in enumerate(
-                        (x, y) for x in pieces(acc, True) for y in pieces(multiplier, False))]
+        partials = []
+        for index, ((a, a_offset), (b, b_offset)) in enumerate(
+                (x, y) for x in pieces(acc, True) for y in pieces(multiplier, False)):
+            a_copy, b_copy = (register_copies(m, value, 1, f"{name}{lane}_{index}", advance)[0]
+                              for value, name in ((a, "acc_piece"), (b, "multiplier_piece")))
+            partials.append((stage(a_copy * b_copy, f"partial{index}_"), a_offset + b_offset))
         shift = stage(shift, "shift_stage3_")
 
         # Stages 4 and 5: the product, the partial products' sum, two at a time and then the two
