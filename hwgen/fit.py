@@ -332,7 +332,7 @@ def _stage_cost(stage, dsps_left: int, costs: FamilyCosts) -> tuple[str, Resourc
         return "dense", _dense_cost(stage, dsps_left, costs)
     if isinstance(stage, Requantizer):
         # Per lane, acc * M0 (32 x 31 bits) in four 16x16 or 18x18 multipliers, then round, shift and
-        # clamp; seven register stages (operands, partial products, two for their sum, shift, output).
+        # clamp; six register stages (operands, partial products, two for their sum, shift) and the queue.
         products = 4 * stage.lanes
         on_dsp = costs.dsps_for(products, dsps_left)
         return "requant", Resources(luts=REQUANT_LANE_LUTS * stage.lanes + (products - on_dsp) * 4 * costs.multiplier_luts,

@@ -262,7 +262,7 @@ def test_requantizer_equals_golden_and_formulas(pe, lanes, stall, n_in):
     want = golden.layer_output(layer, accs).reshape(-1)
     signed = layer.requant.out_kind == "int8"
     assert [v - 256 if signed and v > 127 else v for v in elements] == want.tolist()
-    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 7
+    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 6 + 2   # six stages, then the output queue's two
     if stall == 0.0:
         per_image = 8 // lanes
         assert out_cycles[per_image - 1] - in_cycles[8 // pe - 1] == dut.latency
@@ -288,7 +288,7 @@ def test_multithreshold_equals_golden_and_formulas(pe, lanes, stall, bits):
     levels = [(word >> (bits * lane)) & ((1 << bits) - 1) for word in outputs for lane in range(lanes)]
     assert levels == golden.layer_output(layer, accs).reshape(-1).tolist()
     assert dut.levels == (1 << bits) - 1 and dut.comparators == dut.levels * lanes
-    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 4
+    assert dut.cycles_per_image == 8 // lanes and dut.latency == pe // lanes + 3 + 2
     if stall == 0.0:
         per_image = 8 // lanes
         assert out_cycles[per_image - 1] - in_cycles[8 // pe - 1] == dut.latency

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Cat, Module, Signal
+from amaranth.hdl import Cat, Const, Module, Signal
 
 from ..ir import DenseLayer, signed_width
 from .arith import MemoryShape, read_rom, rom_shapes, tree_sum
@@ -12,8 +12,8 @@ from .lanes import ChannelLanes
 __all__ = ["MultiThreshold"]
 
 #: Registered stages after an element is taken: accumulator and ROM read, both registered again,
-#: the comparisons, the output (their count).
-PIPELINE_STAGES = 4
+#: the comparisons (their count goes into the output queue).
+PIPELINE_STAGES = 3
 
 
 class MultiThreshold(ChannelLanes):
@@ -76,8 +76,8 @@ class MultiThreshold(ChannelLanes):
 
     @property
     def memories(self) -> list[MemoryShape]:
-        """The threshold ROM: ``lanes`` channels of ``levels`` thresholds per word."""
-        return rom_shapes("thresholds", self._layer.out_features // self._lanes, self._word_bits)
+        """The threshold ROM, ``lanes`` channels of ``levels`` thresholds per word, and the output queue."""
+        return [*rom_shapes("thresholds", self._layer.out_features // self._lanes, self._word_bits), self.queue_memory]
 
     @property
     def _word_bits(self) -> int:
@@ -94,24 +94,21 @@ class MultiThreshold(ChannelLanes):
         m = Module()
         lanes, width, levels, t_bits = self._lanes, self._acc_bits, self.levels, self._threshold_bits
 
-        advance = Signal()
-        m.d.comb += advance.eq(~self.o.valid | self.o.ready)
-        s1_valid, s1_accs, group = self._take_lanes(m, advance)
+        s1_valid, s1_accs, group = self._take_lanes(m)
         # Stage 1 also holds the lanes' thresholds from the ROM.
-        words = read_rom(m, "thresholds", self._threshold_words(), self._word_bits, group, advance)
+        words = read_rom(m, "thresholds", self._threshold_words(), self._word_bits, group, Const(1))
 
         results = []
         for lane in range(lanes):
             # Stage 2: accumulator and thresholds registered again, so that no ROM output feeds a comparator.
-            acc = Signal(width, name=f"acc{lane}")
-            thresholds = Signal(levels * t_bits, name=f"thresholds{lane}")
+            acc = Signal(width, name=f"acc{lane}", reset_less=True)
+            thresholds = Signal(levels * t_bits, name=f"thresholds{lane}", reset_less=True)
             # Stage 3: the comparisons.
-            reached = Signal(levels, name=f"reached{lane}")
-            with m.If(advance):
-                m.d.sync += [acc.eq(s1_accs.word_select(lane, width)),
-                             thresholds.eq(words.word_select(lane, levels * t_bits)),
-                             reached.eq(Cat(acc.as_signed() >= thresholds.word_select(j, t_bits).as_signed()
-                                            for j in range(levels)))]
+            reached = Signal(levels, name=f"reached{lane}", reset_less=True)
+            m.d.sync += [acc.eq(s1_accs.word_select(lane, width)),
+                         thresholds.eq(words.word_select(lane, levels * t_bits)),
+                         reached.eq(Cat(acc.as_signed() >= thresholds.word_select(j, t_bits).as_signed()
+                                        for j in range(levels)))]
             results.append(tree_sum([reached[j] for j in range(levels)])[:self._layer.output_bits])
-        self._emit(m, advance, s1_valid, results)
+        self._emit(m, s1_valid, results)
         return m

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Const, Module, Mux, Signal, signed
 
 from ..ir import DenseLayer
 from .arith import MemoryShape, read_rom, register_copies, rom_shapes
@@ -12,8 +12,8 @@ from .lanes import ChannelLanes
 __all__ = ["Requantizer"]
 
 #: Registered stages after an element is taken: accumulator and ROM read, both registered again,
-#: partial products, their sum in two stages, shift, output.
-PIPELINE_STAGES = 7
+#: partial products, their sum in two stages, shift (the rounding and clamp go into the queue).
+PIPELINE_STAGES = 6
 #: Bits of each operand piece of a partial product, so that each fits one 18x18 multiplier.
 _PIECE_BITS = 16
 _SHIFT_BITS = 6
@@ -57,8 +57,9 @@ class Requantizer(ChannelLanes):
 
     @property
     def memories(self) -> list[MemoryShape]:
-        """The per-channel multiplier-and-shift ROM, ``lanes`` channels per word."""
-        return rom_shapes("constants", self._layer.out_features // self._lanes, self._lanes * _CONSTANT_BITS)
+        """The per-channel multiplier-and-shift ROM, ``lanes`` channels per word, and the output queue."""
+        groups = self._layer.out_features // self._lanes
+        return [*rom_shapes("constants", groups, self._lanes * _CONSTANT_BITS), self.queue_memory]
 
     def elaborate(self, platform):
         m = Module()
@@ -66,28 +67,25 @@ class Requantizer(ChannelLanes):
         q = layer.requant
         constants = (q.multiplier.astype(np.int64) << _SHIFT_BITS) | (30 - q.shift.astype(np.int64))
 
-        advance = Signal()
-        m.d.comb += advance.eq(~self.o.valid | self.o.ready)
-        s1_valid, s1_accs, group = self._take_lanes(m, advance)
+        s1_valid, s1_accs, group = self._take_lanes(m)
         # Stage 1 also holds M0 and r - 1 from the ROM.
         constant_words = read_rom(m, "constants", channel_words(constants, lanes, _CONSTANT_BITS),
-                                  lanes * _CONSTANT_BITS, group, advance)
+                                  lanes * _CONSTANT_BITS, group, Const(1))
         results = []
         for lane in range(lanes):
             constant = constant_words.word_select(lane, _CONSTANT_BITS)
-            results.append(self._lane(m, lane, s1_accs.word_select(lane, width).as_signed(), constant, advance))
-        self._emit(m, advance, s1_valid, results)
+            results.append(self._lane(m, lane, s1_accs.word_select(lane, width).as_signed(), constant))
+        self._emit(m, s1_valid, results)
         return m
 
-    def _lane(self, m: Module, lane: int, acc, constant, advance: Signal):
+    def _lane(self, m: Module, lane: int, acc, constant):
         """One lane's product, shift and rounding stages; the clamped result (8 bits, not registered)."""
         q, width = self._layer.requant, self._acc_bits
 
         def stage(value, name: str) -> Signal:
-            """``value`` registered (when the pipeline advances)."""
-            register = Signal(value.shape(), name=f"{name}{lane}")
-            with m.If(advance):
-                m.d.sync += register.eq(value)
+            """``value`` registered (datapath: no reset, no enable)."""
+            register = Signal(value.shape(), name=f"{name}{lane}", reset_less=True)
+            m.d.sync += register.eq(value)
             return register
 
         # Stage 2: the accumulator's and the constant's pieces registered again, a copy for each
@@ -108,7 +106,7 @@ class Requantizer(ChannelLanes):
         partials = []
         for index, ((a, a_offset), (b, b_offset)) in enumerate(
                 (x, y) for x in pieces(acc, True) for y in pieces(multiplier, False)):
-            a_copy, b_copy = (register_copies(m, value, 1, f"{name}{lane}_{index}", advance)[0]
+            a_copy, b_copy = (register_copies(m, value, 1, f"{name}{lane}_{index}")[0]
                               for value, name in ((a, "acc_piece"), (b, "multiplier_piece")))
             partials.append((stage(a_copy * b_copy, f"partial{index}_"), a_offset + b_offset))
         shift = stage(shift, "shift_stage3_")
@@ -119,22 +117,21 @@ class Requantizer(ChannelLanes):
         pair_sums = [stage(sum(partial << offset for partial, offset in partials[start:start + 2]), f"pair_sum{start}_")
                      for start in range(0, len(partials), 2)]
         shift = stage(shift, "shift_stage4_")
-        product = Signal(signed(width + 32), name=f"product{lane}")
-        with m.If(advance):
-            m.d.sync += product.eq(sum(pair_sums))
+        product = Signal(signed(width + 32), name=f"product{lane}", reset_less=True)
+        m.d.sync += product.eq(sum(pair_sums))
         shift = stage(shift, "shift")
 
         # Stage 6: P >> (r - 1), arithmetic.
-        halved_reg = Signal(signed(width + 32), name=f"halved{lane}")
-        below_half_clear = Signal(name=f"below_half_clear{lane}")   # the bits below P's half bit are all zero
+        halved_reg = Signal(signed(width + 32), name=f"halved{lane}", reset_less=True)
+        # Whether the bits below P's half bit are all zero.
+        below_half_clear = Signal(name=f"below_half_clear{lane}", reset_less=True)
         halved = Signal(signed(width + 32), name=f"shifted{lane}")
         m.d.comb += halved.eq(product >> shift)
-        with m.If(advance):
-            m.d.sync += halved_reg.eq(halved)
-            if q.rounding == "half_even":
-                m.d.sync += below_half_clear.eq((halved << shift) == product)
+        m.d.sync += halved_reg.eq(halved)
+        if q.rounding == "half_even":
+            m.d.sync += below_half_clear.eq((halved << shift) == product)
 
-        # Stage 7 (the output register): finish the rounding, add the zero point, clamp.
+        # Into the output queue: finish the rounding, add the zero point, clamp.
         rounded = Signal(signed(width + 33), name=f"rounded{lane}")
         if q.rounding == "half_even":
             floor = halved_reg >> 1
