@@ -13,7 +13,7 @@ from hwgen.rtl import arith
 from hwgen.rtl.dense import FoldedDense
 from hwgen.rtl.multithreshold import MultiThreshold
 from hwgen.rtl.requant import Requantizer
-from hwgen.rtl.resize import StreamResizer
+from hwgen.rtl.resize import PixelPacker, StreamResizer
 from hwgen.rtl.scores import ScoreSerializer
 from helpers import random_images, random_layer, random_model
 from streams import run_streams
@@ -213,6 +213,20 @@ def test_folded_dense_under_stalls():
     dut = FoldedDense(layer, pe=4, simd=4)
     outputs, _, _ = run_streams(dut, layer_beats(layer, 4, images), 6 * 2, stall_in=0.5, stall_out=0.5, seed=3)
     assert [v for w in outputs for v in unpack(w, 1, 4)] == want.reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("count", [1, 5, 40])      # 40 slots: three copies of the element
+@pytest.mark.parametrize("stall", [0.0, 0.4])
+def test_pixel_packer_keeps_order_and_its_formulas(count, stall):
+    dut = PixelPacker(8, count)
+    values = [(37 * k + 11) % 256 for k in range(3 * count)]
+    outputs, in_cycles, out_cycles = run_streams(dut, values, 3, stall_in=stall, stall_out=stall, seed=count)
+    assert [v for word in outputs for v in unpack(word, 8, count)] == values
+    if stall == 0.0:
+        assert out_cycles[-1] - in_cycles[-1] == dut.latency
+        assert out_cycles[-1] - out_cycles[-2] == dut.cycles_per_word == count + 2
+    text = amaranth_verilog.convert(dut, name="packer", emit_src=False)
+    assert len(set(re.findall(r"element_copy(\d+)", text))) == -(-count // 16)
 
 
 @pytest.mark.parametrize("in_count, out_count", [(2, 6), (6, 2), (4, 4), (1, 8), (8, 1)])

@@ -14,7 +14,7 @@ from ..protocol import IDENTIFY, IMAGE, WEIGHTS_LOADING, WEIGHTS_READY, identity
 from .dense import DEFAULT_TREE_LEVELS
 from .loader import SPIFlashLoader
 from .network import Fold, NetworkTop
-from .resize import StreamResizer
+from .resize import PixelPacker
 from .slice import RegisterSlice
 from .uart import FRAME_BITS, UARTReceiver, UARTTransmitter
 
@@ -141,7 +141,7 @@ class UARTBoardTop(wiring.Component):
         m.submodules.receiver = receiver = self._receiver
         m.submodules.transmitter = transmitter = self._transmitter
         element_bits = model.layers[0].input_bits
-        packer = StreamResizer(element_bits, 1, network.input_elements_per_beat, model.in_features)
+        packer = PixelPacker(element_bits, network.input_elements_per_beat)
         m.d.comb += [
             receiver.rx.eq(self.rx),
             self.tx.eq(transmitter.tx),
@@ -157,13 +157,8 @@ class UARTBoardTop(wiring.Component):
         # a class index as (class_valid, class_data), taken with class_take.
         pixel_valid, pixel_ready = Signal(), Signal()
         class_valid, class_data, class_take = Signal(), Signal(8), Signal()
-        # The packer takes a pixel only while no packed word waits for the network, so that its
-        # slots' enables come from registers: through the packer's ready, the network's input
-        # handshake reached every slot flip-flop (the ECP5 critical path of a 64-byte packer).
-        # One idle cycle per word costs nothing at the UART's rate.
-        # A packer of one element per beat passes its stream straight through (o.valid is
-        # i.valid), so there it is free exactly when the network is ready.
-        packer_free = ~packer.o.valid if network.input_elements_per_beat > 1 else packer.i.ready
+        # The packer takes a pixel only when its own registers say so (PixelPacker).
+        packer_free = packer.i.ready
         if self._network_domain == "sync":
             m.submodules.packer = packer
             m.submodules.network = network
