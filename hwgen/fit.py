@@ -286,7 +286,7 @@ def _dense_cost(stage: FoldedDense, dsps_left: int, costs: FamilyCosts) -> Resou
         products = pe * simd
         on_dsp = costs.dsps_for(products, dsps_left)
         lanes.dsps = on_dsp
-        lanes.ffs += products * 16 * stage.lane_stages
+        lanes.ffs += products * 16 * stage.lane_stages + (stage.input_word_copies - 1) * simd * layer.input_bits
         per_lane = PRODUCT_LUTS_PER_INPUT * simd + (products - on_dsp) * costs.multiplier_luts / pe
     elif stage.pair_signs:
         # Pair terms are an input bit wider than the inputs (9 bits for bytes).

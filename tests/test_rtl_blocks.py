@@ -147,6 +147,18 @@ def test_folded_dense_pair_sum_copies():
     assert FoldedDense(random_layer(rng, "d", "bits", "threshold", 10, 12, "binary"), pe=12, simd=5).pair_sum_copies == 0
 
 
+def test_folded_dense_input_word_copies():
+    """Each multiplying lane reads its own registered copy of the input word, at no extra stage."""
+    rng = np.random.default_rng(4)
+    layer = random_layer(rng, "d", "uint8", "scores", 10, 12, "int8")
+    assert [FoldedDense(layer, pe=pe, simd=5).input_word_copies for pe in (1, 4, 12)] == [1, 4, 12]
+    assert FoldedDense(layer, pe=4, simd=5).pipeline_stages == FoldedDense(layer, pe=1, simd=5).pipeline_stages
+    text = amaranth_verilog.convert(FoldedDense(layer, pe=4, simd=5), name="dense", emit_src=False)
+    assert sorted(set(re.findall(r"reg .*?(input_word\w*)\b", text))) == [f"input_word_copy{c}" for c in range(4)]
+    binary = random_layer(rng, "d", "bits", "threshold", 10, 12, "binary")
+    assert FoldedDense(binary, pe=12, simd=5).input_word_copies == 1
+
+
 def check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, tree_levels=3, *,
                        banked_weights=False, carried_products=False):
     """Outputs equal golden's on random images; latency and II equal their formulas."""
