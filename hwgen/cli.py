@@ -141,10 +141,13 @@ def _augmentation_options(function):
               help="Distillation temperature T (the soft loss is scaled by T^2).")
 @click.option("--distill-weight", type=click.FloatRange(0, 1), default=0.7, show_default=True,
               help="Weight of the soft loss; the hard cross-entropy gets 1 - this.")
+@click.option("--start-from-teacher/--no-start-from-teacher", default=False, show_default=True,
+              help="binary/mixed: start the student's weights from the --teacher's (latent weights scaled "
+                   "into [-1, 1]), as hwgen.binarize starts from a float model.")
 @_augmentation_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.pt).")
 def train(dataset, data_dir, kind, conv, hidden, weight_kind, act_bits, epochs, qat_epochs, seed, lr, float_baseline,
-          teacher, distill, temperature, distill_weight, shift, flip, output) -> None:
+          teacher, distill, temperature, distill_weight, start_from_teacher, shift, flip, output) -> None:
     """Train a quantized network (uint8 pixels in, integer scores out)."""
     from .frontends import templates
     from .data import load_dataset
@@ -156,6 +159,9 @@ def train(dataset, data_dir, kind, conv, hidden, weight_kind, act_bits, epochs, 
     arch.widths  # validates the conv front end against the image size
     if distill and kind not in ("binary", "mixed"):
         raise UserError(f"--distill trains a binary or mixed student; --kind {kind} has no float teacher to learn from")
+    if start_from_teacher and (kind not in ("binary", "mixed") or not teacher):
+        raise UserError("--start-from-teacher starts a binary or mixed student from a float --teacher FILE; "
+                        f"this run has --kind {kind} and {'--teacher ' + teacher if teacher else 'no --teacher'}")
     click.echo(f"dataset {ds.name}: {len(ds.train_x)} train / {len(ds.test_x)} test images of {ds.image_shape}")
     shape = ",".join([*arch.conv, *map(str, arch.widths[1:])])
     info = {"dataset": ds.name, "data_dir": data_dir, "seed": seed, "epochs": epochs, "kind": kind}
@@ -185,6 +191,9 @@ def train(dataset, data_dir, kind, conv, hidden, weight_kind, act_bits, epochs, 
             click.echo(f"int8 after {qat_epochs} QAT epochs (fake-quant forward): {info['qat_accuracy']:.4f}")
     else:
         model = templates.build_model(arch, seed)
+        if start_from_teacher:
+            templates.start_from_float(reference, model)
+            info["started_from"] = str(teacher)
         if distill:
             info["distillation"] = {"temperature": temperature, "weight": distill_weight}
         info[f"{kind}_accuracy"] = templates.train(model, ds, epochs=epochs, seed=seed, lr=lr or 1e-2,

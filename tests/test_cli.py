@@ -129,6 +129,8 @@ def test_conv_and_teacher_errors(tmp_path):
     assert teacher.returncode == 0, teacher.stderr
     assert_user_error(hwgen("train", "--dataset", "digits", "--hidden", "16", "--teacher", tmp_path / "f.pt",
                             "-o", tmp_path / "m.pt"), "differs from this run's", "--hidden and --conv")
+    assert_user_error(hwgen("train", "--dataset", "digits", "--hidden", "8", "--start-from-teacher", "-o", tmp_path / "m.pt"),
+                      "--start-from-teacher starts a binary or mixed student from a float --teacher FILE", "no --teacher")
 
 
 def test_own_three_channel_data_through_conv_export_and_rtl(tmp_path):

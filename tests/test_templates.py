@@ -1,6 +1,8 @@
 """QAT in torch, export, and three-way agreement: fake-quant torch == golden on every integer output."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -233,6 +235,25 @@ def test_cnn_checkpoint_round_trip(tmp_path, binary_cnn, digits):
     assert loaded.arch == model.arch and info == {"dataset": "digits"}
     assert np.array_equal(golden.run(templates.export(loaded), digits.test_x).outputs[-1],
                           golden.run(templates.export(model), digits.test_x).outputs[-1])
+
+
+def test_start_from_float_keeps_signs_and_scales_into_the_latent_range(float_reference):
+    """Binary layers take the float weights' signs, each layer scaled to a largest magnitude of 1;
+    a mixed network's int8 layers take the float weights and biases unchanged."""
+    reference = float_reference[0]
+    w1a2 = templates.build_model(replace(reference.arch, kind="binary", act_bits=2), seed=3)
+    templates.start_from_float(reference, w1a2)
+    for source, target in zip(reference.linears, w1a2.linears):
+        assert np.array_equal(target.weight_bits(), (source.weight.detach() >= 0).numpy().astype(np.uint8))
+        assert float(target.weight.abs().max()) == 1.0
+        assert torch.allclose(target.weight * source.weight.abs().max(), source.weight)
+    mixed = templates.build_model(reference.arch.with_kind("mixed"), seed=3)
+    templates.start_from_float(reference, mixed)
+    assert torch.equal(mixed.linears[0].weight, reference.linears[0].weight)
+    assert torch.equal(mixed.linears[-1].weight, reference.linears[-1].weight)
+    assert torch.equal(mixed.linears[-1].bias, reference.linears[-1].bias)
+    assert np.array_equal(mixed.linears[1].weight_bits(),
+                          (reference.linears[1].weight.detach() >= 0).numpy().astype(np.uint8))
 
 
 def test_distillation_weight_zero_is_plain_training_and_the_teacher_changes_training(float_reference, digits):

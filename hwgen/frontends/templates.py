@@ -573,6 +573,22 @@ def build_model(arch: Architecture, seed: int = 0) -> nn.Module:
     return KINDS[arch.kind](arch)
 
 
+@torch.no_grad()
+def start_from_float(float_model: nn.Module, student: nn.Module) -> None:
+    """Set a binary or mixed ``student``'s weights from a float model of the same shape: binary and
+    low-bit latent weights keep the float weights' signs and relative sizes, scaled into [-1, 1]
+    (each layer by its largest magnitude); int8 layers take the weights and biases as they are.
+    Batch norms keep their fresh initialization."""
+    pairs = [*zip(float_model.convs, getattr(student, "convs", [])), *zip(float_model.linears, student.linears)]
+    for source, target in pairs:
+        if isinstance(target, (BinaryLinear, BinaryConv2d)):
+            target.weight.copy_(source.weight / source.weight.abs().max().clamp(min=1e-12))
+        else:
+            target.weight.copy_(source.weight)
+            if getattr(target, "bias", None) is not None:
+                target.bias.copy_(source.bias)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """Random training-time changes to image samples: a shift of up to ``shift`` pixels in each

@@ -382,16 +382,7 @@ def binarize(model, train_data, kind: str = "binary", *, weights: str = "binary"
     user = _UserModel(program, ds.image_shape, input_scale, input_offset)
     arch = template.arch.with_kind(kind)
     student = templates.build_model(replace(arch, weights=weights, act_bits=act_bits), seed)
-    with torch.no_grad():
-        for source, target in [*zip(template.convs, getattr(student, "convs", [])),
-                               *zip(template.linears, student.linears)]:
-            if isinstance(target, (templates.BinaryLinear, templates.BinaryConv2d)):
-                # latent weights in [-1, 1] with the float weights' signs and relative sizes
-                target.weight.copy_(source.weight / source.weight.abs().max().clamp(min=1e-12))
-            else:
-                target.weight.copy_(source.weight)
-                if getattr(target, "bias", None) is not None:
-                    target.bias.copy_(source.bias)
+    templates.start_from_float(template, student)
     info = {"dataset": ds.name, "kind": kind, "precision": student.arch.precision, "source": "torch", "seed": seed,
             "epochs": epochs,
             "float_accuracy": templates.float_accuracy(user, ds.test_x, ds.test_y)}
