@@ -102,18 +102,41 @@ def test_folded_dense_banked_weights(monkeypatch, weight_kind, input_kind, outpu
     assert [shape.depth for shape in dut.memories if shape.name.startswith("weights")] == bank_depths
 
 
-@pytest.mark.parametrize("shapes, banks, slices", [(((8, 16), (32, 8)), 9, 2), (((32, 128),), 1, 1)])
-def test_folded_dense_bank_memories_side_by_side(monkeypatch, shapes, banks, slices):
-    """A bank wider than ROM_SLICE_BLOCKS blocks, of a ROM of several banks, is several memories,
-    each reading its own copy of the address: exact, and as many address copies as memories. A
-    ROM of one bank stays one memory."""
+@pytest.mark.parametrize("shapes, single_bank_blocks, banks, slices",
+                         [(((8, 16), (32, 8)), 11, 9, 2), (((32, 128),), 11, 1, 1), (((32, 128),), 1, 1, 2)])
+def test_folded_dense_bank_memories_side_by_side(monkeypatch, shapes, single_bank_blocks, banks, slices):
+    """A bank wider than ROM_SLICE_BLOCKS blocks (ROM_SINGLE_BANK_SLICE_BLOCKS for a ROM of one
+    bank) is several memories, each reading its own copy of the address: exact, and as many
+    address copies as memories."""
     monkeypatch.setattr(arith, "ROM_BANK_SHAPES", shapes)
     monkeypatch.setattr(arith, "ROM_SLICE_BLOCKS", 1)
+    monkeypatch.setattr(arith, "ROM_SINGLE_BANK_SLICE_BLOCKS", single_bank_blocks)
     dut = check_folded_dense("binary", "bits", "threshold", 72, 40, 5, 8, banked_weights=True)
     assert (dut.weight_depth, dut.weight_width, dut.weight_banks) == (72, 40, banks)     # 40 bits: 32 + 8
     assert arith.rom_bank_slices(dut.weight_depth, dut.weight_width) == slices
     text = amaranth_verilog.convert(dut, name="dense", emit_src=False)
     assert len(set(re.findall(r"weight_addr_copy(\d+)", text))) == slices * banks
+
+
+@pytest.mark.parametrize("depth, width, slice_blocks, slices", [
+    (128, 1568, 11, 4),      # the W1A1 MLP's first layer at 16x98: one bank of 44 blocks
+    (128, 512, 8, 2),        # its second layer at 4x128: 15 blocks as 8 + 7
+    (2048, 784, 4, 6),       # the int8 MLP's first layer at 1x98: four banks of 22 blocks, 5 x 4 + 2
+])
+def test_rom_slices_of_the_reference_layers(depth, width, slice_blocks, slices):
+    assert (arith.rom_slice_blocks(depth, width), arith.rom_bank_slices(depth, width)) == (slice_blocks, slices)
+
+
+def test_rom_slices_take_no_block_more_than_one_memory():
+    """Memories are whole blocks wide (the last one what is left), so a sliced bank takes as many
+    blocks as the fit estimate counts for the unsliced ROM."""
+    for depth in (100, 512, 1500, 4096):
+        for width in range(2, 2000, 7):
+            block = arith.rom_block_width(depth, width)
+            slice_bits = arith.rom_slice_blocks(depth, width) * block
+            pieces = [min(slice_bits, width - low) for low in range(0, width, slice_bits)]
+            assert len(pieces) == arith.rom_bank_slices(depth, width)
+            assert sum(-(-piece // block) for piece in pieces) == -(-width // block), (depth, width)
 
 
 def test_folded_dense_single_bank_block_ram_weights(monkeypatch):

@@ -103,21 +103,38 @@ def rom_bank_depth(depth: int, width: int) -> int:
                                                    shape[1]))[1]
 
 
-#: Blocks side by side in one memory of a banked block-RAM ROM, with one copy of the address
-#: (:func:`rom_bank_slices`).
+#: Blocks side by side in one memory of a banked block-RAM ROM of several banks, with one copy of
+#: the address (:func:`rom_slice_blocks`).
 ROM_SLICE_BLOCKS = 4
+#: The same for a block-RAM ROM of one bank. The W1A1 MLP's 44-block first-layer bank as eleven
+#: memories of four no longer routed on the ULX3S (router2 still overusing about 5,900 wires after
+#: 18 iterations); as one memory, one address register reaching the 44 blocks (13.7 ns of routing)
+#: held it at 69.5 MHz; as four memories of eleven it placed at 91.1 MHz.
+ROM_SINGLE_BANK_SLICE_BLOCKS = 11
+
+
+def rom_block_width(depth: int, width: int) -> int:
+    """Bits of one block in the block-RAM configuration a banked ROM uses (:func:`rom_bank_depth`)."""
+    return {words: bits for bits, words in ROM_BANK_SHAPES}[rom_bank_depth(depth, width)]
+
+
+def rom_slice_blocks(depth: int, width: int) -> int:
+    """Blocks of each memory side by side in a bank of a banked block-RAM ROM (:func:`read_rom`
+    with ``banked``), at most :data:`ROM_SLICE_BLOCKS` (:data:`ROM_SINGLE_BANK_SLICE_BLOCKS` for a
+    ROM of one bank) and spread evenly, the last memory taking what is left. Memories are whole
+    blocks wide, so slicing takes no block more than one memory would."""
+    blocks = -(-width // rom_block_width(depth, width))
+    most = ROM_SINGLE_BANK_SLICE_BLOCKS if rom_banks(depth, width) == 1 else ROM_SLICE_BLOCKS
+    return -(-blocks // -(-blocks // most))
 
 
 def rom_bank_slices(depth: int, width: int) -> int:
-    """Memories side by side in each bank of a banked block-RAM ROM (:func:`read_rom` with
-    ``banked``), each :data:`ROM_SLICE_BLOCKS` blocks of the bank's configuration wide and reading
-    its own copy of the address; 1 for a constant, a ROM in LUTs or a ROM of one bank (the W1A1
-    MLP's 44-block first-layer bank, in eleven memories, no longer routed on the ULX3S: router2
-    still overusing about 5,900 wires after 18 iterations, where as one memory it placed at 91.2 MHz)."""
-    if depth == 1 or rom_in_luts(depth) or rom_banks(depth, width) == 1:
+    """Memories side by side in each bank of a banked block-RAM ROM, each :func:`rom_slice_blocks`
+    blocks wide and reading its own copy of the address; 1 for a constant or a ROM in LUTs."""
+    if depth == 1 or rom_in_luts(depth):
         return 1
-    block_width = {words: bits for bits, words in ROM_BANK_SHAPES}[rom_bank_depth(depth, width)]
-    return -(-width // (ROM_SLICE_BLOCKS * block_width))
+    blocks = -(-width // rom_block_width(depth, width))
+    return -(-blocks // rom_slice_blocks(depth, width))
 
 
 def rom_banks(depth: int, width: int) -> int:
@@ -220,7 +237,7 @@ def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addrs: 
     banks = rom_banks(len(words), width)
     slices = len(addrs) // banks
     bank_depth = rom_bank_depth(len(words), width) if banks > 1 else len(words)
-    slice_bits = -(-width // slices)
+    slice_bits = rom_slice_blocks(len(words), width) * rom_block_width(len(words), width) if slices > 1 else width
     low_bits = (bank_depth - 1).bit_length()
     # Each bank's output register holds zero unless its bank holds the word read, so the word is
     # an OR of the registers: a multiplexer's select, one register to every bit, was the critical
