@@ -5,9 +5,12 @@ ends) for correctness and handshakes, and an unstalled one for the cycle counts.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
+from hwgen.rtl import arith
 from hwgen.rtl.arith import divisors
 from hwgen.rtl.network import Fold, NetworkTop, generate_verilog
 from sim.verify import NetworkSimulator
@@ -153,16 +156,23 @@ def test_random_cnn_rtl_equals_golden(seed, tmp_path):
 
 
 @pytest.mark.parametrize("kinds", [None, [("int8", "requant"), ("int8", "scores")]])
-def test_ecp5_layers_with_banked_weights_equal_golden(kinds, tmp_path):
+def test_ecp5_layers_with_banked_weights_equal_golden(kinds, tmp_path, monkeypatch):
     """The layers as `hwgen build` makes them for ECP5: a 1200-word first-layer weight ROM in three
     block-RAM banks with output registers, a 120-word one in one bank with the same registers, two
-    adder levels per stage; exact, II and latency as the formulas say."""
+    adder levels per stage; int8 weights make both banks several memories side by side (one block
+    each here); exact, II and latency as the formulas say."""
+    monkeypatch.setattr(arith, "ROM_SINGLE_BANK_SLICE_BLOCKS", 1)
     rng = np.random.default_rng(600)
     model = random_model(rng, [600, 72, 10], kinds=kinds)
     simulator = NetworkSimulator(model, [Fold(6, 6), Fold(2, 3)], tmp_path, family="ecp5")
     first, second = (stage for stage in simulator.top._stages if hasattr(stage, "weight_banks"))
     assert (first.weight_depth, first.weight_banks, first.weight_bank_stages) == (1200, 3, 2)
     assert (second.weight_depth, second.weight_banks, second.weight_bank_stages) == (120, 1, 2)
+    slices = [arith.rom_bank_slices(stage.weight_depth, stage.weight_width) for stage in (first, second)]
+    assert slices == ([1, 1] if kinds is None else [2, 2])
+    copies = sorted(len(set(re.findall(r"weight_addr_copy(\d+)", module)))
+                    for module in generate_verilog(simulator.top).split("\nmodule ") if "weight_addr_copy" in module)
+    assert copies == ([1, 3] if kinds is None else [2, 6])         # bank memories each read their own
     report = simulator.verify(random_images(rng, 12, 600), stall=0.3, seed=1, timing_images=5)
     assert report.checked.mismatches == [] and report.timing.mismatches == []
     assert report.checked.protocol_errors == [] and report.timing.protocol_errors == []
