@@ -123,9 +123,14 @@ def rom_slice_blocks(depth: int, width: int) -> int:
     with ``banked``), at most :data:`ROM_SLICE_BLOCKS` (:data:`ROM_SINGLE_BANK_SLICE_BLOCKS` for a
     ROM of one bank) and spread evenly, the last memory taking what is left. Memories are whole
     blocks wide, so slicing takes no block more than one memory would."""
-    blocks = -(-width // rom_block_width(depth, width))
+    blocks = _bank_blocks(depth, width)
     most = ROM_SINGLE_BANK_SLICE_BLOCKS if rom_banks(depth, width) == 1 else ROM_SLICE_BLOCKS
     return -(-blocks // -(-blocks // most))
+
+
+def _bank_blocks(depth: int, width: int) -> int:
+    """Blocks side by side in one bank of a banked block-RAM ROM."""
+    return -(-width // rom_block_width(depth, width))
 
 
 def rom_bank_slices(depth: int, width: int) -> int:
@@ -133,8 +138,7 @@ def rom_bank_slices(depth: int, width: int) -> int:
     blocks wide and reading its own copy of the address; 1 for a constant or a ROM in LUTs."""
     if depth == 1 or rom_in_luts(depth):
         return 1
-    blocks = -(-width // rom_block_width(depth, width))
-    return -(-blocks // rom_slice_blocks(depth, width))
+    return -(-_bank_blocks(depth, width) // rom_slice_blocks(depth, width))
 
 
 def rom_banks(depth: int, width: int) -> int:
@@ -237,7 +241,7 @@ def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addrs: 
     banks = rom_banks(len(words), width)
     slices = len(addrs) // banks
     bank_depth = rom_bank_depth(len(words), width) if banks > 1 else len(words)
-    slice_bits = rom_slice_blocks(len(words), width) * rom_block_width(len(words), width) if slices > 1 else width
+    slice_bits = rom_slice_blocks(len(words), width) * rom_block_width(len(words), width)
     low_bits = (bank_depth - 1).bit_length()
     # Each bank's output register holds zero unless its bank holds the word read, so the word is
     # an OR of the registers: a multiplexer's select, one register to every bit, was the critical
