@@ -91,12 +91,12 @@ def test_folded_dense_pipelined_trees(weight_kind, input_kind, output_kind, n_in
 ])
 def test_folded_dense_banked_weights(monkeypatch, weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, banks):
     """A weight ROM split into banks, each with output registers: outputs and formulas exact, one
-    pipeline stage more than unbanked for LUT tables, three for block RAMs."""
+    pipeline stage more than unbanked for LUT tables, two for block RAMs."""
     monkeypatch.setattr(arith, "ROM_BANK_SHAPES", ((8, 16), (32, 8)))
     dut = check_folded_dense(weight_kind, input_kind, output_kind, n_in, n_out, pe, simd, banked_weights=True)
     assert dut.weight_banks == banks
     unbanked = FoldedDense(dut.layer, pe=pe, simd=simd)
-    assert dut.pipeline_stages == unbanked.pipeline_stages + (1 if arith.rom_in_luts(dut.weight_depth) else 3)
+    assert dut.pipeline_stages == unbanked.pipeline_stages + (1 if arith.rom_in_luts(dut.weight_depth) else 2)
     depth = dut.weight_depth
     bank_depths = [depth] if arith.rom_in_luts(depth) else [arith.rom_bank_depth(depth, dut.weight_width)] * banks
     assert [shape.depth for shape in dut.memories if shape.name.startswith("weights")] == bank_depths
@@ -140,11 +140,11 @@ def test_rom_slices_take_no_block_more_than_one_memory():
 
 
 def test_folded_dense_single_bank_block_ram_weights(monkeypatch):
-    """A block-RAM weight ROM of one bank takes the banks' three output registers too."""
+    """A block-RAM weight ROM of one bank takes the banks' two output registers too."""
     monkeypatch.setattr(arith, "ROM_BANK_SHAPES", ((8, 128),))
     dut = check_folded_dense("int8", "bits", "threshold", 30, 3, 1, 1, banked_weights=True)
-    assert (dut.weight_depth, dut.weight_banks, dut.weight_bank_stages) == (90, 1, 3)
-    assert dut.pipeline_stages == FoldedDense(dut.layer, pe=1, simd=1).pipeline_stages + 3
+    assert (dut.weight_depth, dut.weight_banks, dut.weight_bank_stages) == (90, 1, 2)
+    assert dut.pipeline_stages == FoldedDense(dut.layer, pe=1, simd=1).pipeline_stages + 2
     assert [(shape.name, shape.depth) for shape in dut.memories if shape.name.startswith("weights")] == \
         [("weights", 90)]
 

@@ -166,8 +166,8 @@ def test_ecp5_layers_with_banked_weights_equal_golden(kinds, tmp_path, monkeypat
     model = random_model(rng, [600, 72, 10], kinds=kinds)
     simulator = NetworkSimulator(model, [Fold(6, 6), Fold(2, 3)], tmp_path, family="ecp5")
     first, second = (stage for stage in simulator.top._stages if hasattr(stage, "weight_banks"))
-    assert (first.weight_depth, first.weight_banks, first.weight_bank_stages) == (1200, 3, 3)
-    assert (second.weight_depth, second.weight_banks, second.weight_bank_stages) == (120, 1, 3)
+    assert (first.weight_depth, first.weight_banks, first.weight_bank_stages) == (1200, 3, 2)
+    assert (second.weight_depth, second.weight_banks, second.weight_bank_stages) == (120, 1, 2)
     slices = [arith.rom_bank_slices(stage.weight_depth, stage.weight_width) for stage in (first, second)]
     assert slices == ([1, 1] if kinds is None else [2, 2])
     copies = sorted(len(set(re.findall(r"weight_addr_copy(\d+)", module)))

@@ -151,20 +151,16 @@ def rom_banks(depth: int, width: int) -> int:
     return -(-depth // rom_bank_depth(depth, width))
 
 
-#: Registers after each bank of a banked block-RAM ROM (see :func:`read_rom`).
-BLOCK_RAM_BANK_STAGES = 3
-
-
 def rom_bank_stages(depth: int, width: int) -> int:
     """Cycles a banked ROM (:func:`read_rom` with ``banked``) adds to the read: 0 for a constant or
-    a single table in LUTs, 1 for several tables (their registers), :data:`BLOCK_RAM_BANK_STAGES`
-    for block RAMs (the registers after each bank, one bank or more)."""
+    a single table in LUTs, 1 for several tables (their registers), 2 for block RAMs (two registers
+    after each bank, one bank or more)."""
     if rom_in_luts(depth):
         return 0 if rom_banks(depth, width) == 1 else 1
-    # A block-RAM ROM of one bank takes the registers as well: hung straight on a 256-bit
+    # A block-RAM ROM of one bank takes the two registers as well: hung straight on a 256-bit
     # register, 29 blocks spread over the device were the int8 MLP's ECP5 critical path (the
     # blocks' 5.6 ns clock-to-output and 9.2 ns of routing).
-    return 0 if depth == 1 else BLOCK_RAM_BANK_STAGES
+    return 0 if depth == 1 else 2
 
 
 def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, enable: Value, *,
@@ -175,10 +171,9 @@ def read_rom(m: Module, name: str, words: list[int], width: int, addr: Value, en
     memories or tables, each followed by registers of its own, and the word comes
     :func:`rom_bank_stages` cycles later: yosys joins the blocks of a deep ROM with a multiplexer straight after their
     outputs, and that path, their clock-to-output delay and the routing to the multiplexer
-    (12.8 ns), was the critical path of a CNN on ECP5. A block RAM's output takes three registers:
+    (12.8 ns), was the critical path of a CNN on ECP5. A block RAM's output takes two registers:
     with one, nextpnr placed it near its loads, and the block's 5.8 ns clock-to-output delay and
-    5.1 ns of routing to it were the critical path in turn; with two, the first of them was still
-    placed by its loads, 59 to 68 columns from the block, on the mixed MLP (67.0 MHz; 82.3 with three).
+    5.1 ns of routing to it were the critical path in turn.
 
     ``bank_addrs``, with ``banked`` and a block-RAM ROM, gives each memory of each bank its own
     copy of ``addr`` (:func:`rom_banks` times :func:`rom_bank_slices` of them, bank by bank, as
@@ -274,9 +269,8 @@ def _read_banked_rom(m: Module, name: str, words: list[int], width: int, addrs: 
                     m.d.sync += holds.eq(addr[low_bits:] == bank)
                 m.d.sync += registered[low:high].eq(Mux(holds, port.data, 0))
         carried = Signal(width, name=f"{name}{bank}_carried", reset_less=True)
-        settled = Signal(width, name=f"{name}{bank}_settled", reset_less=True)
-        m.d.sync += [carried.eq(registered), settled.eq(carried)]
-        outputs.append(settled)
+        m.d.sync += carried.eq(registered)
+        outputs.append(carried)
     data = Signal(width, name=f"{name}_data")
     m.d.comb += data.eq(tree_or(outputs))
     return data

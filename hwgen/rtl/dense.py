@@ -7,8 +7,8 @@ from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..ir import DenseLayer, signed_width
-from .arith import (BLOCK_RAM_BANK_STAGES, MemoryShape, check_positive_int, divisors, pipelined_tree_sum,
-                    read_rom, register_copies, rom_bank_slices, rom_bank_stages, rom_banks, rom_shapes, tree_stages)
+from .arith import (MemoryShape, check_positive_int, divisors, pipelined_tree_sum, read_rom, register_copies,
+                    rom_bank_slices, rom_bank_stages, rom_banks, rom_shapes, tree_stages)
 from .spram import SPRAM_WIDTH, SPRAMWeights, spram_columns
 
 __all__ = ["FoldedDense", "tree_levels_for", "pipelining_for", "weight_words", "spram_load_words", "channel_words", "uses_pair_signs",
@@ -654,7 +654,7 @@ class FoldedDense(wiring.Component):
             weight_data = weights.read_data
         else:
             bank_addrs = None
-            if self.weight_bank_stages == BLOCK_RAM_BANK_STAGES:
+            if self.weight_bank_stages == 2:
                 # Block-RAM banks: each memory of each its own copy of the address counter.
                 bank_addrs = register_copies(m, next_weight_addr,
                                              self.weight_banks * rom_bank_slices(self.weight_depth, self.weight_width),
