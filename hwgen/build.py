@@ -205,11 +205,12 @@ def _report_text(report: dict) -> str:
 
 def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[Fold], output: Path, *,
                 baud: int = DEFAULT_BAUD, est: Estimate | None = None, run_tools: bool = True,
-                network_hz: float | None | str = "default") -> BuildResult:
+                network_hz: float | None | str = "default", seed: int | None = None) -> BuildResult:
     """Write ``output``: Verilog, constraints, scripts; for open-flow boards run yosys and nextpnr.
 
     ``network_hz`` is the network's PLL clock (from :func:`network_clock_hz`; ``"default"``: the
     board's; None: no PLL, the network on the board clock). The UART always runs on the board clock.
+    ``seed`` is nextpnr's placer seed (None: its own default).
     The folder is assembled beside ``output`` and renamed into place when complete, so a failed
     build leaves no half-written folder.
     """
@@ -255,6 +256,8 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                 options["nextpnr_opts"] += " --router router2"
                 if any(isinstance(layer, Conv2dLayer) for layer in model.layers):
                     options["nextpnr_opts"] += " " + ECP5_PLACER_OPTIONS
+            if seed is not None:
+                options["nextpnr_opts"] += f" --seed {seed}"
         plan = platform.prepare(PlatformTop(board, core, network_hz), name="top", **options)
         plan.extract(staging)
         _write_reproduce_script(staging, board)
@@ -263,7 +266,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                                            "device": board.device, "package": board.package,
                                            "clock_mhz": board.clock_hz / 1e6},
             "network_clock_mhz": round(clock_hz / 1e6, 4), "network_clock_source": "PLL" if network_hz else "board",
-            "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
+            "folds": [str(fold) for fold in folds], "nextpnr_seed": seed, "cycles_per_image": network.cycles_per_image,
             "latency_cycles": network.latency, **pipelining, "baud": baud,
             "weight_memories": dict(zip([layer.name for layer in compute_layers(model)], est.weight_memories)),
             "uart_images_per_s": baud / FRAME_BITS / (model.in_features + 1),
@@ -321,7 +324,7 @@ def build_asic(model: IntegerModel, model_name: str, folds: list[Fold], output: 
                      "rom": shape.rom} for stage, layer in zip(network.stages, network.stage_layers)
                     for shape in getattr(stage, "memories", []) if not shape.in_luts]
         report = {"model": model_name, "board": {"name": "asic", "description": "generic ASIC synthesis (yosys)"},
-                  "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
+                  "folds": [str(fold) for fold in folds], "nextpnr_seed": seed, "cycles_per_image": network.cycles_per_image,
                   "tool_seconds": round(time.perf_counter() - start, 1), "cells": dict(sorted(cells.items())),
                   "area_nand2": round(area), "memory_cells": uncosted, "memories": memories,
                   "memory_bits": sum(m["depth"] * m["width"] for m in memories)}

@@ -62,7 +62,7 @@ def test_unknown_board_is_a_clean_error(tmp_path):
 
 def test_build_clock_and_target_fps_options(tmp_path):
     """`hwgen build --no-pnr`: the PLL's real frequency in the report, the folds --target-fps picks,
-    and clean errors for a clock the PLL cannot make and for --target-fps with explicit folds."""
+    nextpnr's seed in the script when --seed names one, and clean errors for a clock the PLL cannot make and for --target-fps with explicit folds."""
     random_model(np.random.default_rng(4), [64, 32, 10]).save(tmp_path / "m.npz")
     result = hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "48", "--target-fps", "400000",
                    "--no-pnr", "-o", "out", cwd=tmp_path)
@@ -75,10 +75,13 @@ def test_build_clock_and_target_fps_options(tmp_path):
                       "--clock 300 MHz: the iCE40 PLL makes 16 to 275 MHz")
     assert_user_error(hwgen("build", "m.npz", "--board", "icebreaker", "--fold", "1x1,1x1", "--target-fps", "10",
                             "--no-pnr", cwd=tmp_path), "--target-fps picks the folds itself")
-    board = hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "board", "--fold", "auto", "--no-pnr", "-o", "plain",
-                  cwd=tmp_path)
+    board = hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "board", "--fold", "auto", "--seed", "7",
+                  "--no-pnr", "-o", "plain", cwd=tmp_path)
     assert board.returncode == 0, board.stderr
-    assert json.loads((tmp_path / "plain" / "hwgen_report.json").read_text())["network_clock_source"] == "board"
+    report = json.loads((tmp_path / "plain" / "hwgen_report.json").read_text())
+    assert (report["network_clock_source"], report["nextpnr_seed"]) == ("board", 7)
+    assert " --seed 7 " in (tmp_path / "plain" / "build_top.sh").read_text()
+    assert " --seed " not in (tmp_path / "out" / "build_top.sh").read_text()
 
 
 def test_uart_divisor_checks_rate_error():
