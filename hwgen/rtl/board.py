@@ -11,7 +11,6 @@ from amaranth.lib.wiring import In, Out
 
 from ..ir import IntegerModel
 from ..protocol import IDENTIFY, IMAGE, WEIGHTS_LOADING, WEIGHTS_READY, identity
-from .clocks import add_with_held_reset
 from .dense import DEFAULT_TREE_LEVELS
 from .loader import SPIFlashLoader
 from .network import Fold, NetworkTop
@@ -173,19 +172,15 @@ class UARTBoardTop(wiring.Component):
             ]
         else:
             domain = self._network_domain
+            m.submodules.packer = DomainRenamer({"sync": domain})(packer)
             m.submodules.network = DomainRenamer({"sync": domain})(network)
             m.submodules.pixels_in = pixels_in = AsyncFIFOBuffered(
                 width=element_bits, depth=self.CROSSING_DEPTH + 1, w_domain="sync", r_domain=domain)
             # A register slice carries the pixel from the crossing, placed by the UART, to the
             # packer, placed by the network's first layer: the crossing's output fanned out to a
             # 112-byte packer across the device (13.9 ns of routing) was mlp-mixed's ECP5 critical path.
-            pixel_slice = RegisterSlice(element_bits, model.in_features)
-            # Both reset from registers of their own, as the network's stages do: the reset
-            # synchronizer, placed by the PLL, to the packer's write flags was the W1A1 MLP's
-            # ECP5 critical path (9.2 ns of routing).
-            # The two leave reset on the same cycle; a pixel leaves the crossing only after it.
-            held = add_with_held_reset(m, "packer", packer, domain)
-            add_with_held_reset(m, "pixel_slice", pixel_slice, domain)
+            m.submodules.pixel_slice = pixel_slice = DomainRenamer({"sync": domain})(
+                RegisterSlice(element_bits, model.in_features))
             m.submodules.classes_out = classes_out = AsyncFIFO(
                 width=8, depth=self.CROSSING_DEPTH, w_domain=domain, r_domain="sync")
             m.d.comb += [
@@ -193,8 +188,8 @@ class UARTBoardTop(wiring.Component):
                 pixels_in.w_en.eq(pixel_valid),
                 pixel_ready.eq(pixels_in.w_rdy),
                 pixel_slice.i.payload.eq(pixels_in.r_data),
-                pixel_slice.i.valid.eq(pixels_in.r_rdy & ~held),
-                pixels_in.r_en.eq(pixel_slice.i.ready & ~held),
+                pixel_slice.i.valid.eq(pixels_in.r_rdy),
+                pixels_in.r_en.eq(pixel_slice.i.ready),
                 packer.i.payload.eq(pixel_slice.o.payload),
                 packer.i.valid.eq(pixel_slice.o.valid & packer_free),
                 pixel_slice.o.ready.eq(packer_free),
