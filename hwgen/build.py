@@ -324,7 +324,7 @@ def build_asic(model: IntegerModel, model_name: str, folds: list[Fold], output: 
                      "rom": shape.rom} for stage, layer in zip(network.stages, network.stage_layers)
                     for shape in getattr(stage, "memories", []) if not shape.in_luts]
         report = {"model": model_name, "board": {"name": "asic", "description": "generic ASIC synthesis (yosys)"},
-                  "folds": [str(fold) for fold in folds], "nextpnr_seed": seed, "cycles_per_image": network.cycles_per_image,
+                  "folds": [str(fold) for fold in folds], "cycles_per_image": network.cycles_per_image,
                   "tool_seconds": round(time.perf_counter() - start, 1), "cells": dict(sorted(cells.items())),
                   "area_nand2": round(area), "memory_cells": uncosted, "memories": memories,
                   "memory_bits": sum(m["depth"] * m["width"] for m in memories)}
