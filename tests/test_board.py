@@ -62,7 +62,8 @@ def test_unknown_board_is_a_clean_error(tmp_path):
 
 def test_build_clock_and_target_fps_options(tmp_path):
     """`hwgen build --no-pnr`: the PLL's real frequency in the report, the folds --target-fps picks,
-    nextpnr's seed in the script when --seed names one, and clean errors for a clock the PLL cannot make and for --target-fps with explicit folds."""
+    nextpnr's seed in the script when --seed names one, and clean errors for a clock the PLL
+    cannot make and for --target-fps with explicit folds."""
     random_model(np.random.default_rng(4), [64, 32, 10]).save(tmp_path / "m.npz")
     result = hwgen("build", "m.npz", "--board", "icebreaker", "--clock", "48", "--target-fps", "400000",
                    "--no-pnr", "-o", "out", cwd=tmp_path)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from amaranth.hdl import (ClockDomain, ClockSignal, Const, DomainRenamer, Elaboratable, Instance, Module, ResetSignal,
-                          Signal)
+from amaranth.hdl import ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, ResetSignal, Signal
 from amaranth.lib.cdc import AsyncFFSynchronizer
 
 __all__ = ["Ice40PLLSettings", "Ecp5PLLSettings", "ice40_pll_settings", "ecp5_pll_settings", "pll_settings",
            "PLL_FAMILIES", "BoardPLL",
-           "board_domains", "NETWORK_DOMAIN", "add_with_held_reset"]
+           "board_domains", "NETWORK_DOMAIN"]
 
 #: Clock domain of the network when it runs on a PLL clock.
 NETWORK_DOMAIN = "net"
@@ -162,26 +161,3 @@ class BoardPLL(Elaboratable):
         m.submodules.net_reset = AsyncFFSynchronizer(~locked, ResetSignal(NETWORK_DOMAIN), o_domain=NETWORK_DOMAIN,
                                                      async_edge="pos")
         return m
-
-
-def add_with_held_reset(m: Module, name: str, elaboratable: Elaboratable, domain: str = "sync") -> Signal:
-    """Add ``elaboratable`` to ``m`` as submodule ``name``, clocked by ``domain`` in a local domain
-    also called ``name``, whose reset is a register of its own following ``domain``'s reset.
-
-    The shared reset then reaches one flip-flop per submodule, which nextpnr can place near it,
-    not every control register of a design spread over the device: routed as one net, it was a
-    critical path on ECP5. Every submodule added this way leaves reset on the same cycle, one
-    after ``domain``.
-
-    Returns
-    -------
-    Signal
-        The register: high while the submodule is held in reset. A stream offered to it must not
-        be taken while it is high.
-    """
-    m.domains += ClockDomain(name, local=True)
-    held = Signal(init=1, name=f"{name}_reset")
-    m.d[domain] += held.eq(ResetSignal(domain))
-    m.d.comb += [ClockSignal(name).eq(ClockSignal(domain)), ResetSignal(name).eq(held)]
-    m.submodules[name] = DomainRenamer(name)(elaboratable)
-    return held

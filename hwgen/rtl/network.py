@@ -4,14 +4,13 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 from amaranth.back import verilog
-from amaranth.hdl import Module, Shape, Signal
+from amaranth.hdl import ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal, Shape, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..errors import UserError
 from ..ir import Conv2dLayer, IntegerModel, MaxPool2dLayer
 from .arith import divisors
-from .clocks import add_with_held_reset
 from .dense import DEFAULT_TREE_LEVELS, WEIGHT_MEMORIES, FoldedDense, spram_load_words
 from .multithreshold import MultiThreshold
 from .pool import MaxPool
@@ -353,9 +352,19 @@ class NetworkTop(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        # Each stage resets from a register of its own (promoted to a global, the network's reset
-        # failed to route in a 39k-LUT design).
-        held = [add_with_held_reset(m, f"stage{index}", stage) for index, stage in enumerate(self._stages)]
+        # Each stage resets from a register of its own, so the network's reset reaches a few
+        # flip-flops, not every stage's control registers across the device (routed as one net,
+        # it was a critical path on ECP5; promoted to a global, it failed to route in a 39k-LUT
+        # design). Every copy is one register deep, so all stages leave reset on the same cycle.
+        held = []
+        for index, stage in enumerate(self._stages):
+            domain = f"stage{index}"
+            m.domains += ClockDomain(domain, local=True)
+            stage_reset = Signal(init=1, name=f"{domain}_reset")
+            m.d.sync += stage_reset.eq(ResetSignal())
+            m.d.comb += [ClockSignal(domain).eq(ClockSignal()), ResetSignal(domain).eq(stage_reset)]
+            m.submodules[domain] = DomainRenamer(domain)(stage)
+            held.append(stage_reset)
         for upstream, downstream in zip(self._stages, self._stages[1:]):
             wiring.connect(m, upstream.o, downstream.i)
         first, last = self._stages[0], self._stages[-1]
