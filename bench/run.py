@@ -56,6 +56,9 @@ PRECISIONS = {"W1A2": ["--kind", "binary", "--act-bits", "2", "--lr", "2e-2", "-
 FAMILIES = {"ecp5": ("ulx3s-85f", "TRELLIS_FF", "DP16KD", "MULT18X18D"),
             "ice40": ("icebreaker", "SB_DFF", "SB_RAM40_4K", "SB_MAC16")}
 FAMILIES_BOARDS = [board for board, *_ in FAMILIES.values()]
+#: nextpnr placer seeds per build (``hwgen build --seeds``): placed Fmax of one netlist varies by
+#: 10-20 % from seed to seed, so each build keeps the best of these, and the spread is reported.
+PNR_SEEDS = 2
 
 #: FINN's BNN-PYNQ LFC W1A1 (784-1024-1024-1024-10) on a Zynq 7020 at 100 MHz, as published in the
 #: FINN paper (Umuroglu et al., FPGA 2017, table "max" LFC): images/s and LUT6s; its MACs per image.
@@ -230,7 +233,7 @@ def pnr_point(name: str, board: str, row: dict):
     from hwgen.sweep import SweepPoint
 
     return SweepPoint(str(WORK / "boards" / f"{name}.npz"), board, ",".join(row["folds"]), "pnr",
-                      weights=",".join(row["weight_memories"]))
+                      weights=",".join(row["weight_memories"]), seeds=PNR_SEEDS)
 
 
 def save_results(results: dict) -> None:
@@ -262,6 +265,7 @@ def place_and_route_all(models: dict[str, IntegerModel], networks: dict[str, dic
             continue
         report = json.loads((Path(row["build"]) / "hwgen_report.json").read_text())
         result = {"fmax_mhz": report["fmax_mhz"], "placed": report["placed"], "pnr_tool_s": report["tool_seconds"],
+                  "nextpnr_seeds_fmax_mhz": report.get("nextpnr_seeds_fmax_mhz"),
                   "images_per_s_at_fmax": round(report["images_per_s_at_fmax"] or 0),
                   "weight_image": report.get("weight_image")}
         result["macs_per_s_per_lut"] = round(macs_per_s_per_lut(
@@ -417,6 +421,9 @@ def readme_table(results: dict) -> str:
             if "spram_blocks" in placed and placed["spram_blocks"]["used"]:
                 cell += f", {placed['spram_blocks']['used']} SPRAM"
             cell += f"; **Fmax {row['fmax_mhz']:.1f} MHz**"
+            tried = row.get("nextpnr_seeds_fmax_mhz")
+            if tried:
+                cell += f" (best of {len(tried)} placer seeds: {' / '.join(f'{fmax:.1f}' for fmax in tried.values() if fmax)})"
             if row.get("weight_image"):
                 cell += f", weights loaded from flash in {row['weight_image']['load_ms_at_network_clock']} ms"
             if row.get("macs_per_s_per_lut") is not None:
@@ -460,7 +467,8 @@ def redo_place_and_route(rows: list[list[str]]) -> None:
                      **{board: (dict(networks[name][board]) if (name, board) in wanted else {"fits": False})
                         for board in FAMILIES_BOARDS}} for name in models}
     for name, board in wanted:
-        for key in ("pnr_error", "placed", "fmax_mhz", "macs_per_s_per_lut", "images_per_s_at_fmax", "weight_image"):
+        for key in ("pnr_error", "placed", "fmax_mhz", "macs_per_s_per_lut", "images_per_s_at_fmax", "weight_image",
+                    "nextpnr_seeds_fmax_mhz"):
             subset[name][board].pop(key, None)
     results.setdefault("pnr_redone", []).extend(f"{name}:{board}" for name, board in sorted(wanted))
     place_and_route_all(models, subset, jobs=2)

@@ -18,7 +18,7 @@ from .errors import UserError
 from .fit import Estimate, check_fit, fit_folds
 from .flash import loader_settings, weight_image
 from .ir import Conv2dLayer, IntegerModel
-from .process import folder_lock, run_tool
+from .process import folder_lock, run_tool, run_tools_together
 from .rtl.arith import KEEP_REGISTER_COPIES
 from .rtl.board import UARTBoardTop
 from .rtl.clocks import NETWORK_DOMAIN, PLL_FAMILIES, BoardPLL, board_domains, pll_settings
@@ -155,6 +155,62 @@ def _placed(board: Board, report_path: Path) -> tuple[dict, dict]:
     return used, clocks
 
 
+def _network_fmax(clocks: dict, network_hz: float | None) -> float | None:
+    """The placed Fmax that matters: the network clock's (the UART's board clock is slow), or with
+    no PLL the slowest clock's."""
+    network_clocks = [clock for name, clock in clocks.items() if f"{NETWORK_DOMAIN}_clk" in name]
+    return min((clock["achieved_mhz"] for clock in (network_clocks if network_hz else clocks.values())),
+               default=None)
+
+
+def _tool_failure(board: Board, log: str) -> UserError:
+    return UserError(f"the {board.name} build failed in yosys/nextpnr (log in the files top.rpt and "
+                     f"top.tim); the tools said:\n{log[-2500:]}")
+
+
+def _place_and_route_seeds(staging: Path, board: Board, seeds: list[int], network_hz: float | None,
+                           env: dict[str, str]) -> tuple[int, dict[int, float | None]]:
+    """Run ``build_top.sh`` with nextpnr once per seed: yosys once, then nextpnr for every seed in
+    a folder of its own (as many at a time as there are cores), then the bitstream packer on the
+    placement with the highest network Fmax, whose files are moved into ``staging`` and whose seed
+    ``build_top.sh`` is rewritten to name. Returns that seed and each seed's Fmax (None: nextpnr
+    failed)."""
+    lines = (staging / "build_top.sh").read_text().splitlines()
+    synthesis = next(i for i, line in enumerate(lines) if line.startswith('"$YOSYS"'))
+    placement = next(i for i, line in enumerate(lines) if line.startswith('"$NEXTPNR_'))
+    prelude, nextpnr = lines[:synthesis], lines[placement]
+    done = run_tool(["sh", "-c", "\n".join(prelude + lines[synthesis:placement])], cwd=staging, env=env)
+    if done.returncode != 0:
+        raise _tool_failure(board, done.stdout + done.stderr)
+    inputs = [path for path in staging.iterdir() if path.is_file()]
+    folders = {seed: staging / "seeds" / str(seed) for seed in seeds}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+        for path in inputs:
+            # Hard links: the WebAssembly tools see only their working folder, not a symlink's target.
+            os.link(path, folder / path.name)
+    codes = run_tools_together([(["sh", "-c", "\n".join(prelude + [f"{nextpnr} --seed {seed}"])], folder)
+                                for seed, folder in folders.items()], jobs=min(len(seeds), os.cpu_count() or 1),
+                               env=env)
+    fmax = {seed: (_network_fmax(_placed(board, folders[seed] / "report.json")[1], network_hz) if code == 0 else None)
+            for seed, code in zip(seeds, codes)}
+    placed = [seed for seed in seeds if fmax[seed] is not None]
+    if not placed:
+        raise _tool_failure(board, (folders[seeds[-1]] / "tool.log").read_text())
+    best = max(placed, key=lambda seed: fmax[seed])
+    linked = {path.name for path in inputs} | {"tool.log"}
+    for path in folders[best].iterdir():
+        if path.name not in linked:
+            os.replace(path, staging / path.name)
+    shutil.rmtree(staging / "seeds")
+    lines[placement] = f"{nextpnr} --seed {best}"
+    (staging / "build_top.sh").write_text("\n".join(lines) + "\n")
+    done = run_tool(["sh", "-c", "\n".join(prelude + lines[placement + 1:])], cwd=staging, env=env)
+    if done.returncode != 0:
+        raise _tool_failure(board, done.stdout + done.stderr)
+    return best, fmax
+
+
 def _write_reproduce_script(folder: Path, board: Board) -> None:
     lines = ["#!/bin/sh", f"# Rebuild the {board.name} bitstream from the files in this folder (yosys, nextpnr).",
              "set -e", 'cd "$(dirname "$0")"']
@@ -182,11 +238,16 @@ def _report_text(report: dict) -> str:
             lines.append(f"clock {name}: Fmax {clock['achieved_mhz']} MHz (constraint {clock['constraint_mhz']} MHz)")
         meets = "meets" if report["meets_network_clock"] else "does NOT meet"
         lines += ["", f"network clock {report['network_clock_mhz']:g} MHz ({report['network_clock_source']}): "
-                  f"placed Fmax {report['fmax_mhz']} MHz {meets} it",
+                  f"placed Fmax {report['fmax_mhz']} MHz {meets} it"
+                  + (f" (nextpnr seed {report['nextpnr_seed']})" if report.get("nextpnr_seed") else ""),
                   f"throughput at the network clock: {report['images_per_s_at_network_clock']:,.0f} images/s; "
                   f"at Fmax: {report['images_per_s_at_fmax']:,.0f} images/s",
                   f"latency: {report['latency_us_at_network_clock']} us at the network clock" if report.get(
                       "latency_us_at_network_clock") else ""]
+        tried = report.get("nextpnr_seeds_fmax_mhz")
+        if tried:
+            lines.append("placer seeds tried (network Fmax, MHz): " + ", ".join(
+                f"{seed}: {'failed' if fmax is None else fmax}" for seed, fmax in tried.items()))
     else:
         lines += ["No open place and route for this family: the numbers below are estimates.", ""]
     image = report.get("weight_image")
@@ -205,12 +266,13 @@ def _report_text(report: dict) -> str:
 
 def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[Fold], output: Path, *,
                 baud: int = DEFAULT_BAUD, est: Estimate | None = None, run_tools: bool = True,
-                network_hz: float | None | str = "default", seed: int | None = None) -> BuildResult:
+                network_hz: float | None | str = "default", seeds: list[int] | None = None) -> BuildResult:
     """Write ``output``: Verilog, constraints, scripts; for open-flow boards run yosys and nextpnr.
 
     ``network_hz`` is the network's PLL clock (from :func:`network_clock_hz`; ``"default"``: the
     board's; None: no PLL, the network on the board clock). The UART always runs on the board clock.
-    ``seed`` is nextpnr's placer seed (None: its own default).
+    ``seeds`` are nextpnr's placer seeds (None: its own default); with more than one, each is
+    placed and routed and the one with the highest network Fmax is kept (the report lists all).
     The folder is assembled beside ``output`` and renamed into place when complete, so a failed
     build leaves no half-written folder.
     """
@@ -256,8 +318,8 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                 options["nextpnr_opts"] += " --router router2"
                 if any(isinstance(layer, Conv2dLayer) for layer in model.layers):
                     options["nextpnr_opts"] += " " + ECP5_PLACER_OPTIONS
-            if seed is not None:
-                options["nextpnr_opts"] += f" --seed {seed}"
+            if seeds is not None and len(seeds) == 1:
+                options["nextpnr_opts"] += f" --seed {seeds[0]}"
         plan = platform.prepare(PlatformTop(board, core, network_hz), name="top", **options)
         plan.extract(staging)
         _write_reproduce_script(staging, board)
@@ -266,7 +328,7 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
                                            "device": board.device, "package": board.package,
                                            "clock_mhz": board.clock_hz / 1e6},
             "network_clock_mhz": round(clock_hz / 1e6, 4), "network_clock_source": "PLL" if network_hz else "board",
-            "folds": [str(fold) for fold in folds], "nextpnr_seed": seed, "cycles_per_image": network.cycles_per_image,
+            "folds": [str(fold) for fold in folds], "nextpnr_seed": seeds[0] if seeds else None, "cycles_per_image": network.cycles_per_image,
             "latency_cycles": network.latency, **pipelining, "baud": baud,
             "weight_memories": dict(zip([layer.name for layer in compute_layers(model)], est.weight_memories)),
             "uart_images_per_s": baud / FRAME_BITS / (model.in_features + 1),
@@ -274,17 +336,17 @@ def build_board(model: IntegerModel, model_name: str, board: Board, folds: list[
         }
         if board.open_flow and run_tools:
             start = time.perf_counter()
-            result = run_tool(["sh", "build_top.sh"], cwd=staging, env=_tool_environment())
+            if seeds is not None and len(seeds) > 1:
+                report["nextpnr_seed"], seed_fmax = _place_and_route_seeds(staging, board, seeds, network_hz,
+                                                                           _tool_environment())
+                report["nextpnr_seeds_fmax_mhz"] = {str(seed): value for seed, value in seed_fmax.items()}
+            else:
+                result = run_tool(["sh", "build_top.sh"], cwd=staging, env=_tool_environment())
+                if result.returncode != 0:
+                    raise _tool_failure(board, result.stdout + result.stderr)
             report["tool_seconds"] = round(time.perf_counter() - start, 1)
-            if result.returncode != 0:
-                log = (result.stdout + result.stderr)[-2500:]
-                raise UserError(f"the {board.name} build failed in yosys/nextpnr (log in the files top.rpt and "
-                                f"top.tim); the tools said:\n{log}")
             placed, clocks = _placed(board, staging / "report.json")
-            # The network's clock is the one that matters; the UART's (board) clock is slow.
-            network_clocks = [clock for name, clock in clocks.items() if f"{NETWORK_DOMAIN}_clk" in name]
-            fmax = min((clock["achieved_mhz"] for clock in (network_clocks if network_hz else clocks.values())),
-                       default=None)
+            fmax = _network_fmax(clocks, network_hz)
             report.update(placed=placed, clocks=clocks, fmax_mhz=fmax,
                           meets_network_clock=bool(fmax and fmax >= clock_hz / 1e6),
                           images_per_s_at_network_clock=clock_hz / network.cycles_per_image,

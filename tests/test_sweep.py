@@ -139,6 +139,9 @@ def test_sweep_rows_rerun_failures_and_a_killed_worker(cluster, tmp_path):
     ('modles = []\n', r"unknown field\(s\) modles"),
     ('models = ["m.npz"]\nboards = ["icebreaker"]\nfolds = ["auto"]\nrun = "fly"\n',
      r"run 'fly' is not one of estimate, synth, pnr"),
+    ('models = ["m.npz"]\nboards = ["icebreaker"]\nfolds = ["auto"]\n[[points]]\nmodel = "m.npz"\n'
+     'board = "icebreaker"\nfolds = "auto"\nseeds = 0\n',
+     r"bad.toml: points\[0\]\.seeds must be a number of placer seeds \(1 or more\), not 0"),
 ])
 def test_sweep_spec_errors(tmp_path, spec, message):
     (tmp_path / "m.npz").write_bytes(b"")
