@@ -20,7 +20,7 @@ from .ir import Conv2dLayer, IntegerModel, signed_width
 from .rtl.arith import LUT_ROM_GROUP_BITS, LUT_ROM_TABLE, MemoryShape, divisors, rom_in_luts
 from .rtl.dense import PAIR_BITS, WEIGHT_MEMORIES, FoldedDense, pipelining_for
 from .rtl.spram import SPRAM_WIDTH, spram_banks, spram_blocks
-from .rtl.network import Fold, NetworkTop, compute_layers
+from .rtl.network import Fold, NetworkTop, compute_layers, counts_chain, incoming_elements
 from .rtl.pool import MaxPool
 from .rtl.multithreshold import MultiThreshold
 from .rtl.requant import Requantizer
@@ -426,6 +426,27 @@ def _fold_options(model: IntegerModel, max_broadcast_sinks: int | None = None) -
     return options
 
 
+def _padded_fold(layer, incoming: int, target: int, max_broadcast_sinks: int | None) -> Fold | None:
+    """The fold of dense ``layer`` with the fewest lanes that meets ``target`` cycles per image
+    with a SIMD that is a multiple of ``incoming`` and does not divide the layer's inputs (its last
+    beat padded, see :class:`~hwgen.rtl.dense.FoldedDense`); None if there is none. Where no
+    divisor lies between two SIMD values (784 × 256 has no PE × SIMD between 128 and 196), such a
+    fold keeps a layer from being much faster than the interval needs."""
+    best = None
+    for pe in divisors(layer.out_features):
+        beats = target // (layer.out_features // pe)
+        if beats < 1:
+            continue
+        simd = -(-(-(-layer.in_features // beats)) // incoming) * incoming
+        if simd > layer.in_features or layer.in_features % simd == 0:
+            continue
+        if max_broadcast_sinks is not None and pe * simd * layer.input_bits > max_broadcast_sinks:
+            continue
+        if best is None or pe * simd < best.pe * best.simd:
+            best = Fold(pe, simd)
+    return best
+
+
 def _limits(budget: Budget, routing_share: float) -> dict[str, float]:
     """What a design may use of each resource: LUTs up to ``routing_share`` of the device, and DSPs
     up to :data:`AUTO_DSP_SHARE` when ``routing_share`` is below 1 (a plan, not a hard limit)."""
@@ -554,8 +575,13 @@ def auto_folds_placed(model: IntegerModel, board: Board, routing_share: float = 
     faster than the interval needs (extra speed there would be wasted area); the first choice
     whose whole-network estimate fits within budget (LUTs up to ``routing_share``, leaving room for routing, DSPs up to :data:`AUTO_DSP_SHARE`) wins. With
     ``target_fps`` the only candidate is the interval ``floor(clock / fps)`` (FINN's target_fps rule).
+
+    Each layer's fold must chain with the one before (:func:`~hwgen.rtl.network.incoming_elements`);
+    a dense layer after another may take a SIMD that does not divide its inputs
+    (:func:`_padded_fold`) when that needs fewer lanes than any dividing fold meeting the interval.
     """
-    options = _fold_options(model, FAMILY_COSTS[board.family].max_broadcast_sinks)
+    max_sinks = FAMILY_COSTS[board.family].max_broadcast_sinks
+    options = _fold_options(model, max_sinks)
     base = [Fold(1, 1)] * len(options)       # always chains: 1 divides every beat size
     names = [layer.name for layer in compute_layers(model)]
     limits = _limits(board.budget, routing_share)
@@ -591,24 +617,42 @@ def auto_folds_placed(model: IntegerModel, board: Board, routing_share: float = 
         clock_hz = clock_hz or board.clock_hz
         targets = [_interval_for(target_fps, board, clock_hz, floor, estimate(model, unfolded, board, weight_memories).cycles_per_image)]
     last_problems: list[str] = []
-    for target in targets:
-        folds = []
-        for rows in costed:
-            meeting = [row.fold for row in rows if row.cycles <= target]
+    layers = compute_layers(model)
+
+    def choose(target: int, padding: bool) -> list[Fold] | None:
+        """Each layer's fold with the fewest lanes that meets ``target`` and chains with the one
+        before; with ``padding``, padded folds where they need fewer lanes."""
+        folds: list[Fold] = []
+        for index, rows in enumerate(costed):
+            incoming = incoming_elements(model, index, folds)
+            meeting = [row.fold for row in rows if row.cycles <= target
+                       and (incoming is None or counts_chain(row.fold.simd, incoming))]
+            if padding and incoming is not None and not isinstance(layers[index], Conv2dLayer):
+                padded = _padded_fold(layers[index], incoming, target, max_sinks)
+                if padded is not None and (not meeting or padded.pe * padded.simd < meeting[0].pe * meeting[0].simd):
+                    meeting.insert(0, padded)
             if not meeting:
-                break
+                return None
             folds.append(meeting[0])
-        if len(folds) != len(costed):
-            continue
-        try:
-            est = estimate(model, folds, board, weight_memories)
-        except (ValueError, TypeError):
-            continue
-        last_problems = est.over_budget(routing_share)
-        if target_fps is not None and est.cycles_per_image > target:
-            last_problems.append(f"a stage besides the dense layers takes {est.cycles_per_image} cycles per image")
-        if not last_problems:
-            return est
+        return folds
+
+    for target in targets:
+        padded_folds = choose(target, True)
+        # A padded fold takes fewer lanes but a deeper weight memory; where that does not fit,
+        # the dividing folds still may.
+        tries = [padded_folds, choose(target, False)]
+        for folds in tries[:1] if tries[0] == tries[1] else tries:
+            if folds is None:
+                continue
+            try:
+                est = estimate(model, folds, board, weight_memories)
+            except (ValueError, TypeError):
+                continue
+            last_problems = est.over_budget(routing_share)
+            if target_fps is not None and est.cycles_per_image > target:
+                last_problems.append(f"a stage besides the dense layers takes {est.cycles_per_image} cycles per image")
+            if not last_problems:
+                return est
     # A resource whose own smallest folding (each layer at the fold using least of it) still
     # exceeds the board is what no folding can fix: name those first, not the balanced cheapest.
     unfixable = []

@@ -304,6 +304,26 @@ def test_auto_fold_bounds_the_input_broadcast_on_ecp5():
     assert FAMILY_COSTS["ice40"].max_broadcast_sinks is None
 
 
+def test_auto_fold_pads_a_simd_where_no_divisor_balances():
+    """The mixed reference MLP (int8 first layer, binary hidden layer, int8 scores) on the ULX3S:
+    its first layer sets the interval, 1,568 cycles at 8x16 (no PE x SIMD between 128 and 196
+    divides 784 x 256, and 196 multipliers pass the DSP budget). At dividing folds the hidden
+    layer takes 64 lanes for 1,024 cycles; 48 inputs per beat, the last of its six beats padded
+    by 32 zeros, take 48 lanes for 1,536, and the network goes from 88 % to 96 % of its ideal II.
+    Where the padded fold's deeper weight memory does not fit (the W1A1 MLP on the iCEBreaker,
+    whose block RAM is full), the dividing folds are kept."""
+    rng = np.random.default_rng(8)
+    model = random_model(rng, [784, 256, 256, 10],
+                         kinds=[("int8", "threshold"), ("binary", "threshold"), ("int8", "scores")])
+    est = auto_folds(model, load_board("ulx3s-85f"))
+    assert [str(fold) for fold in est.folds] == ["8x16", "1x48", "1x2"] and est.cycles_per_image == 1568
+    lanes = sum(fold.pe * fold.simd for fold in est.folds)
+    assert (784 * 256 + 256 * 256 + 256 * 10) / lanes / est.cycles_per_image > 0.96
+    binary = random_model(rng, [784, 256, 256, 10])
+    est = auto_folds(binary, load_board("icebreaker"))
+    assert [str(fold) for fold in est.folds] == ["4x16", "4x8", "1x1"] and est.cycles_per_image == 3136
+
+
 def test_too_big_for_icebreaker_then_auto_fold_fits(tmp_path):
     model = random_model(np.random.default_rng(2), [64, 128, 128, 10])
     board = load_board("icebreaker")

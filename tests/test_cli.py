@@ -64,7 +64,11 @@ def test_bad_fold_names_layer_and_choices(tmp_path, model_file):
     result = hwgen("verilog", model_file, "--fold", "8x16,4x8", "-o", tmp_path / "x.v")
     assert_user_error(result, "layer 'dense1': PE=4 does not divide out_features=10; valid PE values: [1, 2, 5, 10]")
     result = hwgen("verilog", model_file, "--fold", "8x16,5x3", "-o", tmp_path / "x.v")
-    assert_user_error(result, "layer 'dense1': SIMD=3 does not divide in_features=32")
+    assert_user_error(result, "layer 'dense1': SIMD=3 must divide or be a multiple of the 8 elements per beat the "
+                              "previous stage emits; valid SIMD values: [1, 2, 4, 8, 16, 24, 32]")
+    result = hwgen("verilog", model_file, "--fold", "8x24,5x8", "-o", tmp_path / "x.v")
+    assert_user_error(result, "layer 'dense0': SIMD=24 does not divide in_features=64, as the first layer's SIMD "
+                              "must (the input stream carries whole beats); valid SIMD values: [1, 2, 4, 8, 16, 32, 64]")
     result = hwgen("verilog", model_file, "--fold", "8x16", "-o", tmp_path / "x.v")
     assert_user_error(result, "--fold gives 1 folds, the model has 2 dense/conv layers (dense0, dense1)")
     result = hwgen("verilog", model_file, "--fold", "8by16,5x8", "-o", tmp_path / "x.v")

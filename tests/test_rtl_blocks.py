@@ -279,6 +279,25 @@ def test_resizer_keeps_order_and_rate(in_count, out_count, stall):
         assert out_cycles[-1] - out_cycles[len(outputs) // 2 - 1] == dut.cycles_per_image
 
 
+@pytest.mark.parametrize("in_count, out_count, elements", [(2, 6, 10), (1, 4, 5), (8, 24, 256)])
+@pytest.mark.parametrize("stall", [0.0, 0.4])
+def test_resizer_pads_an_images_last_word(in_count, out_count, elements, stall):
+    """Gathering into beats that do not divide an image: each image's last beat carries what is
+    left and zeros (the padding a SIMD that does not divide a layer's inputs needs)."""
+    images = 3
+    dut = StreamResizer(3, in_count, out_count, elements)
+    assert dut.padding == -elements % out_count and dut.out_beats == -(-elements // out_count)
+    values = [(5 * k + 1) % 8 or 7 for k in range(images * elements)]        # no zero among them
+    beats = [pack(values[k:k + in_count], 3) for k in range(0, len(values), in_count)]
+    outputs, in_cycles, out_cycles = run_streams(dut, beats, images * dut.out_beats,
+                                                 stall_in=stall, stall_out=stall, seed=out_count)
+    padded = [v for n in range(images) for v in values[n * elements:(n + 1) * elements] + [0] * dut.padding]
+    assert [v for word in outputs for v in unpack(word, 3, out_count)] == padded
+    if stall == 0.0:
+        assert out_cycles[-1] - in_cycles[-1] == dut.latency
+        assert out_cycles[-1] - out_cycles[-1 - dut.out_beats] == dut.cycles_per_image == elements // in_count
+
+
 @pytest.mark.parametrize("pe", [1, 2, 5])
 def test_score_serializer_words_ties_and_rate(pe):
     classes, width = 10, 6
@@ -369,9 +388,12 @@ def test_requantizer_rounds_exact_ties_by_its_mode(rounding):
 
 def test_parameter_validation_messages():
     layer = DenseLayer("dense1", "bits", "scores", np.zeros((10, 12), np.uint8))
-    with pytest.raises(ValueError, match=r"^layer 'dense1': SIMD=5 does not divide in_features=12; "
-                                         r"valid SIMD values: \[1, 2, 3, 4, 6, 12\]$"):
-        FoldedDense(layer, pe=1, simd=5)
+    with pytest.raises(ValueError, match=r"^layer 'dense1': SIMD=5 does not divide in_features=12, as a "
+                                         r"convolution's SIMD must; valid SIMD values: \[1, 2, 3, 4, 6, 12\]$"):
+        FoldedDense(layer, pe=1, simd=5, vectors=4)
+    with pytest.raises(ValueError, match=r"^layer 'dense1': SIMD=13 exceeds in_features=12$"):
+        FoldedDense(layer, pe=1, simd=13)
+    assert (FoldedDense(layer, pe=1, simd=5).padding, FoldedDense(layer, pe=1, simd=5).input_beats) == (3, 3)
     with pytest.raises(ValueError, match=r"^layer 'dense1': PE=4 does not divide out_features=10; "
                                          r"valid PE values: \[1, 2, 5, 10\]$"):
         FoldedDense(layer, pe=4, simd=1)

@@ -12,6 +12,7 @@ import pytest
 
 from hwgen.rtl import arith
 from hwgen.rtl.arith import divisors
+from hwgen.rtl.dense import FoldedDense
 from hwgen.rtl.network import Fold, NetworkTop, generate_verilog
 from sim.verify import NetworkSimulator
 from helpers import random_images, random_model
@@ -178,6 +179,37 @@ def test_ecp5_layers_with_banked_weights_equal_golden(kinds, tmp_path, monkeypat
     assert report.checked.protocol_errors == [] and report.timing.protocol_errors == []
     assert report.timing.intervals[-3:] == [report.ii_formula] * 3
     assert report.latency_exact and report.timing.latency == report.latency_formula
+
+
+@pytest.mark.parametrize("widths, kinds, folds, family", [
+    # ±1 weights on bytes (pair lanes), then XNOR-popcount layers padded by 2 and 1 inputs.
+    ([16, 13, 11, 10], None, [Fold(1, 8), Fold(1, 5), Fold(1, 4)], "ecp5"),
+    # int8 weights on bytes after a requantizer (padded by 1), then ±1 weights on bytes (by 3).
+    ([12, 8, 9, 10], [("int8", "requant"), ("int8", "requant"), ("binary", "scores")],
+     [Fold(2, 4), Fold(3, 3), Fold(5, 4)], None),
+    # 2-bit and ternary weights on 2-bit activations, padded by 2 and 1; a popcount-free chain.
+    ([12, 10, 7, 10], [("ternary", "multithreshold", 2), ("int2", "multithreshold", 2), ("ternary", "scores")],
+     [Fold(2, 6), Fold(7, 3), Fold(2, 2)], None),
+    # Padded SIMDs that are multiples of the previous layer's PE: 8 -> 24 over 40 inputs, 4 -> 16 over 24.
+    ([32, 40, 24, 10], None, [Fold(8, 8), Fold(4, 24), Fold(2, 16)], None),
+], ids=["popcount", "int8-and-pairs", "low-bit", "gathered"])
+def test_padded_simd_layers_equal_golden(widths, kinds, folds, family, tmp_path):
+    """A SIMD that does not divide a layer's inputs: each vector's last beat is padded with zeros
+    (their weights add nothing); every hidden element and output word equals golden, with
+    stalls, and the II is ``ceil(N_in / SIMD) * N_out / PE`` as the formula says."""
+    rng = np.random.default_rng(sum(widths))
+    model = random_model(rng, widths, kinds=kinds)
+    simulator = NetworkSimulator(model, folds, tmp_path, probes=True, family=family)
+    dense = [stage for stage in simulator.top._stages if isinstance(stage, FoldedDense)]
+    assert [stage.padding for stage in dense][1:] == [-layer.in_features % fold.simd
+                                                       for layer, fold in zip(model.layers[1:], folds[1:])]
+    assert all(stage.padding for stage in dense[1:])
+    report = simulator.verify(random_images(rng, 16, model.in_features), stall=0.3, seed=2, timing_images=6)
+    assert report.checked.mismatches == [] and report.timing.mismatches == [], report.checked.mismatches[:3]
+    assert report.checked.protocol_errors == [] and report.timing.protocol_errors == []
+    assert report.timing.intervals[-3:] == [report.ii_formula] * 3
+    assert report.ii_formula == max(-(-layer.in_features // fold.simd) * layer.out_features // fold.pe
+                                    for layer, fold in zip(model.layers, folds))
 
 
 @pytest.mark.parametrize("seed", [40, 41, 42])

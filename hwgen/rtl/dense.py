@@ -1,6 +1,8 @@
 """Folded binary-weight dense layer: XNOR-popcount (bit inputs) or signed sums (uint8 inputs)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import fifo, memory, stream, wiring
@@ -11,7 +13,7 @@ from .arith import (MemoryShape, check_positive_int, divisors, pipelined_tree_su
                     rom_bank_slices, rom_bank_stages, rom_banks, rom_shapes, tree_stages)
 from .spram import SPRAM_WIDTH, SPRAMWeights, spram_columns
 
-__all__ = ["FoldedDense", "tree_levels_for", "pipelining_for", "weight_words", "spram_load_words", "channel_words", "uses_pair_signs",
+__all__ = ["FoldedDense", "padded_inputs", "tree_levels_for", "pipelining_for", "weight_words", "spram_load_words", "channel_words", "uses_pair_signs",
            "pair_sign_corrections", "WEIGHT_MEMORIES"]
 
 #: Where a layer's weights live: ``"rom"`` (block RAM or LUTs, contents in the bitstream) or
@@ -95,13 +97,30 @@ def _pair_sign_bits(bits: np.ndarray) -> np.ndarray:
     return coded
 
 
+def padded_inputs(layer: DenseLayer, simd: int) -> DenseLayer:
+    """``layer`` with its inputs padded to a multiple of ``simd`` (``layer`` itself where ``simd``
+    divides them), as its lanes see it: the padding inputs are zero (:class:`~hwgen.rtl.resize.StreamResizer`
+    sends them) and their weights make a zero add nothing to any lane's sum. On bit inputs 0 is -1
+    and a +1 weight XNORs it to 0; 0 times a ternary, 2-bit or int8 weight is 0; ±1 weights on
+    integer inputs take +1, and the pair lanes' start values count the padding like any weight
+    (:func:`pair_sign_corrections`). The thresholds stay those of the unpadded sum, which padding
+    leaves unchanged."""
+    padding = -layer.in_features % simd
+    if not padding:
+        return layer
+    weight = 1 if layer.weight_kind == "binary" else 0
+    return dataclasses.replace(layer, weights=np.pad(layer.weights, ((0, 0), (0, padding)), constant_values=weight))
+
+
 def pair_sign_corrections(layer: DenseLayer, simd: int) -> np.ndarray:
     """Per output channel, what pair lanes leave out of the sum and the accumulator starts with.
 
     Each pair term that is a ones' complement (first weight -1) lacks a +1. A uint8 input enters
     the lanes as the signed byte ``x - 128``, so that pair sums and differences fit
-    :data:`PAIR_BITS`; the channel's ``128 * sum(w)`` is added back here.
+    :data:`PAIR_BITS`; the channel's ``128 * sum(w)`` is added back here. Inputs padded to a
+    multiple of ``simd`` (:func:`padded_inputs`) count like the others.
     """
+    layer = padded_inputs(layer, simd)
     n_out, n_in = layer.weights.shape
     firsts = layer.weights.reshape(n_out, n_in // simd, simd)[..., 0::2]
     corrections = (firsts == 0).sum(axis=(1, 2)).astype(np.int64)
@@ -116,8 +135,10 @@ def weight_words(layer: DenseLayer, pe: int, simd: int) -> list[int]:
 
     Weight ``p * SIMD + s`` of that word (a bit, or a two's-complement byte) belongs to output
     channel ``f_out * PE + p`` and input ``f_in * SIMD + s``. Byte inputs with ±1 weights store
-    each row's bits re-coded in pairs (:func:`uses_pair_signs`).
+    each row's bits re-coded in pairs (:func:`uses_pair_signs`). Where SIMD does not divide
+    ``N_in``, the last input word of each row holds :func:`padded_inputs`' padding weights.
     """
+    layer = padded_inputs(layer, simd)
     n_out, n_in = layer.weights.shape
     tiles = layer.weights.reshape(n_out // pe, pe, n_in // simd, simd).transpose(0, 2, 1, 3)
     if uses_pair_signs(layer):
@@ -152,7 +173,7 @@ def channel_words(values, pe: int, width: int) -> list[int]:
 class FoldedDense(wiring.Component):
     """One dense layer with ±1 weights, folded by PE (output channels) and SIMD (inputs per cycle).
 
-    The input vector of an image arrives as ``N_in / SIMD`` beats of SIMD elements and is stored in
+    The input vector of an image arrives as ``ceil(N_in / SIMD)`` beats of SIMD elements and is stored in
     a double-buffered RAM, so the next image loads while this one computes. The layer then reads
     each input word ``N_out / PE`` times against the weight ROM; every cycle each of the PE lanes
     adds ``popcount(XNOR(x, w))`` (bit inputs) or ``sum(±x)`` (uint8 inputs) of SIMD elements to
@@ -187,7 +208,9 @@ class FoldedDense(wiring.Component):
     pe : int
         Output channels computed in parallel; must divide ``layer.out_features``.
     simd : int
-        Input elements consumed per cycle; must divide ``layer.in_features``.
+        Input elements consumed per cycle, at most ``layer.in_features``. Where it does not divide
+        them, each vector's last beat is padded with zeros (:func:`padded_inputs`): the layer
+        reads ``ceil(N_in / SIMD)`` beats per vector. A convolution's SIMD must divide.
     vectors : int
         Input vectors per image: 1 for a dense layer, ``Ho * Wo`` windows for a convolution.
         Only the per-image cycle formula depends on it.
@@ -232,9 +255,11 @@ class FoldedDense(wiring.Component):
         self._tree_levels = tree_levels
         self._banked_weights = banked_weights and weight_memory == "rom"
         self._carried_products = carried_products
-        if layer.in_features % simd:
-            raise ValueError(f"layer {layer.name!r}: SIMD={simd} does not divide in_features={layer.in_features}; "
-                             f"valid SIMD values: {divisors(layer.in_features)}")
+        if simd > layer.in_features:
+            raise ValueError(f"layer {layer.name!r}: SIMD={simd} exceeds in_features={layer.in_features}")
+        if layer.in_features % simd and vectors > 1:
+            raise ValueError(f"layer {layer.name!r}: SIMD={simd} does not divide in_features={layer.in_features}, "
+                             f"as a convolution's SIMD must; valid SIMD values: {divisors(layer.in_features)}")
         if layer.out_features % pe:
             raise ValueError(f"layer {layer.name!r}: PE={pe} does not divide out_features={layer.out_features}; "
                              f"valid PE values: {divisors(layer.out_features)}")
@@ -275,7 +300,7 @@ class FoldedDense(wiring.Component):
 
     @property
     def weight_depth(self) -> int:
-        """Weight words: ``(N_in / SIMD) * (N_out / PE)``."""
+        """Weight words: ``ceil(N_in / SIMD) * (N_out / PE)``."""
         return self.input_beats * self.output_beats
 
     @property
@@ -290,8 +315,13 @@ class FoldedDense(wiring.Component):
 
     @property
     def input_beats(self) -> int:
-        """Input beats per image, ``N_in / SIMD``."""
-        return self._layer.in_features // self._simd
+        """Input beats per vector, ``ceil(N_in / SIMD)``."""
+        return -(-self._layer.in_features // self._simd)
+
+    @property
+    def padding(self) -> int:
+        """Zero inputs that end each vector's last beat (:func:`padded_inputs`)."""
+        return -self._layer.in_features % self._simd
 
     @property
     def output_beats(self) -> int:
@@ -300,7 +330,7 @@ class FoldedDense(wiring.Component):
 
     @property
     def cycles_per_vector(self) -> int:
-        """Cycles per input vector: ``(N_in / SIMD) * (N_out / PE)``."""
+        """Cycles per input vector: ``ceil(N_in / SIMD) * (N_out / PE)``."""
         return self.input_beats * self.output_beats
 
     @property
@@ -412,7 +442,7 @@ class FoldedDense(wiring.Component):
         """Output beats the queue holds: the results a full-rate pipeline has in flight, plus one.
 
         A credit taken at an output beat's last read comes back ``pipeline_stages`` cycles later at
-        the earliest, and a new beat needs one every ``N_in / SIMD`` cycles.
+        the earliest, and a new beat needs one every ``ceil(N_in / SIMD)`` cycles.
         """
         return -(-(self.pipeline_stages + 1) // self.input_beats) + 1
 

@@ -20,7 +20,8 @@ from .scores import ScoreSerializer
 from .slice import RegisterSlice
 from .window import SlidingWindow
 
-__all__ = ["Fold", "NetworkTop", "parse_folds", "default_folds", "generate_verilog", "TOP_NAME"]
+__all__ = ["Fold", "NetworkTop", "parse_folds", "default_folds", "simd_choices", "counts_chain", "incoming_elements",
+           "generate_verilog", "TOP_NAME"]
 
 TOP_NAME = "hwgen_network"
 #: Output kinds whose accumulators a stage of their own turns into the next layer's elements.
@@ -59,8 +60,39 @@ def parse_folds(text: str, model: IntegerModel) -> list[Fold]:
     return folds
 
 
-def _compatible(a: int, b: int) -> bool:
+def counts_chain(a: int, b: int) -> bool:
+    """Whether beats of ``a`` elements regroup into beats of ``b`` (:class:`StreamResizer`): one
+    count divides the other."""
     return a % b == 0 or b % a == 0
+
+
+def simd_choices(in_features: int, incoming: int | None) -> list[int]:
+    """The SIMD values a dense layer of ``in_features`` inputs can take after a stage that emits
+    ``incoming`` elements per beat (None: the network's input, whose beats must divide the
+    image): the divisors of ``incoming`` and its multiples up to ``in_features``, which need not
+    divide it (the last beat is padded, see :class:`~hwgen.rtl.dense.FoldedDense`)."""
+    if incoming is None:
+        return divisors(in_features)
+    return [simd for simd in range(1, in_features + 1) if counts_chain(simd, incoming)]
+
+
+def incoming_elements(model: IntegerModel, index: int, folds: Sequence[Fold]) -> int | None:
+    """Elements per beat that reach compute layer ``index`` (of :func:`compute_layers`) when the
+    layers before it take ``folds``: None for a dense first layer (the network's input), a
+    convolution's or a pool's channels, 1 after a requantizer or multi-threshold stage (whose
+    lanes follow the next layer's SIMD, see :func:`requantizer_lanes`), else the previous layer's PE."""
+    layer = compute_layers(model)[index]
+    if isinstance(layer, Conv2dLayer):
+        return layer.in_shape[2]
+    position = next(k for k, candidate in enumerate(model.layers) if candidate is layer)
+    if position == 0:
+        return None
+    previous = model.layers[position - 1]
+    if isinstance(previous, MaxPool2dLayer):
+        return previous.in_shape[2]
+    if previous.output_kind in CONVERTED_OUTPUTS:
+        return 1
+    return folds[index - 1].pe
 
 
 def default_folds(model: IntegerModel, max_pe: int = 16, max_simd: int = 32) -> list[Fold]:
@@ -78,11 +110,11 @@ def default_folds(model: IntegerModel, max_pe: int = 16, max_simd: int = 32) -> 
             continue
         dense = layer.dense if isinstance(layer, Conv2dLayer) else layer
         receives = layer.in_shape[2] if isinstance(layer, Conv2dLayer) else incoming
-        simd_choices = [d for d in divisors(dense.in_features) if d <= max_simd]
+        choices = [d for d in divisors(dense.in_features) if d <= max_simd]
         if receives is not None:
-            simd_choices = [d for d in simd_choices if _compatible(d, receives)] or [receives]
+            choices = [d for d in choices if counts_chain(d, receives)] or [receives]
         pe = max(d for d in divisors(dense.out_features) if d <= max_pe)
-        folds.append(Fold(pe, max(simd_choices)))
+        folds.append(Fold(pe, max(choices)))
         incoming = 1 if layer.output_kind in CONVERTED_OUTPUTS else pe
     return folds
 
@@ -93,7 +125,7 @@ def requantizer_lanes(out_features: int, vectors: int, pe: int, bound: int, rece
     whose output beats the next stage can take (``receives`` elements per beat, None: any); 1
     always qualifies."""
     for lanes in divisors(pe):
-        if out_features * vectors <= bound * lanes and (receives is None or _compatible(lanes, receives)):
+        if out_features * vectors <= bound * lanes and (receives is None or counts_chain(lanes, receives)):
             return lanes
     return 1
 
@@ -175,7 +207,7 @@ class NetworkTop(wiring.Component):
         def regroup(layer_name: str, bits: int, to: int, elements: int, what: str) -> None:
             if incoming is None or incoming == to:
                 return
-            if not _compatible(incoming, to):
+            if not counts_chain(incoming, to):
                 raise ValueError(f"layer {layer_name!r}: {what} {to} must divide or be a multiple of the "
                                  f"{incoming} elements per beat the previous stage emits")
             stages.append(StreamResizer(bits, incoming, to, elements))
@@ -207,11 +239,11 @@ class NetworkTop(wiring.Component):
                         sliced(layer.in_features)
                     stages.append(window)
                     incoming = channels
-                    if not _compatible(channels, fold.simd):
+                    if not counts_chain(channels, fold.simd):
                         raise ValueError(
                             f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of its {channels} "
                             f"input channels; valid SIMD values: "
-                            f"{[d for d in divisors(dense.in_features) if _compatible(d, channels)]}")
+                            f"{[d for d in divisors(dense.in_features) if counts_chain(d, channels)]}")
                     regroup(layer.name, layer.input_bits, fold.simd, dense.in_features * vectors, "SIMD")
                 else:
                     dense, vectors = layer, 1
@@ -222,11 +254,16 @@ class NetworkTop(wiring.Component):
                         # The ready chain from this layer's input buffer back through its
                         # resizer and the pool was the iCE40 CNN's critical path.
                         sliced(layer.in_features)
-                    if incoming is not None and not _compatible(incoming, fold.simd):
+                    if incoming is None and compute.padding:
+                        raise ValueError(
+                            f"layer {layer.name!r}: SIMD={fold.simd} does not divide in_features={layer.in_features}, "
+                            f"as the first layer's SIMD must (the input stream carries whole beats); valid SIMD "
+                            f"values: {divisors(layer.in_features)}")
+                    if incoming is not None and not counts_chain(incoming, fold.simd):
                         raise ValueError(
                             f"layer {layer.name!r}: SIMD={fold.simd} must divide or be a multiple of the "
                             f"{incoming} elements per beat the previous stage emits; valid SIMD values: "
-                            f"{[d for d in divisors(layer.in_features) if _compatible(d, incoming)]}")
+                            f"{simd_choices(layer.in_features, incoming)}")
                     regroup(layer.name, layer.input_bits, fold.simd, layer.in_features, "SIMD")
                 stages.append(compute)
                 incoming = fold.pe

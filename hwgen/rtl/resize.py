@@ -17,6 +17,11 @@ class StreamResizer(wiring.Component):
     One count must divide the other (gathering ``k`` beats into one, or splitting one into ``k``).
     Either direction moves one output beat per cycle when neither end stalls.
 
+    When gathering, ``elements`` need not be a multiple of ``out_count``: an image's last output
+    beat is then sent with the input beats it has, its other elements zero (:attr:`padding`), the
+    SIMD padding of a layer whose SIMD does not divide its inputs (see
+    :class:`~hwgen.rtl.dense.FoldedDense`).
+
     Parameters
     ----------
     element_width : int
@@ -24,7 +29,7 @@ class StreamResizer(wiring.Component):
     in_count, out_count : int
         Elements per input and per output beat.
     elements : int
-        Elements per image; must be a multiple of both counts.
+        Elements per image; a multiple of ``in_count`` (and of ``out_count`` when splitting).
 
     Attributes
     ----------
@@ -39,9 +44,8 @@ class StreamResizer(wiring.Component):
         if in_count % out_count and out_count % in_count:
             raise ValueError(f"cannot regroup {in_count} elements per beat into {out_count}: "
                              "one count must divide the other")
-        if elements % in_count or elements % out_count:
-            raise ValueError(f"elements ({elements}) must be a multiple of in_count ({in_count}) "
-                             f"and out_count ({out_count})")
+        if elements % in_count:
+            raise ValueError(f"elements ({elements}) must be a multiple of in_count ({in_count})")
         self._element_width = element_width
         self._in_count = in_count
         self._out_count = out_count
@@ -52,9 +56,19 @@ class StreamResizer(wiring.Component):
         })
 
     @property
+    def padding(self) -> int:
+        """Zero elements that end an image's last output beat: ``-elements mod out_count``."""
+        return -self._elements % self._out_count
+
+    @property
+    def out_beats(self) -> int:
+        """Output beats per image, ``ceil(elements / out_count)``."""
+        return -(-self._elements // self._out_count)
+
+    @property
     def cycles_per_image(self) -> int:
         """One beat moves per cycle on the busier side."""
-        return self._elements // min(self._in_count, self._out_count)
+        return max(self._elements // self._in_count, self.out_beats)
 
     @property
     def accept_interval(self) -> int:
@@ -91,6 +105,14 @@ class StreamResizer(wiring.Component):
         m.d.comb += [self.i.ready.eq(~self.o.valid | self.o.ready), self.o.payload.eq(Cat(slots))]
         with m.If(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
+        in_beats = self._elements // self._in_count
+        # With padding, an image's last input beat fills slot ``filled - 1`` and ends the word: the
+        # slots after it are cleared as it is written, and the next image starts at slot 0.
+        filled = (in_beats - 1) % ratio + 1
+        last = Signal(name="last_beat")
+        if self.padding:
+            beat = Signal(range(in_beats), name="beat")
+            m.d.comb += last.eq(beat == in_beats - 1)
         with m.If(self.i.valid & self.i.ready):
             m.d.sync += slot.eq(slot.rotate_left(1))
             for k, held in enumerate(slots):
@@ -98,6 +120,11 @@ class StreamResizer(wiring.Component):
                     m.d.sync += held.eq(self.i.payload)
             with m.If(slot[ratio - 1]):
                 m.d.sync += self.o.valid.eq(1)
+            if self.padding:
+                m.d.sync += beat.eq(beat + 1)
+                with m.If(last):
+                    m.d.sync += [beat.eq(0), slot.eq(1), self.o.valid.eq(1)]
+                    m.d.sync += [held.eq(0) for held in slots[filled:]]
 
     def _split(self, m: Module, ratio: int, beat_width: int) -> None:
         held = Signal(ratio * beat_width)
