@@ -121,7 +121,8 @@ def test_folded_dense_bank_memories_side_by_side(monkeypatch, shapes, single_ban
 @pytest.mark.parametrize("depth, width, slice_blocks, slices", [
     (128, 1568, 11, 4),      # the W1A1 MLP's first layer at 16x98: one bank of 44 blocks
     (128, 512, 8, 2),        # its second layer at 4x128: 15 blocks as 8 + 7
-    (2048, 784, 4, 6),       # the int8 MLP's first layer at 1x98: four banks of 22 blocks, 5 x 4 + 2
+    (2048, 784, 11, 8),      # the int8 MLP's first layer at 1x98: one bank of 88 blocks of 2048 x 9
+    (1568, 1024, 11, 11),    # the mixed MLP's at 8x16: one bank of 114 blocks, 10 x 11 + 4
 ])
 def test_rom_slices_of_the_reference_layers(depth, width, slice_blocks, slices):
     assert (arith.rom_slice_blocks(depth, width), arith.rom_bank_slices(depth, width)) == (slice_blocks, slices)
