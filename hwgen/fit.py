@@ -437,7 +437,8 @@ def _padded_fold(layer, incoming: int, target: int, max_broadcast_sinks: int | N
         beats = target // (layer.out_features // pe)
         if beats < 1:
             continue
-        simd = -(-(-(-layer.in_features // beats)) // incoming) * incoming
+        fewest = -(-layer.in_features // beats)               # elements per beat for that many beats
+        simd = -(-fewest // incoming) * incoming             # rounded up to whole incoming beats
         if simd > layer.in_features or layer.in_features % simd == 0:
             continue
         if max_broadcast_sinks is not None and pe * simd * layer.input_bits > max_broadcast_sinks:
@@ -637,11 +638,13 @@ def auto_folds_placed(model: IntegerModel, board: Board, routing_share: float = 
         return folds
 
     for target in targets:
-        padded_folds = choose(target, True)
         # A padded fold takes fewer lanes but a deeper weight memory; where that does not fit,
         # the dividing folds still may.
-        tries = [padded_folds, choose(target, False)]
-        for folds in tries[:1] if tries[0] == tries[1] else tries:
+        tries = [choose(target, True)]
+        dividing = choose(target, False)
+        if dividing != tries[0]:
+            tries.append(dividing)
+        for folds in tries:
             if folds is None:
                 continue
             try:

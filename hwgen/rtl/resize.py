@@ -105,14 +105,6 @@ class StreamResizer(wiring.Component):
         m.d.comb += [self.i.ready.eq(~self.o.valid | self.o.ready), self.o.payload.eq(Cat(slots))]
         with m.If(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
-        in_beats = self._elements // self._in_count
-        # With padding, an image's last input beat fills slot ``filled - 1`` and ends the word: the
-        # slots after it are cleared as it is written, and the next image starts at slot 0.
-        filled = (in_beats - 1) % ratio + 1
-        last = Signal(name="last_beat")
-        if self.padding:
-            beat = Signal(range(in_beats), name="beat")
-            m.d.comb += last.eq(beat == in_beats - 1)
         with m.If(self.i.valid & self.i.ready):
             m.d.sync += slot.eq(slot.rotate_left(1))
             for k, held in enumerate(slots):
@@ -121,8 +113,13 @@ class StreamResizer(wiring.Component):
             with m.If(slot[ratio - 1]):
                 m.d.sync += self.o.valid.eq(1)
             if self.padding:
+                # An image's last input beat fills slot ``filled - 1`` and ends the word: the slots
+                # after it are cleared as it is written, and the next image starts at slot 0.
+                in_beats = self._elements // self._in_count
+                filled = (in_beats - 1) % ratio + 1
+                beat = Signal(range(in_beats), name="beat")
                 m.d.sync += beat.eq(beat + 1)
-                with m.If(last):
+                with m.If(beat == in_beats - 1):
                     m.d.sync += [beat.eq(0), slot.eq(1), self.o.valid.eq(1)]
                     m.d.sync += [held.eq(0) for held in slots[filled:]]
 
