@@ -18,13 +18,16 @@ from hwgen.process import folder_lock
 HWGEN = [sys.executable, "-m", "hwgen.cli"]
 
 
-def processes_under(folder: Path) -> list[psutil.Process]:
-    """Processes whose working folder lies under ``folder`` (the tools of a build run in its staging folder)."""
+def commands_under(folder: Path) -> list[str]:
+    """Command lines of the live processes whose working folder lies under ``folder`` (the tools of a build
+    run in its staging folder). A tool that has just exited and is not yet reaped is a zombie with no
+    command line; it counts as ended."""
     found = []
-    for process in psutil.process_iter(["cwd"]):
-        cwd = process.info.get("cwd")
-        if cwd and Path(cwd).is_relative_to(folder):
-            found.append(process)
+    for process in psutil.process_iter(["cwd", "cmdline", "status"]):
+        cwd, cmdline = process.info.get("cwd"), process.info.get("cmdline")
+        if (cwd and cmdline and process.info.get("status") != psutil.STATUS_ZOMBIE
+                and Path(cwd).is_relative_to(folder)):
+            found.append(" ".join(cmdline))
     return found
 
 
@@ -37,7 +40,7 @@ def test_sigterm_during_build_ends_its_tools_and_removes_staging(tmp_path, tool,
     build = subprocess.Popen([*HWGEN, "build", "model.npz", "--board", "icebreaker", "--fold", "auto", *options,
                               "-o", "out"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while (len([p for p in processes_under(tmp_path) if tool in " ".join(p.cmdline())]) < count
+    while (len([c for c in commands_under(tmp_path) if tool in c]) < count
            and build.poll() is None):
         # waiting for the tools (in the staging folder or, per seed, below it)
         assert time.monotonic() < deadline, "the build's tools never started"
@@ -49,7 +52,7 @@ def test_sigterm_during_build_ends_its_tools_and_removes_staging(tmp_path, tool,
     assert build.returncode == 143
     assert stderr.strip().splitlines()[-1] == "terminated (SIGTERM)"
     assert "Traceback" not in stderr
-    assert [p.cmdline() for p in processes_under(tmp_path)] == []
+    assert commands_under(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]          # no out, staging or lock left
 
 
@@ -154,7 +157,7 @@ def test_sigterm_during_sim_ends_the_verilator_build_and_a_rerun_builds_again(tm
     below, commands = terminate_when(sim, lambda: "cc1plus" in command_lines(descendants(sim)), "the C++ compiler")
     assert "cc1plus" in commands and "verilated" in commands
     assert_all_ended(below)
-    assert [p.cmdline() for p in processes_under(tmp_path)] == []
+    assert commands_under(tmp_path) == []
     assert not list(tmp_path.glob("simdir/**/design.sha256"))        # no build marked finished
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0 and "RTL vs golden: 8/8 images bit-exact" in again.stdout, again.stderr
@@ -191,11 +194,11 @@ def test_sigterm_during_sweep_ends_ray_and_its_builds(tmp_path):
     (tmp_path / "spec.toml").write_text(SWEEP_SPEC)
     sweep = subprocess.Popen([*HWGEN, "sweep", "spec.toml", "-o", "out", "--workers", "1"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    building = lambda: any("build_top.sh" in " ".join(p.cmdline()) for p in processes_under(tmp_path / "out"))  # noqa: E731
+    building = lambda: any("build_top.sh" in c for c in commands_under(tmp_path / "out"))  # noqa: E731
     below, commands = terminate_when(sweep, building, "the sweep's place and route")
     assert "raylet" in commands and "build_top.sh" in commands
     assert_all_ended(below)
-    assert [p.cmdline() for p in processes_under(tmp_path)] == []
+    assert commands_under(tmp_path) == []
     assert [p.name for p in (tmp_path / "out" / "builds").iterdir() if p.name.startswith(".")] == []
     for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines() if (tmp_path / "out" / "results.jsonl").exists() else []:
         assert line.startswith("{") and line.endswith("}")
