@@ -387,6 +387,31 @@ def test_requantizer_rounds_exact_ties_by_its_mode(rounding):
     assert (other != want).sum() >= 10
 
 
+@pytest.mark.parametrize("rounding", ["half_up", "half_even"])
+@pytest.mark.parametrize("out_kind, zero_point, lo, hi, narrow_bits", [
+    ("int8", -128, -128, 127, 10), ("uint8", 0, 0, 255, 10), ("int8", 5, -20, 30, 7), ("uint8", 200, 200, 200, 2)])
+def test_requantizer_clamps_around_its_narrow_width_as_golden(rounding, out_kind, zero_point, lo, hi, narrow_bits):
+    """With ``M0 = 2**30`` and ``s = 0`` the halved product is the accumulator itself: every halved
+    value from well below ``-2**(n - 1)`` to well above ``2**(n - 1)`` equals golden, so the narrow
+    rounding and the saturation of wider values agree with the full-width computation."""
+    rng = np.random.default_rng(11)
+    base = random_layer(rng, "r", "uint8", "requant", 1024, 8, "int8")
+    requant = Requant(np.full(8, 1 << 30, np.int64), np.zeros(8, np.int64), zero_point, out_kind, lo, hi, rounding)
+    layer = DenseLayer("r", "uint8", "requant", base.weights, None, out_kind, base.bias, requant)
+    dut = Requantizer(layer, 8, lanes=8)
+    assert dut.narrow_bits == narrow_bits
+    edge = 1 << (narrow_bits + 1)
+    accs = np.concatenate([np.arange(-edge - 4, edge + 4), [-(1 << 20), 1 << 20, -(1 << 25), (1 << 25) - 1]])
+    accs = np.concatenate([accs, np.zeros(-accs.size % 8, np.int64)]).reshape(-1, 8)
+    width = dut._acc_bits
+    beats = [pack(row & ((1 << width) - 1), width) for row in accs]
+    outputs, _, _ = run_streams(dut, beats, accs.shape[0], stall_in=0.2, stall_out=0.2, seed=3)
+    elements = [(word >> (8 * lane)) & 0xFF for word in outputs for lane in range(8)]
+    want = golden.layer_output(layer, accs).reshape(-1)
+    assert [v - 256 if out_kind == "int8" and v > 127 else v for v in elements] == want.tolist()
+    assert {lo, hi} <= set(want.tolist())
+
+
 def test_parameter_validation_messages():
     layer = DenseLayer("dense1", "bits", "scores", np.zeros((10, 12), np.uint8))
     with pytest.raises(ValueError, match=r"^layer 'dense1': SIMD=5 does not divide in_features=12, as a "

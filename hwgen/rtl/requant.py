@@ -131,12 +131,32 @@ class Requantizer(ChannelLanes):
         if q.rounding == "half_even":
             m.d.sync += below_half_clear.eq((halved << shift) == product)
 
-        # Into the output queue: finish the rounding, add the zero point, clamp.
-        rounded = Signal(signed(width + 33), name=f"rounded{lane}")
+        # Into the output queue: finish the rounding, add the zero point, clamp. A halved product
+        # outside ``narrow_bits`` saturates whatever the rounding and zero point, so only its low
+        # bits go through the adder and the comparisons; the rest is a test that its top bits are
+        # all sign. Over the whole product that was the int8 MLP's ECP5 critical path (a 64-bit
+        # carry chain into the queue).
+        narrow_bits = self.narrow_bits
+        top = halved_reg[narrow_bits - 1:]
+        fits = top.all() | ~top.any()
+        narrow = halved_reg[:narrow_bits].as_signed()
+        rounded = Signal(signed(narrow_bits + 1), name=f"rounded{lane}")
         if q.rounding == "half_even":
-            floor = halved_reg >> 1
-            up = halved_reg[0] & ~(below_half_clear & ~floor[0])
+            floor = narrow >> 1
+            up = narrow[0] & ~(below_half_clear & ~floor[0])
             m.d.comb += rounded.eq(floor + up + q.zero_point)
         else:
-            m.d.comb += rounded.eq(((halved_reg + 1) >> 1) + q.zero_point)
-        return Mux(rounded < q.lo, q.lo, Mux(rounded > q.hi, q.hi, rounded))[:8]
+            m.d.comb += rounded.eq(((narrow + 1) >> 1) + q.zero_point)
+        clamped = Mux(rounded < q.lo, q.lo, Mux(rounded > q.hi, q.hi, rounded))
+        return Mux(fits, clamped, Mux(halved_reg[-1], q.lo, q.hi))[:8]
+
+    @property
+    def narrow_bits(self) -> int:
+        """Bits of the halved product ``P >> (r - 1)`` that rounding, zero point and clamp see.
+
+        With ``2**(n - 2) > max(hi - z, z - lo)``, a halved product ``h >= 2**(n - 1)`` rounds to
+        at least ``2**(n - 2) + z > hi`` and one ``h < -2**(n - 1)`` to at most ``-2**(n - 2) + z < lo``,
+        so both saturate exactly as the full-width computation would.
+        """
+        q = self._layer.requant
+        return 2 + max(q.hi - q.zero_point, q.zero_point - q.lo, 0).bit_length()
