@@ -260,7 +260,7 @@ def test_pixel_packer_keeps_order_and_its_formulas(count, stall):
     assert [v for word in outputs for v in unpack(word, 8, count)] == values
     if stall == 0.0:
         assert out_cycles[-1] - in_cycles[-1] == dut.latency
-        assert out_cycles[-1] - out_cycles[-2] == dut.cycles_per_word == count + 2
+        assert out_cycles[-1] - out_cycles[-2] == dut.cycles_per_word == count + 3
     text = amaranth_verilog.convert(dut, name="packer", emit_src=False)
     assert len(set(re.findall(r"element_copy(\d+)", text))) == -(-count // 16)
 

@@ -145,14 +145,17 @@ class PixelPacker(wiring.Component):
     """Gather single elements that arrive at a low rate (a UART's pixels) into beats of ``count``,
     each slot's enable and data coming straight from registers.
 
-    A taken element is registered, with a one-hot flag naming its slot; the slot loads it a cycle
-    later. The flags are registers of their own, one per slot, and each :data:`SLOTS_PER_COPY`
-    slots read their own copy of the element, so that no enable or data net crosses the device
-    from a shared handshake: the network's first layer, where the slots are placed, can be far
-    from the packer's control. With enables from the handshake (``StreamResizer``) that route was
-    the W1A2 MLP's ECP5 critical path (a 98-byte packer, 7.2 ns of routing to the slot enables).
-    Nothing is taken while a word's last write is pending or the word waits on ``o``, so a word
-    takes :attr:`cycles_per_word` cycles at least: far below a UART's rate.
+    A taken element is registered beside the control, then copied, with its take flag, into a
+    register per :data:`SLOTS_PER_COPY` slots; a slot loads the copy where the copied flag and its
+    bit of the one-hot slot pointer are set, and each group's share of the pointer moves on with its
+    own copy of the flag. So no net of the handshake crosses the device: the slots are placed by
+    the network's first layer, which can be far from the packer's control and from the UART.
+    With enables from the handshake (``StreamResizer``) that route was the W1A2 MLP's ECP5 critical
+    path (a 98-byte packer, 7.2 ns of routing to the slot enables); with write flags cleared by the
+    handshake (a synchronous reset of every flag when nothing was taken), the int8 and W1A1 MLPs'
+    (8.6 and 9.9 ns of routing from the take to the flags' resets). Nothing is taken from a word's
+    last element until the word has left on ``o``, so a word takes :attr:`cycles_per_word` cycles
+    at least: far below a UART's rate.
 
     Parameters
     ----------
@@ -184,34 +187,55 @@ class PixelPacker(wiring.Component):
     @property
     def cycles_per_word(self) -> int:
         """Cycles per output beat with ``i.valid`` and ``o.ready`` held high: ``count`` elements
-        taken, the last slot's write, the beat's transfer."""
-        return self._count + 2
+        taken, the last one's two register stages and its slot's write, the beat's transfer."""
+        return self._count + 3
 
     @property
     def latency(self) -> int:
         """Cycles from a word's last input transfer to its output transfer, ``o.ready`` high."""
-        return 2
+        return 3
 
     def elaborate(self, platform):
         m = Module()
         count, width = self._count, self._element_width
+        groups = -(-count // self.SLOTS_PER_COPY)
         slots = [Signal(width, name=f"slot{k}", reset_less=True) for k in range(count)]
+        # One-hot: the slot the next copied element goes to.
         slot = Signal(count, init=1)
-        write = Signal(count)
+        # The word's last element is taken: nothing more until the word has left.
+        full = Signal()
+        taken_count = Signal(range(count))
         take = Signal()
         m.d.comb += [
-            self.i.ready.eq(~self.o.valid & ~write[count - 1]),
+            self.i.ready.eq(~full),
             take.eq(self.i.valid & self.i.ready),
             self.o.payload.eq(Cat(slots)),
         ]
-        copies = register_copies(m, self.i.payload, -(-count // self.SLOTS_PER_COPY), "element", take)
-        m.d.sync += write.eq(Mux(take, slot, 0))
         with m.If(take):
-            m.d.sync += slot.eq(slot.rotate_left(1))
+            m.d.sync += taken_count.eq(Mux(taken_count == count - 1, 0, taken_count + 1))
+        with m.If(take & (taken_count == count - 1)):
+            m.d.sync += full.eq(1)
+        with m.Elif(self.o.valid & self.o.ready):
+            m.d.sync += full.eq(0)
+
+        element = Signal(width, name="element", reset_less=True)
+        taken = Signal(name="taken")
+        m.d.sync += taken.eq(take)
+        with m.If(take):
+            m.d.sync += element.eq(self.i.payload)
+        # The element changes only when taken, so its copies need no enable.
+        element_copies = register_copies(m, element, groups, "element")
+        taken_copies = register_copies(m, taken, groups, "taken", reset_less=False)
+
         for k, held in enumerate(slots):
-            with m.If(write[k]):
-                m.d.sync += held.eq(copies[k // self.SLOTS_PER_COPY])
-        with m.If(write[count - 1]):
+            with m.If(taken_copies[k // self.SLOTS_PER_COPY] & slot[k]):
+                m.d.sync += held.eq(element_copies[k // self.SLOTS_PER_COPY])
+        moved = slot.rotate_left(1)
+        for group, copy in enumerate(taken_copies):
+            share = slice(group * self.SLOTS_PER_COPY, min(count, (group + 1) * self.SLOTS_PER_COPY))
+            with m.If(copy):
+                m.d.sync += slot[share].eq(moved[share])
+        with m.If(taken_copies[-1] & slot[count - 1]):
             m.d.sync += self.o.valid.eq(1)
         with m.Elif(self.o.ready):
             m.d.sync += self.o.valid.eq(0)
