@@ -173,7 +173,7 @@ def _place_and_route_seeds(staging: Path, board: Board, seeds: list[int], networ
     """Run ``build_top.sh`` with nextpnr once per seed: yosys once, then nextpnr for every seed in
     a folder of its own (as many at a time as there are cores), then the bitstream packer on the
     placement with the highest network Fmax, whose files are moved into ``staging`` and whose seed
-    ``build_top.sh`` is rewritten to name. Returns that seed and each seed's Fmax (None: nextpnr
+    ``build_top.sh`` and ``build_top.bat`` are rewritten to name. Returns that seed and each seed's Fmax (None: nextpnr
     failed)."""
     lines = (staging / "build_top.sh").read_text().splitlines()
     synthesis = next(i for i, line in enumerate(lines) if line.startswith('"$YOSYS"'))
@@ -205,10 +205,20 @@ def _place_and_route_seeds(staging: Path, board: Board, seeds: list[int], networ
     shutil.rmtree(staging / "seeds")
     lines[placement] = f"{nextpnr} --seed {best}"
     (staging / "build_top.sh").write_text("\n".join(lines) + "\n")
+    _name_seed_in_windows_script(staging / "build_top.bat", best)
     done = run_tool(["sh", "-c", "\n".join(prelude + lines[placement + 1:])], cwd=staging, env=env)
     if done.returncode != 0:
         raise _tool_failure(board, done.stdout + done.stderr)
     return best, fmax
+
+
+def _name_seed_in_windows_script(script: Path, seed: int) -> None:
+    """Add ``--seed`` to the nextpnr line of Amaranth's ``build_top.bat`` (its lines end ``|| exit /b``)."""
+    lines = script.read_text().split("\n")
+    placement = next(i for i, line in enumerate(lines) if line.startswith('"%NEXTPNR_'))
+    command, _, tail = lines[placement].partition(" || exit /b")
+    lines[placement] = f"{command} --seed {seed} || exit /b{tail}"
+    script.write_text("\n".join(lines))
 
 
 def _write_reproduce_script(folder: Path, board: Board) -> None:

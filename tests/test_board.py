@@ -375,6 +375,7 @@ def test_icebreaker_build_places_routes_and_reports(tmp_path):
     best = result.report["nextpnr_seed"]
     assert tried[str(best)] == max(tried.values())
     assert f"--asc top.asc --seed {best}\n" in (folder / "build_top.sh").read_text()
+    assert f"--asc top.asc --seed {best} || exit /b\n" in (folder / "build_top.bat").read_text()
     assert not (folder / "seeds").exists()
     assert (folder / "top.bin").stat().st_size > 100_000
     assert "set_io" in (folder / "top.pcf").read_text()
