@@ -262,7 +262,10 @@ def test_pixel_packer_keeps_order_and_its_formulas(count, stall):
         assert out_cycles[-1] - in_cycles[-1] == dut.latency
         assert out_cycles[-1] - out_cycles[-2] == dut.cycles_per_word == count + 3
     text = amaranth_verilog.convert(dut, name="packer", emit_src=False)
+    # A copy of the element and of its take flag per 16 slots: each slot's enable and data come
+    # from registers of its group.
     assert len(set(re.findall(r"element_copy(\d+)", text))) == -(-count // 16)
+    assert len(set(re.findall(r"taken_copy(\d+)", text))) == -(-count // 16)
 
 
 @pytest.mark.parametrize("in_count, out_count", [(2, 6), (6, 2), (4, 4), (1, 8), (8, 1)])
