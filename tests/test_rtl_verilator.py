@@ -214,16 +214,16 @@ def test_padded_simd_layers_equal_golden(widths, kinds, folds, family, tmp_path)
 
 @pytest.mark.parametrize("seed", [40, 41, 42])
 def test_random_cnn_as_built_for_ecp5_equals_golden(seed, tmp_path):
-    """CNNs as `hwgen build` makes them for ECP5: register slices after each convolution, between
-    each sliding window and its lanes and before each window but the first, banked weight ROMs, two
-    adder levels per stage."""
+    """CNNs as `hwgen build` makes them for ECP5: register slices after each convolution, and before
+    each sliding window but the first and between it and its lanes, banked weight ROMs, two adder
+    levels per stage."""
     from hwgen.ir import Conv2dLayer
     from hwgen.rtl.slice import RegisterSlice
 
     model, folds, rng = random_cnn_configuration(seed)
     simulator = NetworkSimulator(model, folds, tmp_path, family="ecp5")
     convolutions = sum(isinstance(layer, Conv2dLayer) for layer in model.layers)
-    assert sum(isinstance(stage, RegisterSlice) for stage in simulator.top._stages) == 3 * convolutions - 1
+    assert sum(isinstance(stage, RegisterSlice) for stage in simulator.top._stages) == 3 * convolutions - 2
     report = simulator.verify(random_images(rng, 8, model.in_features), stall=0.3, seed=seed, timing_images=5)
     where = f"{[layer.header() for layer in model.layers]}, folds {folds}"
     assert report.checked.mismatches == [] and report.timing.mismatches == [], where

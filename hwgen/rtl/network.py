@@ -180,8 +180,8 @@ class NetworkTop(wiring.Component):
         A second register after every multiplying lane's products (see :class:`FoldedDense`).
     register_slices : bool
         A :class:`~.slice.RegisterSlice` after each convolution or requantizer, before each
-        sliding window but the first, between each such window and its convolution's lanes, and
-        between a max-pool and a dense layer, ending the ready chains between those stages.
+        sliding window but the first and between each such window and its convolution's lanes,
+        and between a max-pool and a dense layer, ending the ready chains between those stages.
     """
 
     def __init__(self, model: IntegerModel, folds: Sequence[Fold], *, probes: bool = False,
@@ -235,7 +235,8 @@ class NetworkTop(wiring.Component):
                     channels = layer.in_shape[2]
                     regroup(layer.name, layer.input_bits, channels, layer.in_features, "its channel count")
                     window = SlidingWindow(layer.in_shape, layer.kernel, layer.stride, layer.padding, layer.input_bits)
-                    if stages:
+                    after_another_stage = bool(stages)
+                    if after_another_stage:
                         sliced(layer.in_features)
                     stages.append(window)
                     incoming = channels
@@ -245,11 +246,14 @@ class NetworkTop(wiring.Component):
                             f"input channels; valid SIMD values: "
                             f"{[d for d in divisors(dense.in_features) if counts_chain(d, channels)]}")
                     regroup(layer.name, layer.input_bits, fold.simd, dense.in_features * vectors, "SIMD")
-                    # The ready chain from this layer's input buffer back through its resizer into
-                    # the sliding window's read logic was the iCE40 CNN's critical path (38.5 MHz,
-                    # 19.7 ns of routing over six LUTs).
-                    incoming = fold.simd
-                    sliced(dense.in_features * vectors)
+                    if after_another_stage:
+                        # The ready chain from this layer's input buffer back through its resizer
+                        # into the sliding window's read logic was the iCE40 CNN's critical path
+                        # (38.5 MHz, 19.7 ns of routing over six LUTs). Not in a first layer: there
+                        # the window reads the board top's pixel slice, and on the iCEBreaker the
+                        # CNN's first convolution at 4x1 would no longer fit.
+                        incoming = fold.simd
+                        sliced(dense.in_features * vectors)
                 else:
                     dense, vectors = layer, 1
                     compute = FoldedDense(dense, pe=fold.pe, simd=fold.simd, tree_levels=tree_levels,
