@@ -173,8 +173,8 @@ def _place_and_route_seeds(staging: Path, board: Board, seeds: list[int], networ
     """Run ``build_top.sh`` with nextpnr once per seed: yosys once, then nextpnr for every seed in
     a folder of its own (as many at a time as there are cores), then the bitstream packer on the
     placement with the highest network Fmax, whose files are moved into ``staging`` and whose seed
-    ``build_top.sh`` and ``build_top.bat`` are rewritten to name. Returns that seed and each seed's Fmax (None: nextpnr
-    failed)."""
+    ``build_top.sh`` and ``build_top.bat`` are rewritten to name. Returns that seed and each seed's
+    Fmax (None: nextpnr failed)."""
     lines = (staging / "build_top.sh").read_text().splitlines()
     synthesis = next(i for i, line in enumerate(lines) if line.startswith('"$YOSYS"'))
     placement = next(i for i, line in enumerate(lines) if line.startswith('"$NEXTPNR_'))

@@ -202,7 +202,8 @@ class PixelPacker(wiring.Component):
         slots = [Signal(width, name=f"slot{k}", reset_less=True) for k in range(count)]
         # One-hot: the slot the next copied element goes to.
         slot = Signal(count, init=1)
-        # The word's last element is taken: nothing more until the word has left.
+        # The word's last element is taken: nothing more until the word has left. The control counts
+        # the taken elements itself rather than reading the slot pointer, which sits by the slots.
         full = Signal()
         taken_count = Signal(range(count))
         take = Signal()
